@@ -1,0 +1,1 @@
+"""flux-day: FLUX.1 [dev] and [schnell] served as a Cog predictor."""

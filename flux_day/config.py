@@ -1,0 +1,53 @@
+"""Settings read once from the environment: the contract of DESIGN.md that outside checks rely on."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+_GB = 1000**3
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the environment decides. Credentials are not kept here: they are read per request."""
+
+    weights: Path
+    device: str
+    offline: bool
+    lora_cache: Path
+    lora_cache_bytes: int
+    max_lora_bytes: int
+    allow_private_urls: bool
+    replicate_url: str
+    civitai_url: str
+    hf_endpoint: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings contract from `env` (the process environment by default)."""
+        env = os.environ if env is None else env
+        weights = Path(env.get("FLUX_DAY_WEIGHTS") or "./weights")
+        device = (env.get("FLUX_DAY_DEVICE") or "auto").strip().lower()
+        if device not in {"auto", "cuda", "cpu"}:
+            raise ValueError(f"FLUX_DAY_DEVICE={device!r} is not one of auto, cuda, cpu")
+        return cls(
+            weights=weights,
+            device=device,
+            offline=_flag(env.get("FLUX_DAY_OFFLINE")),
+            lora_cache=Path(env.get("FLUX_DAY_LORA_CACHE") or weights / "lora-cache"),
+            lora_cache_bytes=int(env.get("FLUX_DAY_LORA_CACHE_BYTES") or 20 * _GB),
+            max_lora_bytes=int(env.get("FLUX_DAY_MAX_LORA_BYTES") or 2 * _GB),
+            allow_private_urls=_flag(env.get("FLUX_DAY_ALLOW_PRIVATE_URLS")),
+            replicate_url=(env.get("FLUX_DAY_REPLICATE_URL") or "https://replicate.com").rstrip(
+                "/"
+            ),
+            civitai_url=(env.get("FLUX_DAY_CIVITAI_URL") or "https://civitai.com").rstrip("/"),
+            hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
+        )
