@@ -102,9 +102,7 @@ class Predictor(BaseRunner):
             description="Which model to run inference with. The dev model performs best with around "
             "28 inference steps but the schnell model only needs 4 steps.",
         ),
-        num_outputs: int = Input(
-            default=1, ge=1, le=4, description="Number of outputs to generate"
-        ),
+        num_outputs: int = Input(default=1, ge=1, le=4, description="Number of outputs to generate"),
         num_inference_steps: int = Input(
             default=28,
             ge=1,
@@ -119,9 +117,7 @@ class Predictor(BaseRunner):
             description="Guidance scale for the diffusion process. Lower values can give more "
             "realistic images. Good values to try are 2, 2.5, 3 and 3.5",
         ),
-        seed: int | None = Input(
-            default=None, description="Random seed. Set for reproducible generation"
-        ),
+        seed: int | None = Input(default=None, description="Random seed. Set for reproducible generation"),
         output_format: str = Input(
             default="webp",
             choices=["webp", "jpg", "png"],
@@ -182,7 +178,4 @@ class Predictor(BaseRunner):
                 extra_lora_scale=extra_lora_scale,
             )
             images = self.engine.generate(request)
-            return [
-                Path(p)
-                for p in self.outputs.save(images, request.output_format, request.output_quality)
-            ]
+            return [Path(p) for p in self.outputs.save(images, request.output_format, request.output_quality)]

@@ -63,9 +63,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         log.info("writing tiny random weights to %s", settings.weights)
         write_tiny_weights(settings.weights)
     inputs = {
-        name: value
-        for name, value in vars(args).items()
-        if name not in {"command", "weights", "tiny", "out"}
+        name: value for name, value in vars(args).items() if name not in {"command", "weights", "tiny", "out"}
     }
     request = GenerationRequest.from_inputs(**inputs)
     images = Engine(settings).generate(request)

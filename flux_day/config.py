@@ -45,9 +45,7 @@ class Settings:
             lora_cache_bytes=int(env.get("FLUX_DAY_LORA_CACHE_BYTES") or 20 * _GB),
             max_lora_bytes=int(env.get("FLUX_DAY_MAX_LORA_BYTES") or 2 * _GB),
             allow_private_urls=_flag(env.get("FLUX_DAY_ALLOW_PRIVATE_URLS")),
-            replicate_url=(env.get("FLUX_DAY_REPLICATE_URL") or "https://replicate.com").rstrip(
-                "/"
-            ),
+            replicate_url=(env.get("FLUX_DAY_REPLICATE_URL") or "https://replicate.com").rstrip("/"),
             civitai_url=(env.get("FLUX_DAY_CIVITAI_URL") or "https://civitai.com").rstrip("/"),
             hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
         )

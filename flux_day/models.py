@@ -56,9 +56,7 @@ def pick_device(setting: str) -> tuple[torch.device, torch.dtype]:
     """`auto` takes CUDA with bf16 when present, else the CPU in float32 (bf16 is slow there)."""
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise WeightsError(
-                "FLUX_DAY_DEVICE=cuda but no CUDA device is visible; use auto or cpu."
-            )
+            raise WeightsError("FLUX_DAY_DEVICE=cuda but no CUDA device is visible; use auto or cpu.")
         return torch.device("cuda"), torch.bfloat16
     return torch.device("cpu"), torch.float32
 
@@ -79,9 +77,7 @@ def load_pipelines(
     schnell = FluxPipeline(
         **{
             **dev.components,
-            "transformer": FluxTransformer2DModel.from_pretrained(
-                schnell_dir / "transformer", dtype=dtype
-            ),
+            "transformer": FluxTransformer2DModel.from_pretrained(schnell_dir / "transformer", dtype=dtype),
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(schnell_dir / "scheduler"),
         }
     )

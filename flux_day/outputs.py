@@ -41,9 +41,7 @@ class OutputStore:
         paths = []
         for i, image in enumerate(images):
             path = self._current / f"out-{i}.{output_format}"
-            image.save(
-                path, format=OUTPUT_FORMATS[output_format], **encode_options(output_format, quality)
-            )
+            image.save(path, format=OUTPUT_FORMATS[output_format], **encode_options(output_format, quality))
             paths.append(path)
         return paths
 

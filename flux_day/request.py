@@ -80,9 +80,7 @@ def _bounded(name: str, value: Any) -> Any:
     number = _integer(name, value) if name in INTEGER_INPUTS else _number(name, value)
     if not low <= number <= high:
         kind = "an integer" if name in INTEGER_INPUTS else "a number"
-        raise InputError(
-            f"{name}: {_shown(value)} is out of range; use {kind} from {low:g} to {high:g}."
-        )
+        raise InputError(f"{name}: {_shown(value)} is out of range; use {kind} from {low:g} to {high:g}.")
     return number
 
 

@@ -150,9 +150,7 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _text_encoders(
-    clip_tok: CLIPTokenizer, t5_tok: T5Tokenizer
-) -> tuple[CLIPTextModel, T5EncoderModel]:
+def _text_encoders(clip_tok: CLIPTokenizer, t5_tok: T5Tokenizer) -> tuple[CLIPTextModel, T5EncoderModel]:
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tok),
@@ -214,9 +212,9 @@ def _write_safety_models(root: Path) -> None:
         checker.concept_embeds_weights.fill_(1.0)
         checker.special_care_embeds_weights.fill_(1.0)
     checker.save_pretrained(root / SAFETY_CHECKER_FOLDER)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(root / SAFETY_CHECKER_FOLDER)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / SAFETY_CHECKER_FOLDER
+    )
 
     classifier = ViTForImageClassification(
         ViTConfig(
@@ -229,9 +227,7 @@ def _write_safety_models(root: Path) -> None:
     with torch.no_grad():
         classifier.classifier.bias.copy_(torch.tensor([10.0, -10.0]))
     classifier.save_pretrained(root / NSFW_CLASSIFIER_FOLDER)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(
-        root / NSFW_CLASSIFIER_FOLDER
-    )
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / NSFW_CLASSIFIER_FOLDER)
 
 
 def write_tiny_weights(root: Path, seed: int = 0) -> Path:

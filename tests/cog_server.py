@@ -1,0 +1,128 @@
+"""A real Cog HTTP server (coglet) running `predict.py` in a subprocess, for end-to-end tests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def data_uri(path_or_bytes: Path | bytes, mime: str = "image/png") -> str:
+    """A file (or bytes) as a `data:` URI, the way a client sends an upload inline."""
+    raw = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def decode_output(uri: str) -> bytes:
+    """The bytes of one returned output (a data URI when the server has no upload URL)."""
+    assert uri.startswith("data:"), uri[:80]
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+def open_image(raw: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(raw))
+    image.load()
+    return image
+
+
+class CogServer:
+    """`python -m cog.server.http` on 127.0.0.1 with the virtualenv's python first on PATH."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        bin_dir = str(Path(sys.executable).parent)
+        full_env = {
+            **os.environ,
+            **env,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PORT": str(self.port),
+            "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+        }
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def health(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/health-check", timeout=5) as response:
+            return json.load(response)
+
+    def wait_until_settled(self, timeout: float = 180) -> dict[str, Any]:
+        """Wait until setup has succeeded or failed; return the last health-check body."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                last = self.health()
+                if last.get("status") in {"READY", "SETUP_FAILED", "DEFUNCT"}:
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"server not ready: {last} {self.log_path.read_text()[-3000:]}")
+
+    def predict(self, timeout: float = 300, **inputs: Any) -> dict[str, Any]:
+        """POST /predictions synchronously; return the response body (status, output, error, logs).
+
+        coglet frees its single slot a moment after a sync response is sent, so a request sent at
+        once may be answered "At capacity" (409); like any client of a busy server, we retry.
+        """
+        body = json.dumps({"input": inputs}).encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            request = urllib.request.Request(
+                f"{self.url}/predictions", data=body, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as error:
+                result = json.loads(error.read() or b"{}") | {"http_status": error.code}
+            if error.code != 409 or time.monotonic() > deadline:
+                return result
+            time.sleep(0.05)
+
+    def images(self, **inputs: Any) -> list[bytes]:
+        """Predict and return the output files' bytes, failing loudly if the prediction failed."""
+        result = self.predict(**inputs)
+        assert result.get("status") == "succeeded", result.get("error") or result
+        return [decode_output(uri) for uri in result["output"]]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()

@@ -1,0 +1,87 @@
+"""Input checks that need no model: types, combinations and image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flux_day.errors import InputError
+from flux_day.request import GenerationRequest
+
+
+def test_defaults_are_txt2img_dev_1024_square() -> None:
+    request = GenerationRequest.from_inputs(prompt="a fox")
+    assert (request.mode, request.model, request.width, request.height) == ("txt2img", "dev", 1024, 1024)
+    assert (request.num_inference_steps, request.output_format, request.output_quality) == (28, "webp", 80)
+    assert 0 <= request.seed < 2**32
+
+
+def test_random_seeds_use_the_full_32_bit_range() -> None:
+    seeds = {GenerationRequest.from_inputs(prompt="x").seed for _ in range(200)}
+    assert len(seeds) == 200 and max(seeds) > 2**16
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"num_outputs": True}, r"num_outputs: True is not an integer"),
+        ({"guidance_scale": float("nan")}, r"guidance_scale: nan is not a number"),
+        ({"go_fast": "yes"}, r"go_fast: 'yes' is not a boolean"),
+        ({"prompt": 12}, r"prompt: 12 is not text"),
+        ({"replicate_weights": 5}, r"replicate_weights: 5 is not text"),
+    ],
+)
+def test_wrong_types_are_refused_by_name(inputs: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        GenerationRequest.from_inputs(**{"prompt": "x", **inputs})
+
+
+def test_integral_floats_are_accepted_as_integers() -> None:
+    assert GenerationRequest.from_inputs(prompt="x", num_outputs=2.0).num_outputs == 2
+
+
+def test_image_sets_the_mode_and_size(tmp_path: Path) -> None:
+    Image.new("RGB", (800, 600)).save(tmp_path / "image.png")
+    Image.new("L", (400, 300), 255).save(tmp_path / "mask.png")
+    img2img = GenerationRequest.from_inputs(prompt="x", image=tmp_path / "image.png", aspect_ratio="16:9")
+    assert (img2img.mode, img2img.width, img2img.height) == ("img2img", 800, 608)
+    inpaint = GenerationRequest.from_inputs(
+        prompt="x", image=tmp_path / "image.png", mask=tmp_path / "mask.png"
+    )
+    assert inpaint.mode == "inpaint"
+    assert inpaint.mask is not None and inpaint.mask.size == (800, 600)
+
+
+def test_mask_of_another_shape_is_refused(tmp_path: Path) -> None:
+    Image.new("RGB", (800, 600)).save(tmp_path / "image.png")
+    Image.new("L", (600, 800)).save(tmp_path / "mask.png")
+    with pytest.raises(InputError, match=r"mask: its size 600x800 .* image's aspect ratio"):
+        GenerationRequest.from_inputs(prompt="x", image=tmp_path / "image.png", mask=tmp_path / "mask.png")
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    image = Image.new("RGB", (800, 400))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: displayed as 400x800
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    request = GenerationRequest.from_inputs(prompt="x", image=tmp_path / "rotated.jpg")
+    assert (request.width, request.height) == (400, 800)
+
+
+def test_decompression_bombs_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)
+    with pytest.raises(InputError, match=r"image: the image has too many pixels"):
+        GenerationRequest.from_inputs(prompt="x", image=tmp_path / "big.png")
+
+
+def test_loras_are_refused_until_they_can_be_loaded(tiny_weights: Path) -> None:
+    from flux_day.config import Settings
+    from flux_day.engine import Engine
+
+    engine = Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights)}))
+    request = GenerationRequest.from_inputs(prompt="x", extra_lora="https://example.com/a.safetensors")
+    with pytest.raises(InputError, match=r"extra_lora: LoRAs cannot be loaded"):
+        engine.generate(request)

@@ -1,0 +1,82 @@
+"""The predictor's inputs, read by cog's own inspector, are the published schema field for field."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cog import _inspector
+from cog._adt import Repetition
+
+from flux_day.request import CHOICES, INTEGER_INPUTS, NUMBER_BOUNDS, GenerationRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = Path(__file__).parent / "data" / "seed_input_schema.json"
+SHARED_SEED = ROOT.parent / "shared" / "seed" / "input_schema.json"
+
+
+def seed_schema() -> dict[str, Any]:
+    return json.loads(SEED.read_text())
+
+
+@pytest.fixture(scope="module")
+def predictor_info() -> Any:
+    sys.path.insert(0, str(ROOT))
+    try:
+        return _inspector.create_predictor("predict", "Predictor")
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+def test_copy_of_the_seed_is_current() -> None:
+    if not SHARED_SEED.exists():
+        pytest.skip("no ../shared beside this checkout")
+    assert json.loads(SHARED_SEED.read_text()) == seed_schema()
+
+
+def test_inputs_match_the_published_schema(predictor_info: Any) -> None:
+    predictor_inputs = predictor_info.inputs
+    seed = seed_schema()["inputs"]
+    assert list(predictor_inputs) == [field["name"] for field in seed]
+    for field in seed:
+        ours = predictor_inputs[field["name"]]
+        name = field["name"]
+        json_type = ours.type.json_type()
+        expected_type = "string" if field["type"] == "enum(string)" else field["type"]
+        assert json_type["type"] == expected_type, name
+        assert json_type.get("format") == field.get("format"), name
+        required = ours.type.repetition is Repetition.REQUIRED and ours.default is None
+        assert required == field.get("required", False), name
+        assert ours.default == field.get("default"), name
+        assert type(ours.default) is type(field.get("default")) or expected_type == "number", name
+        assert ours.ge == field.get("minimum"), name
+        assert ours.le == field.get("maximum"), name
+        assert ours.choices == field.get("choices"), name
+        assert ours.description == field["description"], name
+
+
+def test_output_is_a_list_of_files(predictor_info: Any) -> None:
+    assert predictor_info.output.json_type() == seed_schema()["output"]
+
+
+def test_request_checks_use_the_published_bounds_choices_and_defaults() -> None:
+    seed = {field["name"]: field for field in seed_schema()["inputs"]}
+    for name, (low, high) in NUMBER_BOUNDS.items():
+        assert (low, high) == (seed[name]["minimum"], seed[name]["maximum"]), name
+        assert (name in INTEGER_INPUTS) == (seed[name]["type"] == "integer"), name
+    for name, choices in CHOICES.items():
+        assert list(choices) == seed[name]["choices"], name
+    bounded = {name for name, field in seed.items() if "minimum" in field}
+    enums = {name for name, field in seed.items() if "choices" in field}
+    assert bounded == set(NUMBER_BOUNDS) and enums == set(CHOICES)
+
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(GenerationRequest.from_inputs).parameters.items()
+        if name != "prompt"
+    }
+    assert defaults == {name: field.get("default") for name, field in seed.items() if name != "prompt"}

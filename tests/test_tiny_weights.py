@@ -1,0 +1,49 @@
+"""The tiny weights: the real layout and architecture, and the same bytes for the same seed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from flux_day.weights.tiny import write_tiny_weights
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_same_seed_same_bytes_other_seed_other_weights(tiny_weights: Path, tmp_path: Path) -> None:
+    assert digest(write_tiny_weights(tmp_path / "again")) == digest(tiny_weights)
+    other = digest(write_tiny_weights(tmp_path / "other", seed=1))
+    key = "FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors"
+    assert other[key] != digest(tiny_weights)[key]
+
+
+def test_layout_and_architecture(tiny_weights: Path) -> None:
+    def config(path: str) -> dict:
+        return json.loads((tiny_weights / path).read_text())
+
+    dev, schnell = (
+        config("FLUX.1-dev/transformer/config.json"),
+        config("FLUX.1-schnell/transformer/config.json"),
+    )
+    assert dev["guidance_embeds"] and not schnell["guidance_embeds"]
+    for transformer in (dev, schnell):
+        assert transformer["num_layers"] >= 2 and transformer["num_single_layers"] >= 2
+        assert transformer["in_channels"] == 64
+    vae = config("FLUX.1-dev/vae/config.json")
+    assert (vae["latent_channels"], vae["scaling_factor"], vae["shift_factor"]) == (16, 0.3611, 0.1159)
+    assert len(vae["block_out_channels"]) == 4  # 8x downsampling, as FLUX's VAE
+    assert config("FLUX.1-dev/scheduler/scheduler_config.json")["use_dynamic_shifting"] is True
+    assert config("FLUX.1-schnell/scheduler/scheduler_config.json")["use_dynamic_shifting"] is False
+    for folder in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
+        assert (tiny_weights / "FLUX.1-dev" / folder).is_dir(), folder
+    assert not (tiny_weights / "FLUX.1-schnell" / "vae").exists()  # shared with dev
+    for folder in ("safety-checker", "nsfw-classifier"):
+        assert (tiny_weights / folder / "config.json").is_file()
+    assert sum(p.stat().st_size for p in tiny_weights.rglob("*") if p.is_file()) < 10 * 2**20
