@@ -107,7 +107,7 @@ class CogServer:
                     return json.load(response)
             except urllib.error.HTTPError as error:
                 result = json.loads(error.read() or b"{}") | {"http_status": error.code}
-            if error.code != 409 or time.monotonic() > deadline:
+            if result["http_status"] != 409 or time.monotonic() > deadline:
                 return result
             time.sleep(0.05)
 

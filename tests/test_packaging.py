@@ -1,0 +1,34 @@
+"""The README's Quick start, CI and the Cog build agree with each other and with pyproject.toml."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quick_start_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "Quick start holds one fenced block"
+    return [line for line in blocks[0].splitlines() if line.strip()]
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    assert "generate" in commands[0] and "--tiny" in commands[0]
+    assert "pytest" in commands[1]
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci_lines
+
+
+def test_cog_image_installs_the_pinned_packages() -> None:
+    pinned = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    cog_packages = set(re.findall(r'^\s*-\s*"([^"]+)"', (ROOT / "cog.yaml").read_text(), flags=re.M))
+    # The Cog image brings cog (and its coglet server) itself.
+    assert cog_packages == {p for p in pinned if not p.startswith("cog==")}
+    assert re.search(r'^predict: "predict.py:Predictor"$', (ROOT / "cog.yaml").read_text(), flags=re.M)
