@@ -90,6 +90,15 @@ class CogServer:
             time.sleep(0.25)
         raise TimeoutError(f"server not ready: {last} {self.log_path.read_text()[-3000:]}")
 
+    def becomes_ready(self, timeout: float = 10) -> bool:
+        """True once the health check says READY (BUSY lingers a moment after a response)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.health().get("status") == "READY":
+                return True
+            time.sleep(0.05)
+        return False
+
     def predict(self, timeout: float = 300, **inputs: Any) -> dict[str, Any]:
         """POST /predictions synchronously; return the response body (status, output, error, logs).
 

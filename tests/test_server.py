@@ -117,6 +117,24 @@ def test_img2img_size_follows_the_input_image(
     assert open_image(raw).size == expected
 
 
+@pytest.mark.parametrize("model", ["dev", "schnell"])
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_every_mode_runs_on_every_model(cog_server: CogServer, model: str, mode: str) -> None:
+    inputs = {
+        "prompt": "a fox",
+        "model": model,
+        "image": data_uri(png_bytes(gradient(384, 256))),
+        "num_inference_steps": 2,
+        "seed": 1,
+        "num_outputs": 2,
+    }
+    if mode == "inpaint":
+        inputs["mask"] = data_uri(png_bytes(Image.new("L", (384, 256), 255)))
+    outputs = cog_server.images(**inputs)
+    assert [open_image(raw).size for raw in outputs] == [(384, 256)] * 2
+    assert outputs[0] != outputs[1]
+
+
 def test_img2img_depends_on_image_and_prompt_strength(cog_server: CogServer) -> None:
     first = data_uri(png_bytes(gradient(512, 512)))
     second = data_uri(png_bytes(gradient(512, 512).transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
@@ -251,7 +269,7 @@ def test_bad_input_fails_with_a_message_naming_it(cog_server: CogServer, change:
     for leak in ("Traceback", "/tmp", "site-packages", "ValueError", "RuntimeError", "PIL"):
         assert leak not in error, error
     # The server keeps serving, and the failure changed nothing.
-    assert cog_server.health()["status"] == "READY"
+    assert cog_server.becomes_ready()
     assert cog_server.images(**good) == before
 
 
