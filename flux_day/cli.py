@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flux_day.config import Settings
 from flux_day.errors import FluxDayError
+from flux_day.outputs import save_image
 from flux_day.weights.layout import has_base_models
 
 log = logging.getLogger("flux_day")
@@ -68,18 +69,15 @@ def generate(args: argparse.Namespace) -> list[Path]:
     request = GenerationRequest.from_inputs(**inputs)
     images = Engine(settings).generate(request)
     args.out.mkdir(parents=True, exist_ok=True)
-    from flux_day.outputs import OUTPUT_FORMATS, encode_options
-
-    paths = []
-    for seed, image in zip(request.seeds, images, strict=True):
-        path = args.out / f"{request.model}-{seed}.{request.output_format}"
-        image.save(
-            path,
-            format=OUTPUT_FORMATS[request.output_format],
-            **encode_options(request.output_format, request.output_quality),
+    return [
+        save_image(
+            image,
+            args.out / f"{request.model}-{seed}.{request.output_format}",
+            request.output_format,
+            request.output_quality,
         )
-        paths.append(path)
-    return paths
+        for seed, image in zip(request.seeds, images, strict=True)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

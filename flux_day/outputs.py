@@ -13,11 +13,11 @@ from PIL import Image
 OUTPUT_FORMATS: Final[dict[str, str]] = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
 
-def encode_options(output_format: str, quality: int) -> dict[str, object]:
-    """Pillow save options: `quality` for the lossy formats, lossless PNG ignores it."""
-    if output_format == "png":
-        return {}
-    return {"quality": quality}
+def save_image(image: Image.Image, path: Path, output_format: str, quality: int) -> Path:
+    """Encode `image` at `path`: `quality` applies to webp and jpg; png is lossless and ignores it."""
+    options = {} if output_format == "png" else {"quality": quality}
+    image.save(path, format=OUTPUT_FORMATS[output_format], **options)
+    return path
 
 
 class OutputStore:
@@ -38,12 +38,10 @@ class OutputStore:
         if self._parent is not None:
             self._parent.mkdir(parents=True, exist_ok=True)
         self._current = Path(tempfile.mkdtemp(prefix=self._prefix, dir=self._parent))
-        paths = []
-        for i, image in enumerate(images):
-            path = self._current / f"out-{i}.{output_format}"
-            image.save(path, format=OUTPUT_FORMATS[output_format], **encode_options(output_format, quality))
-            paths.append(path)
-        return paths
+        return [
+            save_image(image, self._current / f"out-{i}.{output_format}", output_format, quality)
+            for i, image in enumerate(images)
+        ]
 
     def clear(self) -> None:
         """Remove the last prediction's directory, if any."""

@@ -51,7 +51,7 @@ def overhead(args: argparse.Namespace) -> None:
 
     os.environ["FLUX_DAY_WEIGHTS"] = str(args.weights)
     os.environ.setdefault("FLUX_DAY_OFFLINE", "1")
-    from flux_day.outputs import OUTPUT_FORMATS, encode_options
+    from flux_day.outputs import save_image
     from predict import Predictor
 
     predictor = Predictor()
@@ -84,11 +84,7 @@ def overhead(args: argparse.Namespace) -> None:
         ).images[0]
 
     def bare_and_save() -> None:
-        bare().save(
-            scratch / "out.webp",
-            format=OUTPUT_FORMATS["webp"],
-            **encode_options("webp", inputs["output_quality"]),
-        )
+        save_image(bare(), scratch / "out.webp", "webp", inputs["output_quality"])
 
     # Interleave repeats so drift in machine load hits every variant alike.
     results: dict[str, list[float]] = {
