@@ -16,6 +16,7 @@ from PIL import Image
 
 from flux_day.config import Settings
 from flux_day.errors import InputError, WeightsError
+from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest
 from flux_day.models import MODELS, load_pipelines, pick_device
 from flux_day.request import GenerationRequest
 
@@ -26,23 +27,24 @@ class Engine:
     """dev and schnell, each in txt2img, img2img and inpaint, loaded once and shared."""
 
     def __init__(self, settings: Settings, default_lora: str | None = None) -> None:
-        if default_lora:
-            raise WeightsError(
-                "A default LoRA (COG_WEIGHTS or setup(weights=...)) was given, but this build "
-                "cannot load LoRAs yet; unset COG_WEIGHTS."
-            )
         self.settings = settings
         self.device, self.dtype = pick_device(settings.device)
         self.pipelines = load_pipelines(Path(settings.weights), self.device, self.dtype)
+        self.loras = LoraManager(settings)
+        self.default_lora = default_lora or None
+        if self.default_lora:
+            # Read it now, so a broken default fails setup rather than every prediction.
+            try:
+                self.loras.weights(self._default_lora(1.0), "dev", self._components("dev"))
+            except InputError as error:
+                raise WeightsError(str(error)) from None
 
     def generate(self, request: GenerationRequest) -> list[Image.Image]:
         """Run `request` and return its images in output order."""
-        if request.loras:
-            first = request.loras[0]
-            raise InputError(
-                f"{first.input_name}: LoRAs cannot be loaded by this build yet; leave "
-                "replicate_weights and extra_lora empty."
-            )
+        # Before the prompt is encoded: a LoRA may change the CLIP text encoder too.
+        self.loras.activate(
+            request.model, self._components(request.model), self.lora_requests(request), request.go_fast
+        )
         if request.go_fast:
             log.info("go_fast: the fp8 transformer is not available yet; running full precision")
         spec = MODELS[request.model]
@@ -75,6 +77,21 @@ class Engine:
             time.perf_counter() - started,
         )
         return images
+
+    def lora_requests(self, request: GenerationRequest) -> list[LoraRequest]:
+        """The LoRAs `request` asks for; the default LoRA stands in when replicate_weights is empty."""
+        loras = [LoraRequest(c.input_name, c.source, c.scale) for c in request.loras]
+        if self.default_lora and not any(c.input_name == "replicate_weights" for c in request.loras):
+            loras.insert(0, self._default_lora(request.lora_scale))
+        return loras
+
+    def _default_lora(self, scale: float) -> LoraRequest:
+        return LoraRequest(DEFAULT_LORA_INPUT, self.default_lora or "", scale)
+
+    def _components(self, model: str) -> dict[str, torch.nn.Module]:
+        """The modules LoRAs may change: this model's transformer and the shared CLIP text encoder."""
+        pipe = self.pipelines[model]["txt2img"]
+        return {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}
 
     @staticmethod
     def _call_arguments(request: GenerationRequest, seed: int) -> dict[str, object]:

@@ -157,6 +157,7 @@ class GenerationRequest:
     disable_safety_checker: bool
     go_fast: bool
     loras: tuple[LoraChoice, ...]
+    lora_scale: float  # also the scale of the default LoRA (COG_WEIGHTS) when replicate_weights is empty
 
     @property
     def seeds(self) -> list[int]:
@@ -257,6 +258,7 @@ class GenerationRequest:
             disable_safety_checker=_flag("disable_safety_checker", disable_safety_checker),
             go_fast=_flag("go_fast", go_fast),
             loras=loras,
+            lora_scale=_bounded("lora_scale", lora_scale),
         )
 
 

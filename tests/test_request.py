@@ -75,13 +75,3 @@ def test_decompression_bombs_are_refused(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)
     with pytest.raises(InputError, match=r"image: the image has too many pixels"):
         GenerationRequest.from_inputs(prompt="x", image=tmp_path / "big.png")
-
-
-def test_loras_are_refused_until_they_can_be_loaded(tiny_weights: Path) -> None:
-    from flux_day.config import Settings
-    from flux_day.engine import Engine
-
-    engine = Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights)}))
-    request = GenerationRequest.from_inputs(prompt="x", extra_lora="https://example.com/a.safetensors")
-    with pytest.raises(InputError, match=r"extra_lora: LoRAs cannot be loaded"):
-        engine.generate(request)

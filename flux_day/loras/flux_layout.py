@@ -1,0 +1,137 @@
+"""Where each module of the original (BFL) FLUX layout lives in diffusers' `FluxTransformer2DModel`.
+
+BFL checkpoints and kohya LoRAs name modules as BFL does (`double_blocks.0.img_attn.qkv`,
+`single_blocks.3.linear1`), where q, k, v (and, in single blocks, the MLP input) are one fused linear;
+diffusers has a separate linear for each. diffusers 0.42.1's converters cover kohya names only for
+full-size FLUX (widths 3072/12288 are hard-coded) and BFL `diffusion_model.*.lora_A/B` names not at
+all, so this table, built from the loaded model's own shapes, is the one place that splits fused rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+_DOUBLE_BLOCK = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "txt_mod.lin": ("norm1_context.linear",),
+}
+_SINGLE_BLOCK = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+_TOP_LEVEL = {
+    "img_in": ("x_embedder",),
+    "txt_in": ("context_embedder",),
+    "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+    "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+    "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+    "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+    "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
+}
+# BFL's final modulation emits (shift, scale); diffusers' `norm_out` emits (scale, shift).
+SWAPPED_HALVES = frozenset({"final_layer.adaLN_modulation.1"})
+
+
+@dataclass(frozen=True)
+class Split:
+    """Rows `start:stop` of a BFL module's output are the output of diffusers module `target`."""
+
+    target: str
+    start: int
+    stop: int
+
+
+def bfl_table(transformer: nn.Module) -> dict[str, tuple[Split, ...]]:
+    """Every BFL module name of this transformer, mapped to the diffusers linears that hold its rows."""
+    modules = dict(transformer.named_modules())
+    table: dict[str, tuple[Split, ...]] = {}
+
+    def add(bfl_name: str, targets: tuple[str, ...]) -> None:
+        if not all(isinstance(modules.get(t), nn.Linear) for t in targets):
+            return  # e.g. guidance_in on schnell, which has no guidance embedder
+        splits, start = [], 0
+        for target in targets:
+            rows = modules[target].out_features
+            splits.append(Split(target, start, start + rows))
+            start += rows
+        table[bfl_name] = tuple(splits)
+
+    for name, module in modules.items():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        blocks = {"transformer_blocks": ("double_blocks", _DOUBLE_BLOCK)}
+        blocks["single_transformer_blocks"] = ("single_blocks", _SINGLE_BLOCK)
+        if name not in blocks:
+            continue
+        bfl_prefix, layout = blocks[name]
+        for index in range(len(module)):
+            for bfl_suffix, targets in layout.items():
+                add(f"{bfl_prefix}.{index}.{bfl_suffix}", tuple(f"{name}.{index}.{t}" for t in targets))
+    for bfl_name, targets in _TOP_LEVEL.items():
+        add(bfl_name, targets)
+    return table
+
+
+@dataclass(frozen=True)
+class Target:
+    """Rows `start:stop` of a LoRA module's output belong to `module` ("transformer.…"/"text_encoder.…")."""
+
+    module: str
+    start: int
+    stop: int
+    swap_halves: bool = False
+
+
+class ModuleIndex:
+    """Every spelling of a module name that FLUX LoRA files use, mapped to the linears of this model.
+
+    Spellings: diffusers (`transformer.x.y`, or bare), BFL (`diffusion_model.double_blocks.0.…`), kohya
+    (`lora_unet_…`, `lora_te1_…`), LyCORIS (`lycoris_…`, `lora_transformer_…`) and ComfyUI's text encoder
+    (`text_encoders.clip_l.transformer.…`).
+    """
+
+    def __init__(self, components: dict[str, nn.Module]) -> None:
+        self.aliases: dict[str, tuple[Target, ...]] = {}
+        self.weights: dict[str, nn.Parameter] = {}
+        for component, model in components.items():
+            for name, module in model.named_modules():
+                if not isinstance(module, nn.Linear):
+                    continue
+                self.weights[f"{component}.{name}"] = module.weight
+                whole = (Target(f"{component}.{name}", 0, module.out_features),)
+                flat = name.replace(".", "_")
+                spellings = [f"{component}.{name}"]
+                if component == "transformer":
+                    spellings += [name, f"lycoris_{flat}", f"lora_transformer_{flat}"]
+                elif component == "text_encoder":
+                    spellings += [
+                        f"lora_te_{flat}",
+                        f"lora_te1_{flat}",
+                        f"text_encoders.clip_l.transformer.{name}",
+                    ]
+                self.aliases.update(dict.fromkeys(spellings, whole))
+        if "transformer" in components:
+            for bfl_name, splits in bfl_table(components["transformer"]).items():
+                swap = bfl_name in SWAPPED_HALVES
+                targets = tuple(Target(f"transformer.{s.target}", s.start, s.stop, swap) for s in splits)
+                flat = bfl_name.replace(".", "_")
+                for spelling in (f"diffusion_model.{bfl_name}", f"lora_unet_{flat}", f"lycoris_{flat}"):
+                    self.aliases[spelling] = targets
+
+    def resolve(self, source_module: str) -> tuple[Target, ...] | None:
+        """The targets of a module name as written in a LoRA file, or None when nothing matches."""
+        return self.aliases.get(source_module.removeprefix("base_model.model."))

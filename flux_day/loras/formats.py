@@ -1,0 +1,304 @@
+"""Any FLUX LoRA file → one `Delta` per target linear, checked against the loaded model.
+
+diffusers' `FluxLoraLoaderMixin.lora_state_dict` reads PEFT/diffusers, ai-toolkit, XLabs and kohya
+files. It is called first; for BFL/kohya layouts its result is used only when it covers every module
+the file names, because diffusers 0.42.1 fails on kohya single blocks of any width but 3072, applies
+nothing for BFL `diffusion_model.*.lora_A/B` files, and drops the alpha of kohya `final_layer`
+modules. Then `flux_layout.ModuleIndex` splits the fused rows itself. LyCORIS LoKr/LoHa (no diffusers
+converter for FLUX.1) are expanded in `lycoris`. A module that matches nothing is a refusal, never a
+LoRA silently applied in part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from flux_day.errors import InputError
+from flux_day.loras.flux_layout import ModuleIndex, Target
+from flux_day.loras.lycoris import LYCORIS_ROLES, lycoris_delta
+
+log = logging.getLogger(__name__)
+
+LOW_RANK_ROLES = {
+    ".lora_down.weight": "down",
+    ".lora_A.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_B.weight": "up",
+    ".down.weight": "down",  # XLabs
+    ".up.weight": "up",
+    ".alpha": "alpha",
+}
+ROLES = {**LOW_RANK_ROLES, **{f".{role}": role for role in LYCORIS_ROLES}}
+# Content diffusers filters out silently. An all-zero tensor changes nothing and is dropped; any other
+# value is refused by name, since dropping it would give a different image than the LoRA's author saw.
+UNSUPPORTED = {
+    "dora_scale": "DoRA magnitude vectors (dora_scale)",
+    ".diff_b": "bias updates (diff_b)",
+    ".diff": "full weight updates (diff)",
+    ".lora_B.bias": "LoRA bias updates (lora_B.bias)",
+    "lora_te2_": "the T5 text encoder (lora_te2_)",
+    "text_encoders.t5xxl.": "the T5 text encoder (t5xxl)",
+    "text_encoder_2.": "the T5 text encoder (text_encoder_2)",
+    "position_embedding": "position embeddings",
+}
+KOHYA_FAMILY = ("lora_unet_", "diffusion_model.", "lora_te_", "lora_te1_", "text_encoders.clip_l.")
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One linear's update, `scale · up @ down`; `down` is None when `up` is already the full matrix."""
+
+    up: torch.Tensor
+    down: torch.Tensor | None
+    scale: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The (out, in) shape of the update, without computing it."""
+        return (self.up.shape[0], self.up.shape[1] if self.down is None else self.down.shape[1])
+
+    def matrix(self, device: torch.device) -> torch.Tensor:
+        """The update in float32 on `device`."""
+        up = self.up.to(device, torch.float32)
+        full = up if self.down is None else up @ self.down.to(device, torch.float32)
+        return full * self.scale if self.scale != 1 else full
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """A parsed LoRA: deltas keyed by target ("transformer.…"/"text_encoder.…"), and its identity."""
+
+    deltas: dict[str, Delta]
+    digest: str
+    layout: str
+    nbytes: int
+
+
+def read_lora(data: bytes, input_name: str, index: ModuleIndex, model_label: str) -> LoraWeights:
+    """Parse safetensors bytes into deltas for the model `index` describes, or refuse with the input named."""
+    state_dict, metadata = _load(data, input_name)
+    state_dict = _without_inert_content(state_dict, input_name)
+    groups = _group(state_dict, input_name)
+    if not groups:
+        raise InputError(f"{input_name}: the file holds no LoRA weights; give a FLUX LoRA .safetensors file.")
+    if any(role in LYCORIS_ROLES for roles in groups.values() for role in roles):
+        layout, deltas = "LyCORIS", _deltas_from_groups(groups, index, input_name, model_label)
+    elif any(module.startswith(KOHYA_FAMILY) and ".processor." not in module for module in groups):
+        layout, deltas = "kohya/BFL", _kohya_family(state_dict, groups, index, input_name, model_label)
+    else:
+        layout, deltas = "diffusers/PEFT", _peft_family(state_dict, metadata, index, input_name, model_label)
+    _check_fit(deltas, index, input_name, model_label)
+    return LoraWeights(deltas, hashlib.sha256(data).hexdigest()[:16], layout, len(data))
+
+
+def _load(data: bytes, input_name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors only: a pickle is never opened, because unpickling downloaded data runs its code."""
+    try:
+        state_dict = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        # Only for the message: the bytes are never handed to anything that unpickles.
+        if data[:2] == b"PK" or data[:2] in {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}:
+            raise InputError(
+                f"{input_name}: the file is a PyTorch pickle (.pt/.ckpt/.bin), which is never loaded "
+                "because it can run code; give the LoRA as a .safetensors file."
+            ) from None
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise InputError(
+            f"{input_name}: the file is not a valid .safetensors file ({reason}); give an intact "
+            ".safetensors LoRA."
+        ) from None
+    (header_size,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+    bad = [key for key, value in state_dict.items() if not value.is_floating_point()]
+    if bad:
+        raise InputError(f"{input_name}: tensor {bad[0]!r} is not floating point; this is not a LoRA file.")
+    return {key: value.to(torch.float32) for key, value in state_dict.items()}, metadata
+
+
+def _without_inert_content(state_dict: dict[str, torch.Tensor], input_name: str) -> dict[str, torch.Tensor]:
+    kept = {}
+    for key, value in state_dict.items():
+        what = next((what for marker, what in UNSUPPORTED.items() if marker in key), None)
+        if what is None:
+            kept[key] = value
+        elif bool(value.any()):
+            raise InputError(
+                f"{input_name}: this LoRA changes {what} (key {key!r}), which flux-day cannot apply; "
+                "use a LoRA without them."
+            )
+    return kept
+
+
+def _group(state_dict: dict[str, torch.Tensor], input_name: str) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in state_dict.items():
+        suffix = next((s for s in ROLES if key.endswith(s)), None)
+        if suffix is None:
+            raise InputError(
+                f"{input_name}: key {key[:80]!r} is not part of a LoRA (expected lora_A/lora_B, "
+                "lora_down/lora_up, alpha or LyCORIS factors); give a FLUX LoRA file."
+            )
+        groups[key.removesuffix(suffix)][ROLES[suffix]] = value
+    return dict(groups)
+
+
+def _refuse_unmatched(modules: list[str], index: ModuleIndex, input_name: str, model_label: str) -> None:
+    unmatched = [module for module in modules if index.resolve(module) is None]
+    if unmatched:
+        raise InputError(
+            f"{input_name}: {len(modules) - len(unmatched)} of {len(modules)} modules in this LoRA match a "
+            f"module of {model_label} (first unmatched: {unmatched[0][:80]!r}); it is probably for another "
+            "model, and is refused rather than applied in part."
+        )
+
+
+def _kohya_family(
+    state_dict: dict[str, torch.Tensor],
+    groups: dict[str, dict[str, torch.Tensor]],
+    index: ModuleIndex,
+    input_name: str,
+    model_label: str,
+) -> dict[str, Delta]:
+    _refuse_unmatched(list(groups), index, input_name, model_label)
+    expected = {target.module for module in groups for target in index.resolve(module) or ()}
+    drops_alpha = any(
+        "final_layer" in module and "alpha" in roles and roles["alpha"].item() != roles["down"].shape[0]
+        for module, roles in groups.items()
+        if "down" in roles
+    )
+    if not drops_alpha:
+        try:
+            converted, alphas = FluxLoraLoaderMixin.lora_state_dict(dict(state_dict), return_alphas=True)
+            deltas = _deltas_from_converted(converted, alphas or {}, {}, index, input_name)
+            if set(deltas) == expected:
+                return deltas
+            log.info(
+                "diffusers' converter covered %d of %d targets; splitting by layout",
+                len(deltas),
+                len(expected),
+            )
+        except Exception as error:  # any converter failure means: split by the layout table
+            log.info("diffusers' converter failed (%s); splitting by layout", type(error).__name__)
+    return _deltas_from_groups(groups, index, input_name, model_label)
+
+
+def _peft_family(
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    index: ModuleIndex,
+    input_name: str,
+    model_label: str,
+) -> dict[str, Delta]:
+    try:
+        converted, alphas = FluxLoraLoaderMixin.lora_state_dict(dict(state_dict), return_alphas=True)
+    except Exception as error:  # the library's reason, shortened, reaches the user
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise InputError(f"{input_name}: the file cannot be read as a FLUX LoRA ({reason}).") from None
+    adapter = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    modules = sorted({key.rsplit(".lora_", 1)[0] for key in converted if ".lora_" in key})
+    _refuse_unmatched(modules, index, input_name, model_label)
+    return _deltas_from_converted(converted, alphas or {}, adapter, index, input_name)
+
+
+def _deltas_from_converted(
+    converted: dict[str, torch.Tensor],
+    alphas: dict[str, Any],
+    adapter: dict[str, Any],
+    index: ModuleIndex,
+    input_name: str,
+) -> dict[str, Delta]:
+    """Deltas from diffusers' output (`<module>.lora_A.weight` / `.lora_B.weight`, PEFT naming)."""
+    deltas: dict[str, Delta] = {}
+    for key, down in converted.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removesuffix(".lora_A.weight")
+        up = converted.get(f"{module}.lora_B.weight")
+        targets = index.resolve(module)
+        if up is None or targets is None:
+            continue
+        scale = _peft_scale(module, down.shape[0], alphas, adapter)
+        deltas.update(_split(up, down, scale, targets, input_name))
+    return deltas
+
+
+def _peft_scale(module: str, rank: int, alphas: dict[str, Any], adapter: dict[str, Any]) -> float:
+    """alpha/rank as PEFT computes it: from `.alpha` keys, else the adapter metadata diffusers saves."""
+    alpha = alphas.get(f"{module}.alpha")
+    if alpha is not None:
+        return float(alpha) / rank
+    component = module.split(".", 1)[0]
+    config = {key.removeprefix(f"{component}."): value for key, value in adapter.items()}
+    if "lora_alpha" not in config:
+        return 1.0
+    alpha = config["lora_alpha"]
+    bare = module.removeprefix(f"{component}.")
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", bare):
+            alpha = value
+    denominator = math.sqrt(rank) if config.get("use_rslora") else rank
+    return float(alpha) / denominator
+
+
+def _deltas_from_groups(
+    groups: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, input_name: str, model_label: str
+) -> dict[str, Delta]:
+    """Deltas straight from the file's modules, split by `ModuleIndex` (kohya, BFL, LyCORIS)."""
+    _refuse_unmatched(list(groups), index, input_name, model_label)
+    deltas: dict[str, Delta] = {}
+    for module, roles in groups.items():
+        targets = index.resolve(module) or ()
+        if any(role in LYCORIS_ROLES for role in roles):
+            dense = lycoris_delta(module, roles, input_name)
+            deltas.update(_split(dense, None, 1.0, targets, input_name))
+            continue
+        if "down" not in roles or "up" not in roles:
+            raise InputError(
+                f"{input_name}: module {module[:80]!r} lacks its down or up matrix; the file is incomplete."
+            )
+        rank = roles["down"].shape[0]
+        alpha = roles["alpha"].item() if "alpha" in roles else rank
+        deltas.update(_split(roles["up"], roles["down"], alpha / rank, targets, input_name))
+    return deltas
+
+
+def _split(
+    up: torch.Tensor, down: torch.Tensor | None, scale: float, targets: tuple[Target, ...], input_name: str
+) -> dict[str, Delta]:
+    """One delta per target: the rows of `up` that are that target's output (halves swapped if needed)."""
+    if up.shape[0] != targets[-1].stop:
+        raise InputError(
+            f"{input_name}: the LoRA's update for {targets[0].module[:80]!r} has {up.shape[0]} output rows "
+            f"where the model has {targets[-1].stop}; it is probably for another model."
+        )
+    if targets[0].swap_halves:
+        shift, scale_rows = up.chunk(2, dim=0)
+        up = torch.cat([scale_rows, shift], dim=0)
+    return {t.module: Delta(up[t.start : t.stop], down, scale) for t in targets}
+
+
+def _check_fit(deltas: dict[str, Delta], index: ModuleIndex, input_name: str, model_label: str) -> None:
+    for module, delta in deltas.items():
+        weight = index.weights.get(module)
+        rank_fits = delta.down is None or delta.up.shape[1] == delta.down.shape[0]
+        if weight is None or not rank_fits or tuple(weight.shape) != delta.shape:
+            wanted = "x".join(map(str, weight.shape)) if weight is not None else "?"
+            raise InputError(
+                f"{input_name}: the LoRA's update for {module[:80]!r} does not fit {model_label} (it is "
+                f"{'x'.join(map(str, delta.shape))} with ranks {delta.up.shape[1]}/"
+                f"{delta.down.shape[0] if delta.down is not None else '-'}, the model's weight is {wanted}); "
+                "it is probably for another model."
+            )
