@@ -118,11 +118,15 @@ class ModuleIndex:
                 if component == "transformer":
                     spellings += [name, f"lycoris_{flat}", f"lora_transformer_{flat}"]
                 elif component == "text_encoder":
-                    spellings += [
-                        f"lora_te_{flat}",
-                        f"lora_te1_{flat}",
-                        f"text_encoders.clip_l.transformer.{name}",
-                    ]
+                    # transformers 5 dropped CLIPTextModel's `text_model.` level; LoRA files still use it.
+                    for clip_name in {name, f"text_model.{name.removeprefix('text_model.')}"}:
+                        clip_flat = clip_name.replace(".", "_")
+                        spellings += [
+                            f"text_encoder.{clip_name}",
+                            f"lora_te_{clip_flat}",
+                            f"lora_te1_{clip_flat}",
+                            f"text_encoders.clip_l.transformer.{clip_name}",
+                        ]
                 self.aliases.update(dict.fromkeys(spellings, whole))
         if "transformer" in components:
             for bfl_name, splits in bfl_table(components["transformer"]).items():

@@ -181,7 +181,7 @@ def _kohya_family(
     )
     if not drops_alpha:
         try:
-            converted, alphas = FluxLoraLoaderMixin.lora_state_dict(dict(state_dict), return_alphas=True)
+            converted, alphas = FluxLoraLoaderMixin.lora_state_dict(_copied(state_dict), return_alphas=True)
             deltas = _deltas_from_converted(converted, alphas or {}, {}, index, input_name)
             if set(deltas) == expected:
                 return deltas
@@ -203,7 +203,7 @@ def _peft_family(
     model_label: str,
 ) -> dict[str, Delta]:
     try:
-        converted, alphas = FluxLoraLoaderMixin.lora_state_dict(dict(state_dict), return_alphas=True)
+        converted, alphas = FluxLoraLoaderMixin.lora_state_dict(_copied(state_dict), return_alphas=True)
     except Exception as error:  # the library's reason, shortened, reaches the user
         reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
         raise InputError(f"{input_name}: the file cannot be read as a FLUX LoRA ({reason}).") from None
@@ -211,6 +211,11 @@ def _peft_family(
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in converted if ".lora_" in key})
     _refuse_unmatched(modules, index, input_name, model_label)
     return _deltas_from_converted(converted, alphas or {}, adapter, index, input_name)
+
+
+def _copied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh tensors for diffusers: its kohya converter scales text-encoder factors in place."""
+    return {key: value.clone() for key, value in state_dict.items()}
 
 
 def _deltas_from_converted(
@@ -230,22 +235,28 @@ def _deltas_from_converted(
         targets = index.resolve(module)
         if up is None or targets is None:
             continue
-        scale = _peft_scale(module, down.shape[0], alphas, adapter)
+        scale = _peft_scale(module, targets[0].module, down.shape[0], alphas, adapter)
         deltas.update(_split(up, down, scale, targets, input_name))
     return deltas
 
 
-def _peft_scale(module: str, rank: int, alphas: dict[str, Any], adapter: dict[str, Any]) -> float:
-    """alpha/rank as PEFT computes it: from `.alpha` keys, else the adapter metadata diffusers saves."""
+def _peft_scale(
+    module: str, target: str, rank: int, alphas: dict[str, Any], adapter: dict[str, Any]
+) -> float:
+    """alpha/rank as PEFT computes it: from `.alpha` keys, else the adapter metadata diffusers saves
+    (`<component>.lora_alpha`, `alpha_pattern`, `use_rslora`), looked up by the resolved `target`."""
     alpha = alphas.get(f"{module}.alpha")
     if alpha is not None:
         return float(alpha) / rank
-    component = module.split(".", 1)[0]
-    config = {key.removeprefix(f"{component}."): value for key, value in adapter.items()}
+    component, bare = target.split(".", 1)
+    config = {
+        key.removeprefix(f"{component}."): value
+        for key, value in adapter.items()
+        if key.startswith(f"{component}.") or "." not in key
+    }
     if "lora_alpha" not in config:
         return 1.0
     alpha = config["lora_alpha"]
-    bare = module.removeprefix(f"{component}.")
     for pattern, value in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", bare):
             alpha = value
