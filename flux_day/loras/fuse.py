@@ -4,6 +4,10 @@ The first time a weight is touched, a pristine copy is kept for the life of the 
 computes `pristine + Σ scale_i · delta_i` in float32 from that copy and casts once, and every restore
 copies the pristine tensor back: no subtraction, so base → A → B → A+B → none ends bit-identical to the
 start. Deltas are summed in a fixed order, so main + extra gives the same bytes as extra + main.
+
+On CUDA a pristine copy stays on the GPU while that leaves `PRISTINE_GPU_HEADROOM_BYTES` free, and
+goes to pinned host memory otherwise: a LoRA over every linear of FLUX.1 [dev] touches ~24 GB of
+bf16 weights, which must not push both models out of an 80 GB card.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from torch import nn
 from flux_day.loras.formats import Delta
 
 log = logging.getLogger(__name__)
+
+PRISTINE_GPU_HEADROOM_BYTES = 10 * 2**30  # activations of a 1440x1440 batch and the VAE decode
 
 
 @dataclass(frozen=True)
@@ -78,10 +84,21 @@ class WeightFuser:
 
     def _fuse(self, param: nn.Parameter, parts: Sequence[ScaledDelta]) -> None:
         if id(param) not in self._pristine:
-            self._pristine[id(param)] = (param, param.detach().clone())
+            self._pristine[id(param)] = (param, _pristine_copy(param))
         pristine = self._pristine[id(param)][1]
-        total = torch.zeros(pristine.shape, dtype=torch.float32, device=pristine.device)
+        device = param.device
+        total = torch.zeros(pristine.shape, dtype=torch.float32, device=device)
         for part in sorted(parts, key=lambda part: (part.order, part.scale)):
-            total.add_(part.delta.matrix(pristine.device), alpha=part.scale)
+            total.add_(part.delta.matrix(device), alpha=part.scale)
         self._fused.add(id(param))
-        param.data.copy_((pristine.to(torch.float32) + total).to(pristine.dtype))
+        param.data.copy_((pristine.to(device, torch.float32) + total).to(param.dtype))
+
+
+def _pristine_copy(param: nn.Parameter) -> torch.Tensor:
+    """A copy of `param` that nothing else writes: on its GPU while memory allows, else pinned host."""
+    weight = param.detach()
+    if weight.is_cuda:
+        free, _ = torch.cuda.mem_get_info(weight.device)
+        if free - weight.nbytes < PRISTINE_GPU_HEADROOM_BYTES:
+            return weight.to("cpu").pin_memory()
+    return weight.clone()
