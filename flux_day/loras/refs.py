@@ -72,7 +72,7 @@ def decode_data_uri(ref: LoraRef, max_bytes: int) -> bytes:
     is_base64 = any(p.strip().lower() == "base64" for p in match["params"].split(";"))
     # base64 is 4 characters for every 3 bytes: refuse before decoding a payload that cannot fit.
     if (len(payload) * 3 // 4 if is_base64 else len(payload) // 3) > max_bytes:
-        raise InputError(f"{ref.input_name}: the data: URI holds more than {max_bytes} bytes, the limit.")
+        raise _too_big(ref, max_bytes)
     if is_base64:
         payload = urllib.parse.unquote("".join(payload.split()))
     try:
@@ -82,5 +82,12 @@ def decode_data_uri(ref: LoraRef, max_bytes: int) -> bytes:
     except (binascii.Error, ValueError):
         raise InputError(f"{ref.input_name}: the data: URI is not valid base64.") from None
     if len(data) > max_bytes:
-        raise InputError(f"{ref.input_name}: the data: URI holds more than {max_bytes} bytes, the limit.")
+        raise _too_big(ref, max_bytes)
     return data
+
+
+def _too_big(ref: LoraRef, max_bytes: int) -> InputError:
+    return InputError(
+        f"{ref.input_name}: the data: URI holds more than {max_bytes} bytes, the LoRA size limit "
+        "(FLUX_DAY_MAX_LORA_BYTES); give a URL of the file instead."
+    )
