@@ -375,3 +375,33 @@ def test_images_with_a_lora_differ_from_the_base(engine: Engine) -> None:
     request = GenerationRequest.from_inputs(prompt="a fox", replicate_weights=lora, **SMALL)
     changed = np.asarray(engine.generate(request)[0], dtype=float)
     assert np.abs(changed - base).mean() > 1.0
+
+
+def test_full_size_kohya_files_go_through_diffusers_and_agree_with_the_layout_table(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At FLUX.1's real widths diffusers' kohya converter works; its result must equal our split."""
+    from diffusers import FluxTransformer2DModel
+
+    from flux_day.loras import formats
+    from flux_day.loras.flux_layout import ModuleIndex
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(num_layers=19, num_single_layers=38, guidance_embeds=True)
+    index = ModuleIndex({"transformer": transformer})
+    g = torch.Generator().manual_seed(0)
+    shapes = {"double_blocks_3_img_attn_qkv": (9216, 3072), "single_blocks_20_linear1": (21504, 3072)}
+    kohya = {}
+    for name, (rows, columns) in shapes.items():
+        kohya[f"lora_unet_{name}.lora_down.weight"] = torch.randn(2, columns, generator=g)
+        kohya[f"lora_unet_{name}.lora_up.weight"] = torch.randn(rows, 2, generator=g)
+        kohya[f"lora_unet_{name}.alpha"] = torch.tensor(1.0)
+    with caplog.at_level("INFO", logger="flux_day.loras.formats"):
+        parsed = formats.read_lora(lf.to_bytes(kohya), "replicate_weights", index, "FLUX.1 [dev]")
+    assert "splitting by layout" not in caplog.text
+    assert len(parsed.deltas) == 3 + 4
+    table = formats._deltas_from_groups(formats._group(kohya, "x"), index, "x", "FLUX.1 [dev]")
+    for module, delta in table.items():
+        torch.testing.assert_close(
+            parsed.deltas[module].matrix(torch.device("cpu")), delta.matrix(torch.device("cpu")), msg=module
+        )
