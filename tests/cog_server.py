@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,18 @@ class CogServer:
     def health(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/health-check", timeout=5) as response:
             return json.load(response)
+
+    @classmethod
+    @contextlib.contextmanager
+    def ready(cls, env: Mapping[str, str], log_path: Path) -> Iterator[CogServer]:
+        """A server that has finished setup successfully, stopped on exit."""
+        server = cls(env, log_path)
+        try:
+            health = server.wait_until_settled()
+            assert health["status"] == "READY", health
+            yield server
+        finally:
+            server.stop()
 
     def wait_until_settled(self, timeout: float = 180) -> dict[str, Any]:
         """Wait until setup has succeeded or failed; return the last health-check body."""

@@ -27,10 +27,5 @@ def cog_server(
     tiny_weights: Path, server_tmp: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CogServer]:
     env = {"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_OFFLINE": "1", "TMPDIR": str(server_tmp)}
-    server = CogServer(env, tmp_path_factory.mktemp("logs") / "cog.log")
-    try:
-        health = server.wait_until_settled()
-        assert health["status"] == "READY", health
+    with CogServer.ready(env, tmp_path_factory.mktemp("logs") / "cog.log") as server:
         yield server
-    finally:
-        server.stop()

@@ -50,13 +50,8 @@ def server(
         "FLUX_DAY_MAX_LORA_BYTES": str(MAX_LORA_BYTES),
         "TMPDIR": str(lora_tmp),
     }
-    cog = CogServer(env, tmp_path_factory.mktemp("lora-logs") / "cog.log")
-    try:
-        health = cog.wait_until_settled()
-        assert health["status"] == "READY", health
+    with CogServer.ready(env, tmp_path_factory.mktemp("lora-logs") / "cog.log") as cog:
         yield cog
-    finally:
-        cog.stop()
 
 
 @pytest.fixture(scope="module")
