@@ -35,7 +35,7 @@ class Engine:
         if self.default_lora:
             # Read it now, so a broken default fails setup rather than every prediction.
             try:
-                self.loras.weights(self._default_lora(1.0), "dev", self._components("dev"))
+                self.loras.weights(self._default_lora(1.0), "dev", self.lora_components("dev"))
             except InputError as error:
                 raise WeightsError(str(error)) from None
 
@@ -43,7 +43,7 @@ class Engine:
         """Run `request` and return its images in output order."""
         # Before the prompt is encoded: a LoRA may change the CLIP text encoder too.
         self.loras.activate(
-            request.model, self._components(request.model), self.lora_requests(request), request.go_fast
+            request.model, self.lora_components(request.model), self.lora_requests(request), request.go_fast
         )
         if request.go_fast:
             log.info("go_fast: the fp8 transformer is not available yet; running full precision")
@@ -88,7 +88,7 @@ class Engine:
     def _default_lora(self, scale: float) -> LoraRequest:
         return LoraRequest(DEFAULT_LORA_INPUT, self.default_lora or "", scale)
 
-    def _components(self, model: str) -> dict[str, torch.nn.Module]:
+    def lora_components(self, model: str) -> dict[str, torch.nn.Module]:
         """The modules LoRAs may change: this model's transformer and the shared CLIP text encoder."""
         pipe = self.pipelines[model]["txt2img"]
         return {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}

@@ -147,7 +147,7 @@ def lora_switch(args: argparse.Namespace) -> None:
     settings = Settings.from_env({**os.environ, "FLUX_DAY_WEIGHTS": str(args.weights)})
     engine = Engine(settings)
     model = "dev"
-    components = engine._components(model)
+    components = engine.lora_components(model)
     transformer = components["transformer"]
     pristine = {
         f"{component}.{key}": value.clone()

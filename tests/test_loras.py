@@ -40,7 +40,7 @@ def activate(engine: Engine, *loras: tuple[str, bytes | str, float], model: str 
         LoraRequest(name, lf.data_uri(src) if isinstance(src, bytes) else src, scale)
         for name, src, scale in loras
     ]
-    engine.loras.activate(model, engine._components(model), requests, go_fast)
+    engine.loras.activate(model, engine.lora_components(model), requests, go_fast)
 
 
 def weights(engine: Engine, model: str = "dev") -> dict[str, torch.Tensor]:
@@ -400,7 +400,7 @@ def test_full_size_kohya_files_go_through_diffusers_and_agree_with_the_layout_ta
         parsed = formats.read_lora(lf.to_bytes(kohya), "replicate_weights", index, "FLUX.1 [dev]")
     assert "splitting by layout" not in caplog.text
     assert len(parsed.deltas) == 3 + 4
-    table = formats._deltas_from_groups(formats._group(kohya, "x"), index, "x", "FLUX.1 [dev]")
+    table = formats._deltas_from_groups(formats._group(kohya, "x"), index, "x")
     for module, delta in table.items():
         torch.testing.assert_close(
             parsed.deltas[module].matrix(torch.device("cpu")), delta.matrix(torch.device("cpu")), msg=module

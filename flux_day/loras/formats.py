@@ -95,7 +95,8 @@ def read_lora(data: bytes, input_name: str, index: ModuleIndex, model_label: str
     if not groups:
         raise InputError(f"{input_name}: the file holds no LoRA weights; give a FLUX LoRA .safetensors file.")
     if any(role in LYCORIS_ROLES for roles in groups.values() for role in roles):
-        layout, deltas = "LyCORIS", _deltas_from_groups(groups, index, input_name, model_label)
+        _refuse_unmatched(list(groups), index, input_name, model_label)
+        layout, deltas = "LyCORIS", _deltas_from_groups(groups, index, input_name)
     elif any(module.startswith(KOHYA_FAMILY) and ".processor." not in module for module in groups):
         layout, deltas = "kohya/BFL", _kohya_family(state_dict, groups, index, input_name, model_label)
     else:
@@ -192,7 +193,7 @@ def _kohya_family(
             )
         except Exception as error:  # any converter failure means: split by the layout table
             log.info("diffusers' converter failed (%s); splitting by layout", type(error).__name__)
-    return _deltas_from_groups(groups, index, input_name, model_label)
+    return _deltas_from_groups(groups, index, input_name)
 
 
 def _peft_family(
@@ -265,10 +266,9 @@ def _peft_scale(
 
 
 def _deltas_from_groups(
-    groups: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, input_name: str, model_label: str
+    groups: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, input_name: str
 ) -> dict[str, Delta]:
     """Deltas straight from the file's modules, split by `ModuleIndex` (kohya, BFL, LyCORIS)."""
-    _refuse_unmatched(list(groups), index, input_name, model_label)
     deltas: dict[str, Delta] = {}
     for module, roles in groups.items():
         targets = index.resolve(module) or ()
