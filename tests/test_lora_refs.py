@@ -8,7 +8,7 @@ import pytest
 
 from flux_day.config import Settings
 from flux_day.errors import InputError
-from flux_day.loras.fetch import fetch_bytes
+from flux_day.loras.fetch import Fetcher
 from flux_day.loras.refs import decode_data_uri, parse_ref, shown_source
 
 
@@ -19,11 +19,58 @@ def test_urls_are_shown_without_credentials_query_or_fragment() -> None:
 
 
 @pytest.mark.parametrize(
-    "source", ["owner/model", "ftp://example.com/a.safetensors", "/etc/passwd", "file:///x"]
+    "source",
+    ["lora", "a/b/c/d", "ftp://example.com/a.safetensors", "/etc/passwd", "file:///x", "huggingface.co/x"],
 )
-def test_references_this_build_cannot_fetch_are_refused_by_name(source: str) -> None:
-    with pytest.raises(InputError, match=r"^extra_lora: .*http\(s\) URL .* data: URI"):
+def test_unknown_reference_shapes_are_refused_listing_the_forms(source: str) -> None:
+    with pytest.raises(InputError, match=r"^extra_lora: .* is not a LoRA reference; give a Replicate model"):
         parse_ref("extra_lora", source)
+
+
+@pytest.mark.parametrize(
+    ("source", "kind", "parts", "shown"),
+    [
+        ("fofr/flux-pixar-cars", "replicate", ("fofr", "flux-pixar-cars", "", ""), "fofr/flux-pixar-cars"),
+        (
+            "replicate.com/fofr/cars/versions/abc123",
+            "replicate",
+            ("fofr", "cars", "abc123", ""),
+            "fofr/cars/abc123",
+        ),
+        (
+            "https://replicate.com/fofr/cars/abc123",
+            "replicate",
+            ("fofr", "cars", "abc123", ""),
+            "fofr/cars/abc123",
+        ),
+        ("huggingface.co/XLabs-AI/flux-lora", "huggingface", ("XLabs-AI", "flux-lora", "", ""), None),
+        (
+            "https://huggingface.co/o/r/blob/main/sub/x.safetensors",
+            "huggingface",
+            ("o", "r", "main", "sub/x.safetensors"),
+            "huggingface.co/o/r/main/sub/x.safetensors",
+        ),
+        (
+            "huggingface.co/o/r/resolve/0a1b/x.safetensors",
+            "huggingface",
+            ("o", "r", "0a1b", "x.safetensors"),
+            None,
+        ),
+        ("civitai.com/models/1234/some-style", "civitai", ("", "1234", "", ""), "civitai.com/models/1234"),
+        (
+            "https://civitai.com/models/1234?modelVersionId=99",
+            "civitai",
+            ("", "1234", "99", ""),
+            "civitai.com/models/1234?modelVersionId=99",
+        ),
+        ("https://example.com/x.tar?sig=SECRET", "url", ("", "", "", ""), "https://example.com/x.tar"),
+    ],
+)
+def test_every_form_the_schema_promises_is_recognised(source, kind, parts, shown) -> None:
+    ref = parse_ref("replicate_weights", source)
+    assert (ref.kind, (ref.owner, ref.name, ref.version, ref.path)) == (kind, parts)
+    if shown is not None:
+        assert ref.shown == shown
 
 
 def test_data_uris_decode_base64_with_line_breaks_and_percent_encoding() -> None:
@@ -47,5 +94,5 @@ def test_private_addresses_are_refused_unless_allowed() -> None:
     settings = Settings.from_env({})
     for url in ("http://127.0.0.1:9/a.safetensors?sig=SECRET", "http://10.0.0.1/a", "http://[::1]/a"):
         with pytest.raises(InputError, match=r"^replicate_weights: .*private network address") as error:
-            fetch_bytes(parse_ref("replicate_weights", url), settings)
+            Fetcher(settings).open(parse_ref("replicate_weights", url), url)
         assert "SECRET" not in str(error.value)

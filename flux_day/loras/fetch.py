@@ -1,108 +1,189 @@
-"""Getting a LoRA's bytes: `data:` URIs decoded, http(s) URLs downloaded with limits.
+"""HTTP for LoRAs: every hop checked, bodies capped and streamed to disk, tokens kept to their host.
 
-Every hop of a redirect is checked: only http(s), and no loopback/private/link-local address unless
-`FLUX_DAY_ALLOW_PRIVATE_URLS=1` (tests), so a request cannot make the server fetch its own network.
-Bodies are read in chunks and cut off at `FLUX_DAY_MAX_LORA_BYTES`. URLs are shown without their query
-string, which is where signed URLs keep their credentials.
+Every hop of a redirect is checked: only http(s), and no loopback/private/link-local/metadata address
+unless `FLUX_DAY_ALLOW_PRIVATE_URLS=1` (tests) or the host is one the operator configured as a service
+(`FLUX_DAY_REPLICATE_URL`, `FLUX_DAY_CIVITAI_URL`, `HF_ENDPOINT`), so a request cannot make the server
+fetch its own network. A token is sent only to the host it belongs to and is dropped on a redirect to
+another host. Bodies are cut off at `FLUX_DAY_MAX_LORA_BYTES` (declared or streamed) and at a total
+deadline. URLs are shown without their query string, which is where signed URLs keep credentials.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
+import tempfile
+import time
 import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import requests
 
 from flux_day.config import Settings
 from flux_day.errors import InputError
-from flux_day.loras.refs import LoraRef, decode_data_uri, shown_source
+from flux_day.loras.refs import LoraRef, shown_source
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = 10
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
+DOWNLOAD_DEADLINE_S = 1800  # 2 GB at ~10 Mbit/s; a body that trickles forever is cut off
 CHUNK_BYTES = 1 << 20
+PROGRESS_EVERY_BYTES = 256 << 20
+PARTIAL_PREFIX = ".partial-"
 
 
-def fetch_bytes(ref: LoraRef, settings: Settings) -> bytes:
-    """The file `ref` points at, or an `InputError` naming the input and what went wrong."""
-    if ref.kind == "data":
-        return decode_data_uri(ref, settings.max_lora_bytes)
-    return _download(ref, settings)
+@dataclass(frozen=True)
+class Credential:
+    """A bearer token and the one host (netloc) it may be sent to."""
+
+    host: str
+    token: str
 
 
-def _download(ref: LoraRef, settings: Settings) -> bytes:
-    url = ref.location
-    with requests.Session() as session:
+class Fetcher:
+    """GETs for one settings object: JSON from service APIs, files streamed to a directory."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.service_hosts = {
+            urllib.parse.urlsplit(url).netloc.lower()
+            for url in (settings.replicate_url, settings.civitai_url, settings.hf_endpoint)
+        }
+
+    def open(
+        self, ref: LoraRef, url: str, credential: Credential | None = None, follow: bool = True
+    ) -> requests.Response:
+        """A streaming response with status 200 (or a redirect when `follow` is False); errors named."""
+        session = requests.Session()
+        session.trust_env = False  # no ~/.netrc credentials or proxies picked up behind our back
         for _ in range(MAX_REDIRECTS + 1):
-            _check_destination(ref, url, settings)
+            self._check_destination(ref, url)
+            netloc = urllib.parse.urlsplit(url).netloc.lower()
+            headers = {"User-Agent": "flux-day"}
+            if credential is not None and credential.token and netloc == credential.host:
+                headers["Authorization"] = f"Bearer {credential.token}"
             try:
                 response = session.get(
                     url,
+                    headers=headers,
                     stream=True,
                     allow_redirects=False,
                     timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
                 )
             except requests.RequestException as error:
                 raise InputError(
-                    f"{ref.input_name}: could not download {shown_source(url)} "
-                    f"({type(error).__name__}); check the URL is reachable."
+                    f"{ref.input_name}: could not reach {shown_source(url)} for {ref.shown} "
+                    f"({type(error).__name__}); check the reference and try again."
                 ) from None
-            with response:
-                if response.is_redirect:
-                    url = urllib.parse.urljoin(url, response.headers.get("location", ""))
-                    continue
-                if response.status_code != 200:
-                    raise InputError(
-                        f"{ref.input_name}: downloading {shown_source(url)} failed with HTTP "
-                        f"{response.status_code}; check the URL and that the file is public."
-                    )
-                return _read_body(ref, response, settings.max_lora_bytes)
-    raise InputError(
-        f"{ref.input_name}: {shown_source(ref.location)} redirects more than {MAX_REDIRECTS} times."
-    )
+            if response.is_redirect and follow:
+                response.close()
+                url = urllib.parse.urljoin(url, response.headers.get("location", ""))
+                continue
+            if response.status_code != 200 and not (response.is_redirect and not follow):
+                response.close()
+                raise InputError(f"{ref.input_name}: {_status_message(response.status_code, ref, url)}")
+            return response
+        raise InputError(f"{ref.input_name}: {ref.shown} redirects more than {MAX_REDIRECTS} times.")
 
+    def json(self, ref: LoraRef, url: str, credential: Credential | None = None) -> Any:
+        """The JSON body at `url` (a service API), or an error naming the input."""
+        with self.open(ref, url, credential) as response:
+            try:
+                return response.json()
+            except ValueError:
+                raise InputError(
+                    f"{ref.input_name}: {shown_source(url)} did not answer with JSON for {ref.shown}; "
+                    "check the reference."
+                ) from None
 
-def _read_body(ref: LoraRef, response: requests.Response, max_bytes: int) -> bytes:
-    too_big = InputError(
-        f"{ref.input_name}: {shown_source(ref.location)} is larger than {max_bytes} bytes, the LoRA size "
-        "limit (FLUX_DAY_MAX_LORA_BYTES)."
-    )
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_big
-    body = bytearray()
-    try:
-        for chunk in response.iter_content(CHUNK_BYTES):
-            body += chunk
-            if len(body) > max_bytes:
+    def download(self, ref: LoraRef, url: str, directory: Path, credential: Credential | None = None) -> Path:
+        """Stream `url` into a new partial file in `directory`; the caller renames or removes it."""
+        limit = self.settings.max_lora_bytes
+        too_big = InputError(
+            f"{ref.input_name}: {ref.shown} is larger than {limit} bytes, the LoRA size limit "
+            "(FLUX_DAY_MAX_LORA_BYTES)."
+        )
+        started = time.monotonic()
+        with self.open(ref, url, credential) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
                 raise too_big
-    except requests.RequestException as error:
-        raise InputError(
-            f"{ref.input_name}: the download of {shown_source(ref.location)} broke off "
-            f"({type(error).__name__}); try again."
-        ) from None
-    log.info("downloaded %s for %s: %d bytes", shown_source(ref.location), ref.input_name, len(body))
-    return bytes(body)
+            descriptor, name = tempfile.mkstemp(dir=directory, prefix=PARTIAL_PREFIX)
+            path = Path(name)
+            try:
+                with os.fdopen(descriptor, "wb") as handle:
+                    written, next_report = 0, PROGRESS_EVERY_BYTES
+                    for chunk in response.iter_content(CHUNK_BYTES):
+                        written += len(chunk)
+                        if written > limit:
+                            raise too_big
+                        if time.monotonic() - started > DOWNLOAD_DEADLINE_S:
+                            raise InputError(
+                                f"{ref.input_name}: downloading {ref.shown} took longer than "
+                                f"{DOWNLOAD_DEADLINE_S} s; try again or use a faster host."
+                            )
+                        handle.write(chunk)
+                        if written >= next_report:
+                            log.info("downloading %s: %d MB so far", ref.shown, written >> 20)
+                            next_report += PROGRESS_EVERY_BYTES
+                if declared.isdigit() and written != int(declared):
+                    raise InputError(
+                        f"{ref.input_name}: the download of {ref.shown} broke off after {written} of "
+                        f"{declared} bytes; try again."
+                    )
+            except requests.RequestException as error:
+                path.unlink(missing_ok=True)
+                raise InputError(
+                    f"{ref.input_name}: the download of {ref.shown} broke off ({type(error).__name__}); "
+                    "try again."
+                ) from None
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        log.info(
+            "downloaded %s for %s: %d bytes in %.1fs",
+            ref.shown,
+            ref.input_name,
+            written,
+            time.monotonic() - started,
+        )
+        return path
 
-
-def _check_destination(ref: LoraRef, url: str, settings: Settings) -> None:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise InputError(f"{ref.input_name}: {shown_source(url)} is not an http(s) URL.")
-    if settings.allow_private_urls:
-        return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except OSError:
-        raise InputError(f"{ref.input_name}: the host of {shown_source(url)} cannot be resolved.") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
+    def _check_destination(self, ref: LoraRef, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise InputError(f"{ref.input_name}: {shown_source(url)} is not an http(s) URL.")
+        if self.settings.allow_private_urls or parts.netloc.lower() in self.service_hosts:
+            return
+        try:
+            infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        except OSError:
             raise InputError(
-                f"{ref.input_name}: {shown_source(url)} points to a private network address; give a "
-                "public URL."
-            )
+                f"{ref.input_name}: the host of {shown_source(url)} cannot be resolved."
+            ) from None
+        for info in infos:
+            if not ipaddress.ip_address(info[4][0]).is_global:
+                raise InputError(
+                    f"{ref.input_name}: {shown_source(url)} points to a private network address; give a "
+                    "public URL."
+                )
+
+
+def _status_message(status: int, ref: LoraRef, url: str) -> str:
+    where = f"{ref.shown}" if ref.kind != "url" else shown_source(url)
+    if status in {401, 403}:
+        return (
+            f"{where} answered HTTP {status} (not allowed); the LoRA is private or gated: make it public, "
+            "or give the server a token (REPLICATE_API_TOKEN, HF_TOKEN or CIVITAI_API_TOKEN)."
+        )
+    if status == 404:
+        return f"{where} answered HTTP 404 (not found); check the reference."
+    if status >= 500:
+        return f"{where} answered HTTP {status} (a server error there); try again later."
+    return f"downloading {where} failed with HTTP {status}; check the reference."

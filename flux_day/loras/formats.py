@@ -89,7 +89,7 @@ class LoraWeights:
 
 def read_lora(data: bytes, input_name: str, index: ModuleIndex, model_label: str) -> LoraWeights:
     """Parse safetensors bytes into deltas for the model `index` describes, or refuse with the input named."""
-    state_dict, metadata = _load(data, input_name)
+    state_dict, metadata = load_safetensors_or_refuse(data, input_name)
     state_dict = _without_inert_content(state_dict, input_name)
     groups = _group(state_dict, input_name)
     if not groups:
@@ -105,7 +105,9 @@ def read_lora(data: bytes, input_name: str, index: ModuleIndex, model_label: str
     return LoraWeights(deltas, hashlib.sha256(data).hexdigest()[:16], layout, len(data))
 
 
-def _load(data: bytes, input_name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors_or_refuse(
+    data: bytes, input_name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors only: a pickle is never opened, because unpickling downloaded data runs its code."""
     try:
         state_dict = load_safetensors(data)

@@ -8,27 +8,35 @@ Everything that can fail (download, parse, fit) happens before any weight is tou
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
+import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
 from torch import nn
 
 from flux_day.config import Settings
 from flux_day.errors import InputError
-from flux_day.loras.fetch import fetch_bytes
+from flux_day.loras.archive import extract_lora, is_archive, is_safetensors
+from flux_day.loras.cache import LoraCache
+from flux_day.loras.fetch import PARTIAL_PREFIX, Fetcher
 from flux_day.loras.flux_layout import ModuleIndex
-from flux_day.loras.formats import LoraWeights, read_lora
+from flux_day.loras.formats import LoraWeights, load_safetensors_or_refuse, read_lora
 from flux_day.loras.fuse import ScaledDelta, WeightFuser
-from flux_day.loras.refs import parse_ref, shown_source
+from flux_day.loras.refs import LoraRef, decode_data_uri, parse_ref, shown_source
+from flux_day.loras.sources import plan_file
 
 log = logging.getLogger(__name__)
 
 GO_FAST_LORA_MULTIPLIER = 1.5  # the schema's lora_scale description promises it
 PARSED_LORAS_KEPT = 4
+UNVERSIONED_RECHECK_S = 300  # how long `owner/model` (no version) is trusted to mean the same file
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,9 @@ class LoraManager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.fuser = WeightFuser()
-        self._parsed: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
+        self.fetcher = Fetcher(settings)
+        self.cache = LoraCache(settings.lora_cache, settings.lora_cache_bytes)
+        self._parsed: OrderedDict[tuple[str, str], tuple[LoraWeights, float]] = OrderedDict()
         self._indexes: dict[str, ModuleIndex] = {}
 
     def activate(
@@ -80,11 +90,13 @@ class LoraManager:
             )
 
     def weights(self, lora: LoraRequest, model: str, components: dict[str, nn.Module]) -> LoraWeights:
-        """The parsed LoRA for `model`, from memory when it was used recently."""
-        key = (hashlib.sha256(lora.source.encode()).hexdigest(), model)
+        """The parsed LoRA for `model`: from memory when used recently, else from the cache or the web."""
+        key = (hashlib.sha256(lora.source.strip().encode()).hexdigest(), model)
         if key in self._parsed:
-            self._parsed.move_to_end(key)
-            return self._parsed[key]
+            weights, parsed_at = self._parsed[key]
+            if not _unversioned(lora.source) or time.monotonic() - parsed_at < UNVERSIONED_RECHECK_S:
+                self._parsed.move_to_end(key)
+                return weights
         started = time.perf_counter()
         data = self._read(lora)
         weights = read_lora(data, lora.input_name, self._index(model, components), f"FLUX.1 [{model}]")
@@ -97,7 +109,8 @@ class LoraManager:
             len(weights.deltas),
             time.perf_counter() - started,
         )
-        self._parsed[key] = weights
+        self._parsed[key] = (weights, time.monotonic())
+        self._parsed.move_to_end(key)
         while len(self._parsed) > PARSED_LORAS_KEPT:
             self._parsed.popitem(last=False)
         return weights
@@ -108,18 +121,82 @@ class LoraManager:
         return self._indexes[model]
 
     def _read(self, lora: LoraRequest) -> bytes:
+        """The LoRA file's bytes (archives unpacked); downloads go through the disk cache."""
         # A local file is accepted only from the operator (COG_WEIGHTS), never from a request input.
         if lora.input_name == DEFAULT_LORA_INPUT and not lora.source.startswith(("data:", "http:", "https:")):
-            path = Path(lora.source)
-            if path.is_dir():  # a weights folder holding one LoRA file, as `cog` passes it
-                files = sorted(path.glob("*.safetensors"))
-                path = files[0] if len(files) == 1 else path
-            if not path.is_file():
-                raise InputError(
-                    f"{DEFAULT_LORA_INPUT}: {path} is not a file; point it at a .safetensors LoRA."
-                )
-            return path.read_bytes()
-        return fetch_bytes(parse_ref(lora.input_name, lora.source), self.settings)
+            return _unpacked(_local_lora(Path(lora.source)).read_bytes(), lora.input_name, self.settings)
+        ref = parse_ref(lora.input_name, lora.source)
+        if ref.kind == "data":
+            return _unpacked(
+                decode_data_uri(ref, self.settings.max_lora_bytes), ref.input_name, self.settings
+            )
+        return self.cached_file(ref).read_bytes()
+
+    def cached_file(self, ref: LoraRef) -> Path:
+        """The ready .safetensors for `ref` in the disk cache, downloading it (once) when absent."""
+        plan = plan_file(ref, self.settings, self.fetcher)
+        with self.cache.lock(plan.key):
+            path = self.cache.get(plan.key)
+            if path is not None:
+                log.info("%s for %s: from the LoRA cache", ref.shown, ref.input_name)
+                return path
+            partial = self.fetcher.download(ref, plan.url, self.cache.root, plan.credential)
+            try:
+                partial = self._as_safetensors(ref, partial)
+                return self.cache.put(plan.key, partial)
+            finally:
+                partial.unlink(missing_ok=True)
+
+    def _as_safetensors(self, ref: LoraRef, partial: Path) -> Path:
+        """`partial` if it is a sound safetensors file, or the LoRA unpacked from it if it is a .tar."""
+        with partial.open("rb") as handle:
+            head = handle.read(9)
+        if not is_safetensors(head) and is_archive(partial):
+            descriptor, name = tempfile.mkstemp(dir=self.cache.root, prefix=PARTIAL_PREFIX)
+            try:
+                with os.fdopen(descriptor, "wb") as target:
+                    member = extract_lora(partial, target, ref.input_name, self.settings.max_lora_bytes)
+            except BaseException:
+                Path(name).unlink(missing_ok=True)
+                raise
+            log.info("%s for %s: took %s from the archive", ref.shown, ref.input_name, member)
+            partial.unlink()
+            partial = Path(name)
+        try:
+            with safe_open(partial, framework="pt"):
+                pass
+        except Exception:  # the header check failed: say why, as parsing the bytes would
+            load_safetensors_or_refuse(partial.read_bytes(), ref.input_name)
+            raise
+        return partial
+
+
+def _unversioned(source: str) -> bool:
+    """Whether `source` names whatever a service currently serves (no version or revision given)."""
+    try:
+        ref = parse_ref("", source)
+    except InputError:
+        return False
+    return ref.kind in {"replicate", "huggingface", "civitai"} and not ref.version
+
+
+def _local_lora(path: Path) -> Path:
+    """An operator's LoRA path: a file, or a folder holding one LoRA file (as `cog` passes weights)."""
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.tar"))
+        path = files[0] if len(files) == 1 else path
+    if not path.is_file():
+        raise InputError(f"{DEFAULT_LORA_INPUT}: {path} is not a file; point it at a .safetensors LoRA.")
+    return path
+
+
+def _unpacked(data: bytes, input_name: str, settings: Settings) -> bytes:
+    """`data` itself, or the LoRA inside it when it is a .tar archive (in memory: data is small)."""
+    if is_safetensors(data[:9]) or not is_archive(io.BytesIO(data)):
+        return data
+    target = io.BytesIO()
+    extract_lora(io.BytesIO(data), target, input_name, settings.max_lora_bytes)
+    return target.getvalue()
 
 
 DEFAULT_LORA_INPUT = "COG_WEIGHTS"

@@ -1,7 +1,9 @@
 """What a `replicate_weights` / `extra_lora` value points at, and how to show it without leaking.
 
-This build reads two kinds of reference: an http(s) URL of a .safetensors file and a `data:` URI of
-one. Replicate model names, Hugging Face repos and CivitAI pages are refused with a message saying so.
+The forms the schema promises: a Replicate model (`owner/model`, `owner/model/version`, optionally
+behind `replicate.com/`), a Hugging Face repo or file (`huggingface.co/owner/repo[/blob|resolve/rev/
+file]`), a CivitAI model (`civitai.com/models/<id>[/<name>][?modelVersionId=<v>]`), any http(s) URL,
+and a `data:` URI. Parsing is pure: which host serves each service is a setting applied when fetching.
 """
 
 from __future__ import annotations
@@ -16,20 +18,53 @@ from typing import Literal
 from flux_day.errors import InputError
 
 _DATA_URI = re.compile(r"^data:(?P<mediatype>[^,;]*)(?P<params>(;[^,;]*)*?),(?P<payload>.*)$", re.DOTALL)
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_REPLICATE_NAME = re.compile(
+    rf"^(?P<owner>{_NAME})/(?P<model>{_NAME})(?:/(?:versions/)?(?P<version>[A-Za-z0-9]+))?/?$"
+)
+REPLICATE_HOSTS = frozenset({"replicate.com", "www.replicate.com"})
+HUGGING_FACE_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
+CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com"})
+FORMS = (
+    "a Replicate model (owner/model or owner/model/version), huggingface.co/owner/repo, "
+    "civitai.com/models/<id>, an http(s) URL of a .safetensors or .tar file, or a data: URI"
+)
+
+Kind = Literal["url", "data", "replicate", "huggingface", "civitai"]
 
 
 @dataclass(frozen=True)
 class LoraRef:
-    """A parsed reference: `kind` says how to get the bytes, `location` is the URL or the data URI."""
+    """A parsed reference. `location` is what the user gave (a URL or data URI for those kinds);
+    `owner`/`name`/`version`/`path` hold the parts of a service reference (`path`: a file in a repo)."""
 
     input_name: str
-    kind: Literal["url", "data"]
+    kind: Kind
     location: str
+    owner: str = ""
+    name: str = ""
+    version: str = ""
+    path: str = ""
 
     @property
     def shown(self) -> str:
         """The reference as it may appear in logs and errors: no query string, no credentials, short."""
+        if self.kind == "replicate":
+            return "/".join(part for part in (self.owner, self.name, self.version) if part)
+        if self.kind == "huggingface":
+            suffix = f"/{self.version}/{self.path}" if self.path else ""
+            return f"huggingface.co/{self.owner}/{self.name}{suffix}"
+        if self.kind == "civitai":
+            version = f"?modelVersionId={self.version}" if self.version else ""
+            return f"civitai.com/models/{self.name}{version}"
         return shown_source(self.location)
+
+    @property
+    def identity(self) -> str:
+        """What names the same file for caching: the whole reference (a URL's query may select it)."""
+        if self.kind in {"url", "data"}:
+            return f"{self.kind}:{self.location}"
+        return f"{self.kind}:{self.owner}/{self.name}/{self.version}/{self.path}"
 
 
 def shown_source(source: str) -> str:
@@ -50,17 +85,64 @@ def shown_source(source: str) -> str:
 
 
 def parse_ref(input_name: str, source: str) -> LoraRef:
-    """Classify `source`; refuse what this build cannot fetch, naming the input and what works."""
+    """Classify `source`; refuse a shape none of the supported forms has, naming the input and the forms."""
     source = source.strip()
     if source.startswith("data:"):
         return LoraRef(input_name, "data", source)
-    scheme = urllib.parse.urlsplit(source).scheme.lower() if "://" in source else ""
-    if scheme in {"http", "https"}:
-        return LoraRef(input_name, "url", source)
-    raise InputError(
-        f"{input_name}: {shown_source(source)} is not a LoRA this build can load; give an http(s) URL "
-        "of a .safetensors file or a data: URI of one."
-    )
+    text = source if "://" in source else f"https://{source}"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        parts, host = None, ""
+    if parts is not None and parts.scheme.lower() in {"http", "https"} and host:
+        if host in REPLICATE_HOSTS:
+            return _replicate(input_name, parts.path.strip("/"), source)
+        if host in HUGGING_FACE_HOSTS:
+            return _hugging_face(input_name, parts.path.strip("/"), source)
+        if host in CIVITAI_HOSTS and parts.path.startswith("/models/"):
+            return _civitai(input_name, parts, source)
+        if "://" in source:
+            return LoraRef(input_name, "url", source)
+    match = _REPLICATE_NAME.match(source)
+    if match and "." not in match["owner"]:
+        return LoraRef(
+            input_name, "replicate", source, match["owner"], match["model"], match["version"] or ""
+        )
+    raise _unknown(input_name, source)
+
+
+def _unknown(input_name: str, source: str) -> InputError:
+    return InputError(f"{input_name}: {shown_source(source)} is not a LoRA reference; give {FORMS}.")
+
+
+def _replicate(input_name: str, path: str, source: str) -> LoraRef:
+    match = _REPLICATE_NAME.match(path)
+    if match is None:
+        raise _unknown(input_name, source)
+    return LoraRef(input_name, "replicate", source, match["owner"], match["model"], match["version"] or "")
+
+
+def _hugging_face(input_name: str, path: str, source: str) -> LoraRef:
+    segments = path.split("/")
+    if len(segments) < 2 or not all(re.fullmatch(_NAME, s) for s in segments[:2]):
+        raise _unknown(input_name, source)
+    owner, repo, rest = segments[0], segments[1], segments[2:]
+    if not rest:
+        return LoraRef(input_name, "huggingface", source, owner, repo)
+    if rest[0] in {"blob", "resolve"} and len(rest) >= 3:
+        return LoraRef(input_name, "huggingface", source, owner, repo, rest[1], "/".join(rest[2:]))
+    if rest[0] == "tree" and len(rest) >= 2:
+        return LoraRef(input_name, "huggingface", source, owner, repo, rest[1])
+    raise _unknown(input_name, source)
+
+
+def _civitai(input_name: str, parts: urllib.parse.SplitResult, source: str) -> LoraRef:
+    model_id = parts.path.removeprefix("/models/").split("/")[0]
+    version = urllib.parse.parse_qs(parts.query).get("modelVersionId", [""])[0]
+    if not model_id.isdigit() or (version and not version.isdigit()):
+        raise _unknown(input_name, source)
+    return LoraRef(input_name, "civitai", source, name=model_id, version=version)
 
 
 def decode_data_uri(ref: LoraRef, max_bytes: int) -> bytes:
