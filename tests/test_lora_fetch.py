@@ -1,0 +1,83 @@
+"""Downloads in-process: one download for concurrent requests, trusted hosts only as configured,
+tokens only where they belong, and hub resolution pinned to a commit."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from flux_day.config import Settings
+from flux_day.errors import InputError
+from flux_day.loras.fetch import Fetcher
+from flux_day.loras.manager import LoraManager
+from flux_day.loras.refs import parse_ref
+from flux_day.loras.sources import plan_file
+from tests import lora_files as lf
+from tests.fake_services import FakeServices
+from tests.http_files import HttpFiles
+
+LORA = lf.to_bytes(lf.kohya(lf.random_lora(1)))
+
+
+def manager(tmp_path: Path, **env: str) -> LoraManager:
+    base = {"FLUX_DAY_WEIGHTS": str(tmp_path), "FLUX_DAY_LORA_CACHE": str(tmp_path / "cache")}
+    return LoraManager(Settings.from_env(base | env))
+
+
+def test_concurrent_requests_for_one_url_download_it_once(tmp_path: Path) -> None:
+    with HttpFiles() as files:
+        url = files.slow("/a.safetensors", LORA, pieces=4, delay_s=0.05)
+        loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1")
+        paths: list[Path] = []
+        ref = parse_ref("replicate_weights", url)
+        threads = [threading.Thread(target=lambda: paths.append(loras.cached_file(ref))) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert files.hits["/a.safetensors"] == 1
+        assert len(set(paths)) == 1 and paths[0].read_bytes() == LORA
+
+
+def test_a_service_host_is_trusted_but_not_a_private_address_it_redirects_to(tmp_path: Path) -> None:
+    """The operator's FLUX_DAY_REPLICATE_URL may be internal; its redirects are checked like user URLs."""
+    with FakeServices() as services:
+        services.replicate.add_model("o", "m", LORA, version="v1")
+        settings = Settings.from_env(services.env() | {"FLUX_DAY_WEIGHTS": str(tmp_path)})
+        with pytest.raises(InputError, match=r"^replicate_weights: .*private network address"):
+            manager(tmp_path, **services.env()).cached_file(parse_ref("replicate_weights", "o/m/v1"))
+        assert list((tmp_path / "lora-cache").glob("*")) == []
+        fetcher = Fetcher(settings)
+        weights = services.replicate.weights_path("o", "m", "v1")
+        fetcher.open(
+            parse_ref("replicate_weights", "o/m/v1"), services.replicate.base + weights, follow=False
+        )
+
+
+def test_tokens_go_to_their_own_service_and_never_to_its_cdn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REPLICATE_API_TOKEN", "r8_SECRET")
+    monkeypatch.setenv("CIVITAI_API_TOKEN", "civ_SECRET")
+    with FakeServices() as services:
+        services.replicate.add_model("o", "m", LORA, version="v1", token="r8_SECRET")
+        services.civitai.add_model(7, versions=[(70, {"style.safetensors": LORA})], token="civ_SECRET")
+        loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1", **services.env())
+        for source in ("o/m/v1", "civitai.com/models/7"):
+            assert loras.cached_file(parse_ref("extra_lora", source)).read_bytes() == LORA
+        for request in services.cdn.requests:
+            assert request.authorization is None, request.path
+        sent = [r.authorization for r in services.replicate.api.requests + services.civitai.api.requests]
+        assert "Bearer r8_SECRET" in sent and "Bearer civ_SECRET" in sent
+        assert all(token in {None, "Bearer r8_SECRET", "Bearer civ_SECRET"} for token in sent)
+
+
+def test_hugging_face_files_are_pinned_to_the_listed_commit(tmp_path: Path) -> None:
+    with FakeServices() as services:
+        commit = services.hf.add_repo("o/r", {"README.md": b"hi", "my_lora.safetensors": LORA})
+        settings = Settings.from_env(services.env() | {"FLUX_DAY_WEIGHTS": str(tmp_path)})
+        plan = plan_file(parse_ref("replicate_weights", "huggingface.co/o/r"), settings, Fetcher(settings))
+        assert f"/resolve/{commit}/my_lora.safetensors" in plan.url
+        assert plan.key == f"huggingface:o/r@{commit}/my_lora.safetensors"
