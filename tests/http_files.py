@@ -5,15 +5,21 @@ error statuses, cutting bodies off at a size limit. Mocking `requests` would tes
 behaves; a real socket tests what a user's URL does. Each path answers with registered bytes, a
 redirect, an error status, a slow body, an oversized body or a lying Content-Length, and requests are
 counted per path (query string ignored) so tests can tell what was downloaded and how often.
+
+Requests' headers are kept per path too (names lower-cased), so a test can tell which Authorization
+header reached which host. Paths under a prefix can be answered by a function of the request
+(`handle`), which is how `tests.fake_services` plays Replicate, Hugging Face and CivitAI. HEAD gets
+GET's status and headers without the body, as `huggingface_hub` asks for file metadata with HEAD.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import traceback
 import urllib.parse
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,6 +33,7 @@ class Route:
     location: str | None = None
     content_length: int | None = None
     delay_s: float = 0.0  # slept before every chunk
+    headers: tuple[tuple[str, str], ...] = ()  # sent after Location and before Content-Length
 
     def body(self) -> Iterator[bytes]:
         for chunk in self.chunks:
@@ -34,19 +41,49 @@ class Route:
             yield chunk
 
 
+@dataclass(frozen=True)
+class Request:
+    """One request as the server saw it: `path` as sent (still %-encoded, no query string),
+    `query` parsed, `headers` with lower-cased names."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+
+    def param(self, name: str) -> str | None:
+        """The first value of query parameter `name`, if sent."""
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    @property
+    def authorization(self) -> str | None:
+        return self.headers.get("authorization")
+
+
+Responder = Callable[[Request], Route | None]  # None: 404
+NOT_FOUND = Route(status=404, chunks=(b"not found",))
+
+
 class HttpFiles:
-    """`with HttpFiles() as files: url = files.serve("/a.safetensors", data)`; `files.hits["/a..."]`."""
+    """`with HttpFiles() as files: url = files.serve("/a.safetensors", data)`; `files.hits["/a..."]`,
+    `files.headers["/a..."][-1].get("authorization")`."""
 
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
+        self.handlers: dict[str, Responder] = {}
         self.hits: Counter[str] = Counter()
+        self.headers: defaultdict[str, list[dict[str, str]]] = defaultdict(list)
+        self.requests: list[Request] = []
+        self.failures: list[str] = []  # tracebacks of handlers that raised (answered 500)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> HttpFiles:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        # A short poll: `shutdown` waits for the loop to look, and tests start and stop many servers.
+        threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -60,6 +97,16 @@ class HttpFiles:
         """Answer `path` with `route`; return its URL."""
         self.routes[path] = route
         return self.url(path)
+
+    def handle(self, prefix: str, handler: Responder) -> None:
+        """Answer paths under `prefix` that have no route of their own with `handler(request)`;
+        the longest matching prefix wins."""
+        self.handlers[prefix] = handler
+
+    def authorization(self, path: str) -> list[str | None]:
+        """The Authorization header of each request to `path`, in order (None where none was sent)."""
+        with self._lock:
+            return [headers.get("authorization") for headers in self.headers[path]]
 
     def serve(self, path: str, data: bytes, content_length: int | None = None) -> str:
         """`data` as a 200 response; `content_length` sends that header instead of the true one."""
@@ -83,24 +130,58 @@ class HttpFiles:
         chunks = (chunk,) * (over // len(chunk)) + (bytes(over % len(chunk) + 1),)
         return self.add(path, Route(chunks=chunks, content_length=None if announce else -1))
 
+    def _record(self, request: Request) -> None:
+        with self._lock:
+            self.hits[request.path] += 1
+            self.headers[request.path].append(request.headers)
+            self.requests.append(request)
+
+    def _route(self, request: Request) -> Route:
+        route = self.routes.get(request.path)
+        if route is not None:
+            return route
+        for prefix in sorted(self.handlers, key=len, reverse=True):
+            if request.path.startswith(prefix):
+                try:
+                    return self.handlers[prefix](request) or NOT_FOUND
+                except Exception:
+                    self.failures.append(traceback.format_exc())
+                    return Route(status=500, chunks=(b"the fake server failed",))
+        return NOT_FOUND
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         files = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # HTTP/1.0: the connection closes after every response
-                path = urllib.parse.urlsplit(self.path).path
-                with files._lock:
-                    files.hits[path] += 1
-                route = files.routes.get(path, Route(status=404, chunks=(b"not found",)))
+                self._answer(body=True)
+
+            def do_HEAD(self) -> None:
+                self._answer(body=False)
+
+            def _answer(self, body: bool) -> None:
+                parts = urllib.parse.urlsplit(self.path)
+                request = Request(
+                    method=self.command,
+                    path=parts.path,
+                    query=urllib.parse.parse_qs(parts.query, keep_blank_values=True),
+                    headers={name.lower(): value for name, value in self.headers.items()},
+                )
+                files._record(request)
+                route = files._route(request)
                 self.send_response(route.status)
                 if route.location is not None:
                     self.send_header("Location", route.location)
+                for name, value in route.headers:
+                    self.send_header(name, value)
                 length = route.content_length
                 if length is None:
                     length = sum(map(len, route.chunks))
                 if length >= 0:
                     self.send_header("Content-Length", str(length))
                 self.end_headers()
+                if not body:
+                    return
                 try:
                     for chunk in route.body():
                         self.wfile.write(chunk)
