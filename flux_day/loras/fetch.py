@@ -51,6 +51,8 @@ class Fetcher:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.session = requests.Session()
+        self.session.trust_env = False  # no ~/.netrc credentials or proxies picked up behind our back
         self.service_hosts = {
             urllib.parse.urlsplit(url).netloc.lower()
             for url in (settings.replicate_url, settings.civitai_url, settings.hf_endpoint)
@@ -60,8 +62,6 @@ class Fetcher:
         self, ref: LoraRef, url: str, credential: Credential | None = None, follow: bool = True
     ) -> requests.Response:
         """A streaming response with status 200 (or a redirect when `follow` is False); errors named."""
-        session = requests.Session()
-        session.trust_env = False  # no ~/.netrc credentials or proxies picked up behind our back
         for _ in range(MAX_REDIRECTS + 1):
             self._check_destination(ref, url)
             netloc = urllib.parse.urlsplit(url).netloc.lower()
@@ -69,7 +69,7 @@ class Fetcher:
             if credential is not None and credential.token and netloc == credential.host:
                 headers["Authorization"] = f"Bearer {credential.token}"
             try:
-                response = session.get(
+                response = self.session.get(
                     url,
                     headers=headers,
                     stream=True,
