@@ -48,7 +48,7 @@ def test_unknown_reference_shapes_are_refused_listing_the_forms(source: str) -> 
             "https://huggingface.co/o/r/blob/main/sub/x.safetensors",
             "huggingface",
             ("o", "r", "main", "sub/x.safetensors"),
-            "huggingface.co/o/r/main/sub/x.safetensors",
+            "huggingface.co/o/r/blob/main/sub/x.safetensors",
         ),
         (
             "huggingface.co/o/r/resolve/0a1b/x.safetensors",
@@ -64,6 +64,19 @@ def test_unknown_reference_shapes_are_refused_listing_the_forms(source: str) -> 
             "civitai.com/models/1234?modelVersionId=99",
         ),
         ("https://example.com/x.tar?sig=SECRET", "url", ("", "", "", ""), "https://example.com/x.tar"),
+        ("example.com/x.safetensors", "url", ("", "", "", ""), "https://example.com/x.safetensors"),
+        (
+            "civitai.com/api/download/models/55",
+            "url",
+            ("", "", "", ""),
+            "https://civitai.com/api/download/models/55",
+        ),
+        (
+            "huggingface.co/o/r/blob/main/style%20one.safetensors",
+            "huggingface",
+            ("o", "r", "main", "style one.safetensors"),
+            "huggingface.co/o/r/blob/main/style one.safetensors",
+        ),
     ],
 )
 def test_every_form_the_schema_promises_is_recognised(source, kind, parts, shown) -> None:

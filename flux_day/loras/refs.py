@@ -52,7 +52,8 @@ class LoraRef:
         if self.kind == "replicate":
             return "/".join(part for part in (self.owner, self.name, self.version) if part)
         if self.kind == "huggingface":
-            suffix = f"/{self.version}/{self.path}" if self.path else ""
+            suffix = f"/blob/{self.version}/{self.path}" if self.path else ""
+            suffix = suffix or (f"/tree/{self.version}" if self.version else "")
             return f"huggingface.co/{self.owner}/{self.name}{suffix}"
         if self.kind == "civitai":
             version = f"?modelVersionId={self.version}" if self.version else ""
@@ -109,6 +110,8 @@ def parse_ref(input_name: str, source: str) -> LoraRef:
         return LoraRef(
             input_name, "replicate", source, match["owner"], match["model"], match["version"] or ""
         )
+    if parts is not None and "://" not in source and "." in host and parts.path.strip("/"):
+        return LoraRef(input_name, "url", text)  # a URL pasted without https://
     raise _unknown(input_name, source)
 
 
@@ -130,6 +133,8 @@ def _hugging_face(input_name: str, path: str, source: str) -> LoraRef:
     owner, repo, rest = segments[0], segments[1], segments[2:]
     if not rest:
         return LoraRef(input_name, "huggingface", source, owner, repo)
+    # Links copied from a browser percent-encode the revision and file ("style%20one.safetensors").
+    rest = [urllib.parse.unquote(segment) for segment in rest]
     if rest[0] in {"blob", "resolve"} and len(rest) >= 3:
         return LoraRef(input_name, "huggingface", source, owner, repo, rest[1], "/".join(rest[2:]))
     if rest[0] == "tree" and len(rest) >= 2:

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from huggingface_hub import HfApi, hf_hub_url
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from flux_day.config import Settings
 from flux_day.errors import InputError
@@ -91,6 +96,15 @@ def _hugging_face(ref: LoraRef, settings: Settings) -> FilePlan:
         raise _hf_error(ref, "was not found, or is private and HF_TOKEN cannot read it") from None
     except RevisionNotFoundError:
         raise _hf_error(ref, f"has no revision {ref.version!r}") from None
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        if status in {401, 403}:
+            raise _hf_error(
+                ref,
+                f"refused the server's HF_TOKEN (HTTP {status}); give it a valid token that can read "
+                "the repo",
+            ) from None
+        raise _hf_error(ref, f"could not be listed (HTTP {status}); try again") from None
     except Exception as error:  # network failures come as several library types; the reason is enough
         raise _hf_error(ref, f"could not be listed ({type(error).__name__}); try again") from None
     files = [sibling.rfilename for sibling in info.siblings or []]
