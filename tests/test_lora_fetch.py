@@ -81,3 +81,16 @@ def test_hugging_face_files_are_pinned_to_the_listed_commit(tmp_path: Path) -> N
         plan = plan_file(parse_ref("replicate_weights", "huggingface.co/o/r"), settings, Fetcher(settings))
         assert f"/resolve/{commit}/my_lora.safetensors" in plan.url
         assert plan.key == f"huggingface:o/r@{commit}/my_lora.safetensors"
+
+
+def test_a_connection_that_lands_on_a_private_address_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the check before the request passed (public answer), the connect lands on loopback."""
+    monkeypatch.setattr(Fetcher, "_check_destination", lambda self, ref, url: None)
+    with HttpFiles() as files:
+        url = files.serve("/a.safetensors", LORA)
+        with pytest.raises(InputError, match=r"^extra_lora: .*private network address"):
+            manager(tmp_path).cached_file(parse_ref("extra_lora", url))
+        assert files.hits["/a.safetensors"] == 0
+        assert manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1").cached_file(parse_ref("extra_lora", url))

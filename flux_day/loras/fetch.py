@@ -10,7 +10,6 @@ deadline. URLs are shown without their query string, which is where signed URLs 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -25,6 +24,7 @@ import requests
 
 from flux_day.config import Settings
 from flux_day.errors import InputError
+from flux_day.loras.netguard import DEFAULT_PORTS, PublicOnlyAdapter, caused_by_private_address, is_public
 from flux_day.loras.refs import LoraRef, shown_source
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,18 @@ class Fetcher:
         self.settings = settings
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc credentials or proxies picked up behind our back
-        self.service_hosts = {
-            urllib.parse.urlsplit(url).netloc.lower()
+        services = [
+            urllib.parse.urlsplit(url)
             for url in (settings.replicate_url, settings.civitai_url, settings.hf_endpoint)
-        }
+        ]
+        self.service_hosts = {parts.netloc.lower() for parts in services}
+        if not settings.allow_private_urls:
+            trusted = frozenset(
+                ((parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(parts.scheme, 443))
+                for parts in services
+            )
+            for scheme in ("http://", "https://"):
+                self.session.mount(scheme, PublicOnlyAdapter(trusted))
 
     def open(
         self, ref: LoraRef, url: str, credential: Credential | None = None, follow: bool = True
@@ -77,6 +85,8 @@ class Fetcher:
                     timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
                 )
             except requests.RequestException as error:
+                if caused_by_private_address(error):
+                    raise self._private(ref, url) from None
                 raise InputError(
                     f"{ref.input_name}: could not reach {shown_source(url)} for {ref.shown} "
                     f"({type(error).__name__}); check the reference and try again."
@@ -167,12 +177,14 @@ class Fetcher:
             raise InputError(
                 f"{ref.input_name}: the host of {shown_source(url)} cannot be resolved."
             ) from None
-        for info in infos:
-            if not ipaddress.ip_address(info[4][0]).is_global:
-                raise InputError(
-                    f"{ref.input_name}: {shown_source(url)} points to a private network address; give a "
-                    "public URL."
-                )
+        if not all(is_public(str(info[4][0])) for info in infos):
+            raise self._private(ref, url)
+
+    @staticmethod
+    def _private(ref: LoraRef, url: str) -> InputError:
+        return InputError(
+            f"{ref.input_name}: {shown_source(url)} points to a private network address; give a public URL."
+        )
 
 
 def _status_message(status: int, ref: LoraRef, url: str) -> str:
