@@ -153,10 +153,10 @@ def wrong_in_features() -> bytes:
 BAD: dict[str, tuple[Callable[[HttpFiles], str], str]] = {
     "random-bytes": (
         lambda f: f.serve("/random.safetensors", random.Random(0).randbytes(5000)),
-        "not a valid .safetensors",
+        "not a safetensors file",
     ),
     "pickle": (lambda f: f.serve("/lora.pt", pickle_file()), "pickle"),
-    "truncated": (lambda f: f.serve("/cut.safetensors", LORA_A[:-200]), "not a valid .safetensors"),
+    "truncated": (lambda f: f.serve("/cut.safetensors", LORA_A[:-200]), "not a safetensors file"),
     "no-module-matches": (lambda f: f.serve("/foo.safetensors", no_module_matches()), "match"),
     "wrong-shape": (lambda f: f.serve("/shape.safetensors", wrong_in_features()), "does not fit"),
     "http-404": (lambda f: f.error("/gone.safetensors", 404), "HTTP 404"),

@@ -115,13 +115,13 @@ def load_safetensors_or_refuse(
         # Only for the message: the bytes are never handed to anything that unpickles.
         if data[:2] == b"PK" or data[:2] in {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}:
             raise InputError(
-                f"{input_name}: the file is a PyTorch pickle (.pt/.ckpt/.bin), which is never loaded "
-                "because it can run code; give the LoRA as a .safetensors file."
+                f"{input_name}: the file is not a safetensors file but a PyTorch pickle (.pt/.ckpt/.bin), "
+                "which is never loaded because it can run code; give the LoRA as a .safetensors file."
             ) from None
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
         raise InputError(
-            f"{input_name}: the file is not a valid .safetensors file ({reason}); give an intact "
-            ".safetensors LoRA."
+            f"{input_name}: the file is not a safetensors file, or a damaged one ({reason}); give an "
+            "intact .safetensors LoRA."
         ) from None
     (header_size,) = struct.unpack("<Q", data[:8])
     metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
