@@ -34,6 +34,7 @@ class Route:
     content_length: int | None = None
     delay_s: float = 0.0  # slept before every chunk
     headers: tuple[tuple[str, str], ...] = ()  # sent after Location and before Content-Length
+    header_delay_s: float = 0.0  # slept before the status line: a host that accepts, then stalls
 
     def body(self) -> Iterator[bytes]:
         for chunk in self.chunks:
@@ -169,6 +170,7 @@ class HttpFiles:
                 )
                 files._record(request)
                 route = files._route(request)
+                time.sleep(route.header_delay_s)
                 self.send_response(route.status)
                 if route.location is not None:
                     self.send_header("Location", route.location)

@@ -16,7 +16,7 @@ from flux_day.loras.refs import parse_ref
 from flux_day.loras.sources import plan_file
 from tests import lora_files as lf
 from tests.fake_services import FakeServices
-from tests.http_files import HttpFiles
+from tests.http_files import HttpFiles, Route
 
 LORA = lf.to_bytes(lf.kohya(lf.random_lora(1)))
 
@@ -94,3 +94,20 @@ def test_a_connection_that_lands_on_a_private_address_sends_nothing(
             manager(tmp_path).cached_file(parse_ref("extra_lora", url))
         assert files.hits["/a.safetensors"] == 0
         assert manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1").cached_file(parse_ref("extra_lora", url))
+
+
+@pytest.mark.parametrize("stall", ["before the answer", "during the body"])
+def test_a_host_that_stalls_gets_a_timeout_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stall
+) -> None:
+    monkeypatch.setattr("flux_day.loras.fetch.READ_TIMEOUT_S", 0.2)
+    with HttpFiles() as files:
+        if stall == "before the answer":
+            url = files.add("/a.safetensors", Route(chunks=(LORA,), header_delay_s=1.0))
+        else:
+            url = files.slow("/a.safetensors", LORA, pieces=3, delay_s=1.0)
+        with pytest.raises(InputError, match=r"^replicate_weights: .*(did not answer|stalled).*0\.2 s"):
+            manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1").cached_file(
+                parse_ref("replicate_weights", url)
+            )
+        assert [p for p in (tmp_path / "cache").iterdir()] == []

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 
 from flux_day.config import Settings
 from flux_day.errors import InputError
@@ -87,6 +88,11 @@ class Fetcher:
             except requests.RequestException as error:
                 if caused_by_private_address(error):
                     raise self._private(ref, url) from None
+                if _timed_out(error):
+                    raise InputError(
+                        f"{ref.input_name}: {shown_source(url)} did not answer {ref.shown} within "
+                        f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
+                    ) from None
                 raise InputError(
                     f"{ref.input_name}: could not reach {shown_source(url)} for {ref.shown} "
                     f"({type(error).__name__}); check the reference and try again."
@@ -149,6 +155,11 @@ class Fetcher:
                     )
             except requests.RequestException as error:
                 path.unlink(missing_ok=True)
+                if _timed_out(error):
+                    raise InputError(
+                        f"{ref.input_name}: the download of {ref.shown} stalled for more than "
+                        f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
+                    ) from None
                 raise InputError(
                     f"{ref.input_name}: the download of {ref.shown} broke off ({type(error).__name__}); "
                     "try again."
@@ -185,6 +196,21 @@ class Fetcher:
         return InputError(
             f"{ref.input_name}: {shown_source(url)} points to a private network address; give a public URL."
         )
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether a requests error is a timeout (requests wraps one during a body as a ConnectionError)."""
+    current: BaseException | None = error
+    for _ in range(8):
+        if current is None:
+            return False
+        if isinstance(current, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
+            return True
+        reason = getattr(current, "reason", None)
+        current = (reason if isinstance(reason, BaseException) else None) or current.__context__
+        if current is None and error.args and isinstance(error.args[0], BaseException):
+            current = error.args[0]
+    return False
 
 
 def _status_message(status: int, ref: LoraRef, url: str) -> str:
