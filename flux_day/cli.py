@@ -7,8 +7,8 @@ The options are the schema's inputs (same names, dashes for underscores), checke
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--output-format", default="webp")
     gen.add_argument("--output-quality", type=int, default=80)
     gen.add_argument("--go-fast", action="store_true")
+    gen.add_argument("--replicate-weights", help="a LoRA: owner/model, huggingface.co/..., a URL, ...")
+    gen.add_argument("--lora-scale", type=float, default=1.0)
+    gen.add_argument("--extra-lora", help="a second LoRA, in any form --replicate-weights takes")
+    gen.add_argument("--extra-lora-scale", type=float, default=1.0)
     return parser
 
 
@@ -55,9 +59,9 @@ def generate(args: argparse.Namespace) -> list[Path]:
     from flux_day.engine import Engine
     from flux_day.request import GenerationRequest
 
-    settings = Settings.from_env()
-    if args.weights is not None:
-        settings = dataclasses.replace(settings, weights=args.weights)
+    # --weights stands for FLUX_DAY_WEIGHTS, so what defaults under it (the LoRA cache) follows it.
+    overrides = {"FLUX_DAY_WEIGHTS": str(args.weights)} if args.weights is not None else {}
+    settings = Settings.from_env({**os.environ, **overrides})
     if args.tiny and not has_base_models(settings.weights):
         from flux_day.weights.tiny import write_tiny_weights
 
