@@ -220,3 +220,27 @@ def test_nothing_stays_fused_and_nothing_is_left_in_tmpdir(
     left = [p for p in lora_tmp.rglob("*") if not p.name.startswith("flux-day-out-")]
     assert all(p.parent.name.startswith("flux-day-out-") for p in left), left
     assert len(list(lora_tmp.glob("flux-day-out-*"))) <= 1
+
+
+def test_a_trained_models_default_lora_from_cog_weights(
+    server: CogServer, files: HttpFiles, tiny_weights: Path, tmp_path: Path
+) -> None:
+    """COG_WEIGHTS names the trainer's .tar; it styles requests whose replicate_weights is empty."""
+    from tests.fake_services import REPLICATE_MEMBER, make_tar
+
+    url = files.serve("/trained_model.tar", make_tar({REPLICATE_MEMBER: LORA_A}))
+    env = {
+        "FLUX_DAY_WEIGHTS": str(tiny_weights),
+        "FLUX_DAY_OFFLINE": "1",
+        "FLUX_DAY_ALLOW_PRIVATE_URLS": "1",
+        "FLUX_DAY_LORA_CACHE": str(tmp_path / "cache"),
+        "COG_WEIGHTS": url,
+    }
+    with CogServer.ready(env, tmp_path / "cog.log") as trained:
+        assert image(trained, lora_scale=0.7) == image(
+            server, replicate_weights=data_uri(LORA_A), lora_scale=0.7
+        )
+        assert image(trained, replicate_weights=data_uri(LORA_B)) == image(
+            server, replicate_weights=data_uri(LORA_B)
+        )
+    assert files.hits["/trained_model.tar"] == 1
