@@ -16,6 +16,7 @@ from PIL import Image
 
 from flux_day.config import Settings
 from flux_day.errors import InputError, WeightsError
+from flux_day.fast import Fp8Transformers
 from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest
 from flux_day.models import MODELS, load_pipelines, pick_device
 from flux_day.request import GenerationRequest
@@ -30,6 +31,16 @@ class Engine:
         self.settings = settings
         self.device, self.dtype = pick_device(settings.device)
         self.pipelines = load_pipelines(Path(settings.weights), self.device, self.dtype)
+        self.fast = Fp8Transformers(
+            {model: by_mode["txt2img"].transformer for model, by_mode in self.pipelines.items()}, self.device
+        )
+        self.fast_pipelines = {
+            model: {
+                mode: type(pipe)(**{**pipe.components, "transformer": self.fast.models[model]})
+                for mode, pipe in by_mode.items()
+            }
+            for model, by_mode in self.pipelines.items()
+        }
         self.loras = LoraManager(settings)
         self.default_lora = default_lora or None
         if self.default_lora:
@@ -41,14 +52,22 @@ class Engine:
 
     def generate(self, request: GenerationRequest) -> list[Image.Image]:
         """Run `request` and return its images in output order."""
+        fp8 = request.go_fast and not request.custom_size
+        if request.go_fast and not fp8:
+            log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
         # Before the prompt is encoded: a LoRA may change the CLIP text encoder too.
         self.loras.activate(
-            request.model, self.lora_components(request.model), self.lora_requests(request), request.go_fast
+            request.model, self.lora_components(request.model), self.lora_requests(request), go_fast=fp8
         )
-        if request.go_fast:
-            log.info("go_fast: the fp8 transformer is not available yet; running full precision")
+        if fp8:
+            transformer_modules = {
+                name.removeprefix("transformer.")
+                for name in self.loras.fused_modules
+                if name.startswith("transformer.")
+            }
+            self.fast.sync(request.model, transformer_modules, self.loras.fuser.active)
         spec = MODELS[request.model]
-        pipe = self.pipelines[request.model][request.mode]
+        pipe = (self.fast_pipelines if fp8 else self.pipelines)[request.model][request.mode]
         started = time.perf_counter()
         with torch.inference_mode():
             prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
@@ -66,9 +85,10 @@ class Engine:
                 for seed in request.seeds
             ]
         log.info(
-            "generated mode=%s model=%s size=%dx%d steps=%d outputs=%d seed=%d in %.2fs",
+            "generated mode=%s model=%s%s size=%dx%d steps=%d outputs=%d seed=%d in %.2fs",
             request.mode,
             request.model,
+            " fp8" if fp8 else "",
             request.width,
             request.height,
             request.num_inference_steps,

@@ -158,6 +158,7 @@ class GenerationRequest:
     go_fast: bool
     loras: tuple[LoraChoice, ...]
     lora_scale: float  # also the scale of the default LoRA (COG_WEIGHTS) when replicate_weights is empty
+    custom_size: bool  # aspect_ratio=custom: the schema promises these run in bf16, even with go_fast
 
     @property
     def seeds(self) -> list[int]:
@@ -259,6 +260,7 @@ class GenerationRequest:
             go_fast=_flag("go_fast", go_fast),
             loras=loras,
             lora_scale=_bounded("lora_scale", lora_scale),
+            custom_size=aspect_ratio == CUSTOM,
         )
 
 

@@ -105,10 +105,17 @@ def test_lora_scale_zero_is_the_base_image(server: CogServer, files: HttpFiles, 
     assert image(server, replicate_weights=a, lora_scale=1, extra_lora=a, extra_lora_scale=0) != base
 
 
-def test_go_fast_applies_loras_at_one_and_a_half_times_the_scale(server: CogServer, files: HttpFiles) -> None:
+def test_go_fast_loras_differ_from_full_precision_except_at_custom_sizes(
+    server: CogServer, files: HttpFiles
+) -> None:
+    """fp8 with 1.5x scales (exactness is in test_fast); custom sizes run full precision at 1x."""
     a = files.serve("/a.safetensors", LORA_A)
-    fast = image(server, replicate_weights=a, lora_scale=0.5, go_fast=True)
-    assert fast == image(server, replicate_weights=a, lora_scale=0.75)
+    assert image(server, replicate_weights=a, lora_scale=0.5, go_fast=True) != image(
+        server, replicate_weights=a, lora_scale=0.5
+    )
+    custom = {**FAST, "aspect_ratio": "custom", "width": 256, "height": 256, "replicate_weights": a}
+    (fast,) = server.images(**custom, lora_scale=0.5, go_fast=True)
+    assert [fast] == server.images(**custom, lora_scale=0.5)
 
 
 def test_the_same_url_is_downloaded_once(server: CogServer, files: HttpFiles) -> None:

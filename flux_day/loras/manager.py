@@ -58,6 +58,7 @@ class LoraManager:
         self.cache = LoraCache(settings.lora_cache, settings.lora_cache_bytes)
         self._parsed: OrderedDict[tuple[str, str], tuple[LoraWeights, float]] = OrderedDict()
         self._indexes: dict[str, ModuleIndex] = {}
+        self.fused_modules: frozenset[str] = frozenset()  # "transformer.x"/"text_encoder.y" fused now
 
     def activate(
         self,
@@ -66,7 +67,8 @@ class LoraManager:
         loras: Sequence[LoraRequest],
         go_fast: bool = False,
     ) -> None:
-        """Fuse exactly `loras` (scale 0 ones skipped) into `components`; restore everything else."""
+        """Fuse exactly `loras` (scale 0 ones skipped) into `components`; restore everything else.
+        `go_fast` applies the schema's 1.5x to every scale."""
         index = self._index(model, components)
         multiplier = GO_FAST_LORA_MULTIPLIER if go_fast else 1.0
         chosen = [
@@ -80,7 +82,13 @@ class LoraManager:
                 plan[index.weights[module]].append(ScaledDelta(weights.digest, delta, scale))
         key = (model, tuple(sorted((weights.digest, scale) for weights, scale in chosen)))
         started = time.perf_counter()
-        if self.fuser.apply(plan, key) and (plan or chosen):
+        try:
+            changed = self.fuser.apply(plan, key)
+        except BaseException:
+            self.fused_modules = frozenset()  # apply restored every weight before raising
+            raise
+        self.fused_modules = frozenset(m for weights, _ in chosen for m in weights.deltas)
+        if changed and (plan or chosen):
             log.info(
                 "LoRAs now %s on %s: %d weights fused in %.3fs",
                 [f"{w.digest}x{s:g}" for w, s in chosen] or "none",

@@ -1,0 +1,106 @@
+"""go_fast: an fp8 copy of each transformer, made with torchao from the loaded one, kept exact under LoRAs.
+
+LoRAs are fused into the full-precision master (flux_day.loras); before an fp8 run, only the layers
+whose master changed are quantized again, and layers no longer fused get their original fp8 tensors
+back, copied in place (so a compiled graph sees the same tensors, and restores are bit-exact).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Hashable, Mapping
+
+import torch
+from torch import nn
+from torchao.quantization import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8WeightOnlyConfig,
+    PerRow,
+    quantize_,
+)
+
+log = logging.getLogger(__name__)
+
+FP8_TENSOR_CORES = (8, 9)  # Ada and Hopper (L4, L40S, H100, H200) have fp8 matmuls
+
+
+def fp8_config(device: torch.device) -> Float8DynamicActivationFloat8WeightConfig | Float8WeightOnlyConfig:
+    """The torchao recipe for `device`."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_TENSOR_CORES:
+        # fp8 weights and per-token dynamic fp8 activations on fp8 tensor cores; per-row weight scales
+        # keep FLUX's outlier-heavy rows accurate (per-tensor scaling visibly softens images).
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # Elsewhere (CPU, pre-Ada GPUs) fp8 storage with weights upcast per matmul: the same path, runnable.
+    return Float8WeightOnlyConfig()
+
+
+def quantized_weight(weight: torch.Tensor, config: object) -> torch.Tensor:
+    """`weight` quantized exactly as `quantize_` quantizes a linear layer holding it."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    quantize_(linear, config)
+    return linear.weight.detach()
+
+
+def _inner(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The plain tensors a torchao weight is made of (`qdata`, `scale`), or the weight itself."""
+    if hasattr(weight, "__tensor_flatten__"):
+        names, _ = weight.__tensor_flatten__()
+        return {name: getattr(weight, name) for name in names}
+    return {"": weight}
+
+
+class Fp8Transformers:
+    """For each model, an fp8 transformer, and the bookkeeping that keeps it equal to quantize(master)."""
+
+    def __init__(self, masters: Mapping[str, nn.Module], device: torch.device) -> None:
+        self.config = fp8_config(device)
+        self.masters = dict(masters)
+        self.models: dict[str, nn.Module] = {}
+        for name, master in self.masters.items():
+            started = time.perf_counter()
+            fp8 = copy.deepcopy(master)
+            quantize_(fp8, self.config)
+            self.models[name] = fp8.eval()
+            log.info(
+                "go_fast: %s fp8 transformer (%s) in %.1fs",
+                name,
+                type(self.config).__name__,
+                time.perf_counter() - started,
+            )
+        self._pristine: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._requantized: dict[str, set[str]] = {name: set() for name in self.masters}
+        self._synced: dict[str, Hashable] = {}
+
+    def sync(self, model: str, fused_modules: set[str], key: Hashable) -> None:
+        """Make `model`'s fp8 transformer equal quantize(master) for the `fused_modules` LoRAs changed."""
+        if self._synced.get(model) == key and self._requantized[model] == fused_modules:
+            return
+        self._synced.pop(model, None)
+        started, previous = time.perf_counter(), self._requantized[model]
+        fp8, master = self.models[model], self.masters[model]
+        with torch.no_grad():
+            for name in self._requantized[model] | fused_modules:
+                target = _inner(fp8.get_submodule(name).weight)
+                pristine = self._pristine.setdefault(
+                    (model, name), {part: tensor.clone() for part, tensor in target.items()}
+                )
+                if name in fused_modules:
+                    fresh = _inner(quantized_weight(master.get_submodule(name).weight, self.config))
+                    if fresh.keys() != target.keys():  # a layer quantize_ skipped stays in full precision
+                        fresh = {"": master.get_submodule(name).weight}
+                else:
+                    fresh = pristine
+                for part, tensor in target.items():
+                    tensor.copy_(fresh[part])
+        self._requantized[model] = set(fused_modules)
+        self._synced[model] = key
+        if fused_modules or previous:
+            log.info(
+                "go_fast: %s fp8 layers re-quantized for the fused LoRAs in %.3fs",
+                len(fused_modules),
+                time.perf_counter() - started,
+            )

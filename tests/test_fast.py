@@ -1,0 +1,129 @@
+"""go_fast: fp8 transformers in every mode, exactly quantize(master + LoRA), restored bit-exactly."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from flux_day.config import Settings
+from flux_day.engine import Engine
+from flux_day.fast import _inner, quantized_weight
+from flux_day.request import GenerationRequest
+from tests import lora_files as lf
+from tests.cog_server import CogServer, data_uri, open_image
+
+SMALL = {"prompt": "a fox", "num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 5}
+LORA = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(1))))
+OTHER = lf.data_uri(lf.to_bytes(lf.bfl(lf.random_lora(2, modules=("double_blocks.0.img_attn.proj",)))))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_weights: Path) -> Engine:
+    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
+
+
+def pixels(engine: Engine, **inputs: object) -> np.ndarray:
+    request = GenerationRequest.from_inputs(**{**SMALL, **inputs})
+    return np.asarray(engine.generate(request)[0], dtype=np.int16)
+
+
+def fp8_state(engine: Engine, model: str = "dev") -> dict[str, dict[str, torch.Tensor]]:
+    """Every linear of the fp8 transformer as its inner tensors (qdata, scale), copied."""
+    return {
+        name: {part: tensor.clone() for part, tensor in _inner(module.weight).items()}
+        for name, module in engine.fast.models[model].named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+
+def test_each_model_has_an_fp8_transformer_and_the_masters_stay_full_precision(engine: Engine) -> None:
+    for model in ("dev", "schnell"):
+        fp8, master = engine.fast.models[model], engine.pipelines[model]["txt2img"].transformer
+        assert fp8 is not master
+        fp8_linears = [m for m in fp8.modules() if isinstance(m, nn.Linear)]
+        assert fp8_linears and all(type(m.weight).__name__ == "Float8Tensor" for m in fp8_linears)
+        assert all(type(m.weight) is nn.Parameter for m in master.modules() if isinstance(m, nn.Linear))
+        assert engine.fast_pipelines[model]["inpaint"].vae is engine.pipelines[model]["txt2img"].vae
+
+
+@pytest.mark.parametrize("model", ["dev", "schnell"])
+def test_go_fast_is_close_to_full_precision_but_not_the_same_run(engine: Engine, model: str) -> None:
+    full, fast = pixels(engine, model=model), pixels(engine, model=model, go_fast=True)
+    assert 0 < np.abs(full - fast).mean() < 8
+    assert np.array_equal(pixels(engine, model=model, go_fast=True), fast)
+
+
+def test_custom_sizes_run_full_precision_even_with_go_fast(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    custom = {"aspect_ratio": "custom", "width": 256, "height": 256, "replicate_weights": LORA}
+    with caplog.at_level(logging.INFO, logger="flux_day.engine"):
+        fast = pixels(engine, go_fast=True, **custom)
+    assert np.array_equal(fast, pixels(engine, **custom))  # no fp8, and no 1.5x LoRA scale either
+    assert "aspect_ratio=custom runs in full precision" in caplog.text
+
+
+def test_fp8_with_a_lora_is_quantize_of_the_fused_master_and_restores_bit_exactly(engine: Engine) -> None:
+    original = fp8_state(engine)
+    pixels(engine, go_fast=True, replicate_weights=LORA, extra_lora=OTHER)
+    master = engine.pipelines["dev"]["txt2img"].transformer
+    fused = {
+        m.removeprefix("transformer.") for m in engine.loras.fused_modules if m.startswith("transformer.")
+    }
+    assert len(fused) == 13  # six BFL modules (two qkv, one linear1) = 13 linears; OTHER shares one
+    now = fp8_state(engine)
+    for name, parts in now.items():
+        if name in fused:
+            expected = _inner(quantized_weight(master.get_submodule(name).weight, engine.fast.config))
+            assert all(torch.equal(parts[p], expected[p]) for p in parts), name
+            assert not torch.equal(parts["qdata"], original[name]["qdata"]), name
+        else:
+            assert all(torch.equal(parts[p], original[name][p]) for p in parts), name
+    pixels(engine, go_fast=True, replicate_weights=OTHER)
+    pixels(engine, go_fast=True)
+    after = fp8_state(engine)
+    assert all(torch.equal(after[n][p], original[n][p]) for n in original for p in original[n])
+
+
+def test_go_fast_scales_both_loras_by_one_and_a_half(engine: Engine) -> None:
+    fast = pixels(
+        engine, go_fast=True, replicate_weights=LORA, lora_scale=0.5, extra_lora=OTHER, extra_lora_scale=0.4
+    )
+    state = fp8_state(engine)
+    pixels(engine, replicate_weights=LORA, lora_scale=0.75, extra_lora=OTHER, extra_lora_scale=0.6)
+    pixels_again = pixels(
+        engine, go_fast=True, replicate_weights=LORA, lora_scale=0.5, extra_lora=OTHER, extra_lora_scale=0.4
+    )
+    assert np.array_equal(fast, pixels_again)
+    master = engine.pipelines["dev"]["txt2img"].transformer
+    for name, parts in state.items():
+        expected = _inner(quantized_weight(master.get_submodule(name).weight, engine.fast.config))
+        assert all(torch.equal(parts[p], expected[p]) for p in parts), name
+
+
+def png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return data_uri(buffer.getvalue())
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_go_fast_runs_in_every_mode_through_the_cog_server(cog_server: CogServer, mode: str) -> None:
+    inputs: dict[str, object] = {**SMALL, "output_format": "png", "replicate_weights": LORA}
+    if mode != "txt2img":
+        inputs["image"] = png(Image.linear_gradient("L").convert("RGB").resize((256, 256)))
+    if mode == "inpaint":
+        inputs["mask"] = png(Image.new("L", (256, 256), 255))
+    (fast,) = cog_server.images(**inputs, go_fast=True)
+    (full,) = cog_server.images(**inputs, go_fast=False)
+    assert fast != full
+    assert open_image(fast).size == open_image(full).size
+    (again,) = cog_server.images(**inputs, go_fast=True)
+    assert again == fast
