@@ -28,6 +28,7 @@ class Settings:
     replicate_url: str
     civitai_url: str
     hf_endpoint: str
+    compile: str  # "auto" (CUDA: inductor; CPU: off), "0", "1", or a torch.compile backend name
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -48,4 +49,5 @@ class Settings:
             replicate_url=(env.get("FLUX_DAY_REPLICATE_URL") or "https://replicate.com").rstrip("/"),
             civitai_url=(env.get("FLUX_DAY_CIVITAI_URL") or "https://civitai.com").rstrip("/"),
             hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
+            compile=(env.get("FLUX_DAY_COMPILE") or "auto").strip().lower(),
         )

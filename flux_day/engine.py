@@ -16,7 +16,7 @@ from PIL import Image
 
 from flux_day.config import Settings
 from flux_day.errors import InputError, WeightsError
-from flux_day.fast import Fp8Transformers
+from flux_day.fast import Fp8Transformers, compile_backend, compile_transformers
 from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest
 from flux_day.models import MODELS, load_pipelines, pick_device
 from flux_day.request import GenerationRequest
@@ -41,6 +41,10 @@ class Engine:
             }
             for model, by_mode in self.pipelines.items()
         }
+        backend = compile_backend(settings.compile, self.device)
+        if backend is not None:
+            masters = [by_mode["txt2img"].transformer for by_mode in self.pipelines.values()]
+            compile_transformers([*masters, *self.fast.models.values()], backend)
         self.loras = LoraManager(settings)
         self.default_lora = default_lora or None
         if self.default_lora:

@@ -104,3 +104,36 @@ class Fp8Transformers:
                 len(fused_modules),
                 time.perf_counter() - started,
             )
+
+
+SHAPE_BUCKETS_PER_MODEL = 64  # image sizes (each its own static graph) before dynamo falls back to eager
+
+
+def compile_backend(setting: str, device: torch.device) -> str | None:
+    """`FLUX_DAY_COMPILE` as a torch.compile backend, or None for no compilation."""
+    if setting == "auto":
+        return "inductor" if device.type == "cuda" else None
+    if setting in {"", "0", "off", "false", "no"}:
+        return None
+    if setting in {"1", "on", "true", "yes"}:
+        return "inductor"
+    known = {"inductor", *torch._dynamo.list_backends(exclude_tags=())}
+    if setting not in known:
+        raise ValueError(f"FLUX_DAY_COMPILE={setting!r} is not auto, 0, 1 or one of {sorted(known)}")
+    return setting
+
+
+def compile_transformers(transformers: list[nn.Module], backend: str) -> None:
+    """Compile each transformer in place, one static graph per image size.
+
+    LoRA fuses and fp8 re-quantization write into the same tensors in place, so a LoRA switch never
+    invalidates a compiled graph (tests/test_compile.py counts the graphs).
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, SHAPE_BUCKETS_PER_MODEL)
+    for transformer in transformers:
+        transformer.compile(backend=backend, dynamic=False)
+    log.info(
+        "torch.compile (%s) set up for %d transformers; each size compiles on first use",
+        backend,
+        len(transformers),
+    )
