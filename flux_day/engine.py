@@ -18,8 +18,10 @@ from flux_day.config import Settings
 from flux_day.errors import InputError, WeightsError
 from flux_day.fast import Fp8Transformers, compile_backend, compile_transformers
 from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest
+from flux_day.memory_plan import format_plan, module_bytes, plan_memory
 from flux_day.models import MODELS, load_pipelines, pick_device
 from flux_day.request import GenerationRequest
+from flux_day.residency import Residency
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,9 @@ class Engine:
     def __init__(self, settings: Settings, default_lora: str | None = None) -> None:
         self.settings = settings
         self.device, self.dtype = pick_device(settings.device)
-        self.pipelines = load_pipelines(Path(settings.weights), self.device, self.dtype)
+        # On CUDA everything is loaded into CPU RAM first, and the memory plan decides what moves.
+        load_device = torch.device("cpu") if self.device.type == "cuda" else self.device
+        self.pipelines = load_pipelines(Path(settings.weights), load_device, self.dtype)
         self.fast = Fp8Transformers(
             {model: by_mode["txt2img"].transformer for model, by_mode in self.pipelines.items()}, self.device
         )
@@ -41,6 +45,7 @@ class Engine:
             }
             for model, by_mode in self.pipelines.items()
         }
+        self.residency = self._plan_memory()
         backend = compile_backend(settings.compile, self.device)
         if backend is not None:
             masters = [by_mode["txt2img"].transformer for by_mode in self.pipelines.values()]
@@ -53,6 +58,21 @@ class Engine:
                 self.loras.weights(self._default_lora(1.0), "dev", self.lora_components("dev"))
             except InputError as error:
                 raise WeightsError(str(error)) from None
+
+    def _plan_memory(self) -> Residency:
+        """Measure every component, decide what stays on the GPU (logged as one table), and place it."""
+        modules: dict[str, torch.nn.Module] = {}
+        for model, by_mode in self.pipelines.items():
+            modules[f"{model}-bf16"] = by_mode["txt2img"].transformer
+            modules[f"{model}-fp8"] = self.fast.models[model]
+        shared = self.pipelines["dev"]["txt2img"]
+        modules |= {"clip": shared.text_encoder, "t5": shared.text_encoder_2, "vae": shared.vae}
+        total = (
+            torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        )
+        plan = plan_memory({name: module_bytes(module) for name, module in modules.items()}, total)
+        log.info("memory plan:\n%s", format_plan(plan))
+        return Residency(modules, plan, self.device)
 
     def generate(self, request: GenerationRequest) -> list[Image.Image]:
         """Run `request` and return its images in output order."""
@@ -72,6 +92,13 @@ class Engine:
             self.fast.sync(request.model, transformer_modules, self.loras.fuser.active)
         spec = MODELS[request.model]
         pipe = (self.fast_pipelines if fp8 else self.pipelines)[request.model][request.mode]
+        transformer = f"{request.model}-{'fp8' if fp8 else 'bf16'}"
+        if self.residency.plan[transformer] == "cpu-only":
+            raise InputError(
+                f"go_fast: {transformer} does not fit this GPU (see the memory plan in the setup log); "
+                f"set go_fast={'false' if fp8 else 'true'}."
+            )
+        self.residency.need(["clip", "t5"])
         started = time.perf_counter()
         with torch.inference_mode():
             prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
@@ -80,6 +107,7 @@ class Engine:
                 device=self.device,
                 max_sequence_length=spec.max_sequence_length,
             )
+            self.residency.need(["vae", transformer])
             images = [
                 pipe(
                     **self._call_arguments(request, seed),

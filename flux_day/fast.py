@@ -62,7 +62,7 @@ class Fp8Transformers:
         self.models: dict[str, nn.Module] = {}
         for name, master in self.masters.items():
             started = time.perf_counter()
-            fp8 = copy.deepcopy(master)
+            fp8 = copy.deepcopy(master).to(device)  # quantized where it runs (fp8 kernels are per device)
             quantize_(fp8, self.config)
             self.models[name] = fp8.eval()
             log.info(
@@ -89,9 +89,11 @@ class Fp8Transformers:
                     (model, name), {part: tensor.clone() for part, tensor in target.items()}
                 )
                 if name in fused_modules:
-                    fresh = _inner(quantized_weight(master.get_submodule(name).weight, self.config))
+                    # The master may wait in CPU RAM (memory plan); quantize where the fp8 layer lives.
+                    weight = master.get_submodule(name).weight.to(next(iter(target.values())).device)
+                    fresh = _inner(quantized_weight(weight, self.config))
                     if fresh.keys() != target.keys():  # a layer quantize_ skipped stays in full precision
-                        fresh = {"": master.get_submodule(name).weight}
+                        fresh = {"": weight}
                 else:
                     fresh = pristine
                 for part, tensor in target.items():

@@ -133,3 +133,27 @@ def test_module_bytes_sees_through_torchao_fp8_weights() -> None:
     assert module_bytes(linear) == 32 * 64 * 1 + 32 * 4 + 32 * 2
     # What naive numel * element_size would say: the subclass reports the bf16 it stands in for.
     assert linear.weight.numel() * linear.weight.element_size() == 32 * 64 * 2
+
+
+def test_the_engine_logs_one_plan_table_and_keeps_one_visitor_on_the_gpu(
+    tiny_weights, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On this CPU machine every component is resident; with an 80 GB plan, offloaded parts take turns."""
+    from flux_day.config import Settings
+    from flux_day.engine import Engine
+    from flux_day.residency import Residency
+
+    with caplog.at_level("INFO", logger="flux_day.engine"):
+        engine = Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
+    table = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan:"))
+    for name in ("clip", "t5", "vae", "dev-bf16", "schnell-bf16", "dev-fp8", "schnell-fp8"):
+        assert table.count(f"\n{name} ") == 1, name
+    assert set(engine.residency.plan.names("resident")) == set(engine.residency.modules)
+
+    eighty = plan_memory(SIZES, 80 * 10**9)
+    residency = Residency(engine.residency.modules, eighty, torch.device("cpu"))
+    residency.need(["clip", "t5"])
+    assert residency.visitor is None  # resident on an 80 GB card
+    residency.need(["vae", "dev-bf16"])
+    residency.need(["vae", "schnell-bf16"])
+    assert residency.visitor == "schnell-bf16"  # dev-bf16 went back to CPU RAM first
