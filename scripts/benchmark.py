@@ -363,31 +363,38 @@ def fast_model(
     full: Any,
     fp8: Any,
     embeds: tuple[Any, Any],
+    device: Any,
     fp8_config: str,
     weights: str,
     real_size: bool,
+    place: Callable[[str], None] = lambda which: None,
 ) -> None:
     """Time one image through `full` and `fp8` (pipelines sharing all but the transformer), and with
-    --compile each with a compiled transformer, interleaved; print the table."""
+    --compile each with a compiled transformer, interleaved; print the table. `place("full" | "fp8" |
+    "vae")` puts what that run needs on the device first, untimed (the engine's memory plan may keep
+    a transformer in CPU RAM between uses)."""
     import torch
     import torchao
+    from torch._dynamo.utils import counters
 
     from flux_day.models import MODELS
     from flux_day.sizes import aspect_ratio_size
 
-    device, dtype = full.transformer.device, full.transformer.dtype
+    dtype = full.transformer.dtype
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else lambda: None
     steps = args.steps or DEFAULT_STEPS[model]
     width, height = aspect_ratio_size(args.aspect_ratio, args.megapixels)
     precision = str(dtype).removeprefix("torch.")
     pipes = {precision: full, "fp8": fp8}
+    needs = {precision: "full", "fp8": "fp8"}
     if args.compile:
         # The options flux_day.fast.compile_transformers uses (inductor, static shapes); the other
         # defaults (mode default, fullgraph=False) as they are.
         for name, pipe in list(pipes.items()):
             compiled = torch.compile(pipe.transformer, backend="inductor", dynamic=False)
             pipes[f"{name} + compile"] = type(pipe)(**{**pipe.components, "transformer": compiled})
+            needs[f"{name} + compile"] = needs[name]
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     prompt_embeds, pooled_prompt_embeds = embeds
@@ -430,24 +437,31 @@ def fast_model(
 
     decode_name = "VAE decode + PIL"
     runs = {name: image(pipe) for name, pipe in pipes.items()} | {decode_name: decode}
+    needs[decode_name] = "vae"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     for name, function in runs.items():
         note = " (torch.compile compiles in the first call: minutes at full size)" * ("compile" in name)
         progress(f"{model}: warm-up {name} x{args.warmup}{note}")
+        place(needs[name])
         started = time.perf_counter()
         timed(function, repeats=0, warmup=args.warmup)
         progress(f"{model}: warm-up {name} done in {time.perf_counter() - started:.1f}s")
     results: dict[str, list[float]] = {name: [] for name in runs}
+    graphs = counters["stats"]["unique_graphs"]
     gc.collect()
     gc.freeze()  # loaded models are long-lived: no full collection rescanning them inside a timing
     try:
         for repeat in range(args.repeats):
             progress(f"{model}: repeat {repeat + 1}/{args.repeats}")
             for name, function in runs.items():
+                place(needs[name])
                 results[name] += timed(function, repeats=1, warmup=0)
     finally:
         gc.unfreeze()
+    # A compile inside the timed repeats would be timed as if it were running: refuse the numbers.
+    recompiled = counters["stats"]["unique_graphs"] - graphs
+    assert not recompiled, f"{recompiled} graphs compiled during the timed repeats; raise --warmup"
     decode_seconds = statistics.median(results.pop(decode_name))
 
     title = (
@@ -513,6 +527,16 @@ def fast(args: argparse.Namespace) -> None:
     engine = Engine(settings)
     for model in models(args):
         full, fp8 = engine.pipelines[model]["txt2img"], engine.fast_pipelines[model]["txt2img"]
+        # The engine's memory plan names transformers "<model>-bf16" (full precision) and "-fp8".
+        transformers = {"full": f"{model}-bf16", "fp8": f"{model}-fp8"}
+        cpu_only = [name for name in transformers.values() if engine.residency.plan[name] == "cpu-only"]
+        if cpu_only:
+            sys.exit(f"{', '.join(cpu_only)} cannot run on this GPU (the engine's memory plan: cpu-only)")
+
+        def place(which: str, transformers: dict[str, str] = transformers) -> None:
+            engine.residency.need(["vae", *([transformers[which]] if which in transformers else [])])
+
+        engine.residency.need(["clip", "t5"])
         with torch.inference_mode():  # once per request in the engine, outside every timing here
             prompt_embeds, pooled_prompt_embeds, _ = full.encode_prompt(
                 prompt=FAST_PROMPT,
@@ -526,9 +550,11 @@ def fast(args: argparse.Namespace) -> None:
             full,
             fp8,
             (prompt_embeds, pooled_prompt_embeds),
+            engine.device,
             type(engine.fast.config).__name__,
             str(args.weights),
             real_size=args.weights_given,
+            place=place,
         )
 
 
@@ -604,6 +630,7 @@ def fast_random_full_size(args: argparse.Namespace) -> None:
             full,
             fp8,
             (prompt_embeds, pooled_prompt_embeds),
+            device,
             type(fp8_transformers.config).__name__,
             f"random, full size ({parameters / 1e9:.2f}B-parameter transformer)",
             real_size=True,
