@@ -22,6 +22,7 @@ from flux_day.memory_plan import format_plan, module_bytes, plan_memory
 from flux_day.models import MODELS, load_pipelines, pick_device
 from flux_day.request import GenerationRequest
 from flux_day.residency import Residency
+from flux_day.safety import SafetyFilter
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Engine:
             }
             for model, by_mode in self.pipelines.items()
         }
+        self.safety = SafetyFilter(Path(settings.weights), self.device, self.dtype)
         self.residency = self._plan_memory()
         backend = compile_backend(settings.compile, self.device)
         if backend is not None:
@@ -67,6 +69,7 @@ class Engine:
             modules[f"{model}-fp8"] = self.fast.models[model]
         shared = self.pipelines["dev"]["txt2img"]
         modules |= {"clip": shared.text_encoder, "t5": shared.text_encoder_2, "vae": shared.vae}
+        modules["safety"] = self.safety
         total = (
             torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         )
@@ -128,7 +131,10 @@ class Engine:
             request.seed,
             time.perf_counter() - started,
         )
-        return images
+        if request.disable_safety_checker:
+            return images
+        self.residency.need(["safety"])
+        return self.safety.filter(images)
 
     def lora_requests(self, request: GenerationRequest) -> list[LoraRequest]:
         """The LoRAs `request` asks for; the default LoRA stands in when replicate_weights is empty."""

@@ -11,3 +11,7 @@ class InputError(FluxDayError, ValueError):
 
 class WeightsError(FluxDayError):
     """Base weights are missing or unreadable: the message names the folder and how to fill it."""
+
+
+class ContentError(FluxDayError):
+    """Every output was judged unsafe: the message says to try a different prompt."""

@@ -18,7 +18,16 @@ Placement = Literal["resident", "offloaded", "cpu-only"]
 
 GIB: Final = 2**30
 DEFAULT_RESERVE: Final = 10 * GIB  # activations of a 1440x1440 denoise and the VAE decode
-DEFAULT_PRIORITY: Final = ("clip", "vae", "t5", "dev-fp8", "schnell-fp8", "dev-bf16", "schnell-bf16")
+DEFAULT_PRIORITY: Final = (
+    "clip",
+    "vae",
+    "safety",  # the CompVis checker and Falconsai classifier: small, and run on every output
+    "t5",
+    "dev-fp8",
+    "schnell-fp8",
+    "dev-bf16",
+    "schnell-bf16",
+)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

@@ -146,11 +146,11 @@ def test_the_engine_logs_one_plan_table_and_keeps_one_visitor_on_the_gpu(
     with caplog.at_level("INFO", logger="flux_day.engine"):
         engine = Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
     table = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan:"))
-    for name in ("clip", "t5", "vae", "dev-bf16", "schnell-bf16", "dev-fp8", "schnell-fp8"):
+    for name in ("clip", "t5", "vae", "safety", "dev-bf16", "schnell-bf16", "dev-fp8", "schnell-fp8"):
         assert table.count(f"\n{name} ") == 1, name
     assert set(engine.residency.plan.names("resident")) == set(engine.residency.modules)
 
-    eighty = plan_memory(SIZES, 80 * 10**9)
+    eighty = plan_memory({**SIZES, "safety": 1_500_000_000}, 80 * 10**9)
     residency = Residency(engine.residency.modules, eighty, torch.device("cpu"))
     residency.need(["clip", "t5"])
     assert residency.visitor is None  # resident on an 80 GB card
