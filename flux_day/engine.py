@@ -23,6 +23,7 @@ from flux_day.models import MODELS, load_pipelines, pick_device
 from flux_day.request import GenerationRequest
 from flux_day.residency import Residency
 from flux_day.safety import SafetyFilter
+from flux_day.weights.download import ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Engine:
     def __init__(self, settings: Settings, default_lora: str | None = None) -> None:
         self.settings = settings
         self.device, self.dtype = pick_device(settings.device)
+        ensure_weights(settings)  # fetches what is missing, unless FLUX_DAY_OFFLINE=1 (then it explains)
         # On CUDA everything is loaded into CPU RAM first, and the memory plan decides what moves.
         load_device = torch.device("cpu") if self.device.type == "cuda" else self.device
         self.pipelines = load_pipelines(Path(settings.weights), load_device, self.dtype)

@@ -121,11 +121,18 @@ class FakeService:
         if self._owns_cdn:
             self.cdn.__exit__(*exc)
 
-    def _cdn_file(self, path: str, data: bytes, headers: tuple[tuple[str, str], ...] = ()) -> str:
-        """Serve `data` at `path` on the CDN; return its URL with a signature-like query, as real CDN
-        links carry (the CDN ignores it, but a client must not print it)."""
+    def _cdn_file(
+        self, path: str, data: bytes, headers: tuple[tuple[str, str], ...] = (), ranges: bool = False
+    ) -> str:
+        """Serve `data` at `path` on the CDN (taking Range requests if `ranges`); return its URL with a
+        signature-like query, as real CDN links carry (the CDN ignores it, but a client must not print it)."""
         self.cdn.add(
-            path, Route(chunks=(data,), headers=(("Content-Type", "application/octet-stream"), *headers))
+            path,
+            Route(
+                chunks=(data,),
+                headers=(("Content-Type", "application/octet-stream"), *headers),
+                ranges=ranges,
+            ),
         )
         return f"{self.cdn.url(path)}?X-Amz-Expires=3600&X-Amz-Signature={_sha256(path.encode())[:24]}"
 
@@ -242,6 +249,9 @@ class FakeHuggingFace(FakeService):
     - `GET /{repo}/blob/{rev}/{file}`: the HTML page a browser gets (a trap for clients that don't rewrite
       blob URLs to resolve URLs).
 
+    Files, on the Hub and on its CDN, take Range requests (`huggingface_hub` resumes a dropped download
+    with one). `tamper` makes a file's bytes differ from the checksums the listing and headers report.
+
     Refusals follow the Hub: without a token, a missing or private repo answers 401 RepoNotFound;
     with a token, a missing repo answers 404 RepoNotFound and a private repo whose token is not the
     one it wants answers 401 "Invalid credentials in Authorization header" (no error code).
@@ -256,6 +266,7 @@ class FakeHuggingFace(FakeService):
         super().__init__(cdn)
         self.page_size = page_size
         self.repos: dict[str, HfRepo] = {}
+        self.tampered: dict[tuple[str, str], bytes] = {}  # (repo, file) → bytes served instead
         self.api.handle("/", self._answer)
 
     def add_repo(
@@ -275,8 +286,17 @@ class FakeHuggingFace(FakeService):
         repo.commits[commit] = dict(files)
         for path, data in files.items():
             if _is_lfs(path):
-                self._cdn_file(f"/hf-lfs/{_sha256(data)}", data)
+                self._cdn_file(self.lfs_path(data), data, ranges=True)
         return commit
+
+    def lfs_path(self, data: bytes) -> str:
+        """The CDN path an LFS file with these bytes is served from (for `cdn.hits`, `cdn.cut_once`)."""
+        return f"/hf-lfs/{_sha256(data)}"
+
+    def tamper(self, repo_id: str, filename: str, data: bytes) -> None:
+        """Serve `data` as `filename` of `repo_id` (every revision) while the listing, model_info and
+        the resolve headers keep describing the bytes that were added: a corrupted download."""
+        self.tampered[(repo_id, filename)] = data
 
     def resolve_path(self, repo_id: str, filename: str, revision: str = "main") -> str:
         """The path `hf_hub_url` builds for a file (revision quoted whole, filename with its slashes)."""
@@ -364,23 +384,24 @@ class FakeHuggingFace(FakeService):
         if match["kind"] == "blob":
             page = f"<!doctype html><html><body>{filename} in {repo_id}</body></html>".encode()
             return Route(chunks=(page,), headers=(("Content-Type", "text/html; charset=utf-8"),))
+        served = self.tampered.get((repo_id, filename), data)
         if _is_lfs(filename):
             sha = _sha256(data)
             return Route(
                 status=302,
-                location=self._cdn_file(f"/hf-lfs/{sha}", data),
+                location=self._cdn_file(self.lfs_path(data), served, ranges=True),
                 headers=(
                     ("X-Repo-Commit", commit),
                     ("X-Linked-Etag", f'"{sha}"'),
                     ("X-Linked-Size", str(len(data))),
                 ),
             )
-        headers = (
-            ("X-Repo-Commit", commit),
-            ("ETag", f'"{_git_blob_sha1(data)}"'),
-            ("Accept-Ranges", "bytes"),
+        headers = (("X-Repo-Commit", commit), ("ETag", f'"{_git_blob_sha1(data)}"'))
+        return Route(
+            chunks=(served,),
+            headers=(("Content-Type", "application/octet-stream"), *headers),
+            ranges=True,  # answers with Accept-Ranges: bytes
         )
-        return Route(chunks=(data,), headers=(("Content-Type", "application/octet-stream"), *headers))
 
 
 def _is_lfs(path: str) -> bool:

@@ -10,17 +10,20 @@ Requests' headers are kept per path too (names lower-cased), so a test can tell 
 header reached which host. Paths under a prefix can be answered by a function of the request
 (`handle`), which is how `tests.fake_services` plays Replicate, Hugging Face and CivitAI. HEAD gets
 GET's status and headers without the body, as `huggingface_hub` asks for file metadata with HEAD.
+A route can take `Range: bytes=N-` requests (206 Partial Content, as CDNs do), and `cut_once` drops
+the connection part-way through a path's next body, so resumed downloads can be tested.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import traceback
 import urllib.parse
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -35,6 +38,7 @@ class Route:
     delay_s: float = 0.0  # slept before every chunk
     headers: tuple[tuple[str, str], ...] = ()  # sent after Location and before Content-Length
     header_delay_s: float = 0.0  # slept before the status line: a host that accepts, then stalls
+    ranges: bool = False  # honour `Range: bytes=start-[end]` with 206 and Content-Range
 
     def body(self) -> Iterator[bytes]:
         for chunk in self.chunks:
@@ -77,6 +81,7 @@ class HttpFiles:
         self.headers: defaultdict[str, list[dict[str, str]]] = defaultdict(list)
         self.requests: list[Request] = []
         self.failures: list[str] = []  # tracebacks of handlers that raised (answered 500)
+        self.cuts: dict[str, int] = {}  # path → bytes of body sent before the next GET is cut off
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -131,6 +136,16 @@ class HttpFiles:
         chunks = (chunk,) * (over // len(chunk)) + (bytes(over % len(chunk) + 1),)
         return self.add(path, Route(chunks=chunks, content_length=None if announce else -1))
 
+    def cut_once(self, path: str, after: int) -> None:
+        """The next GET of `path` announces its full length, sends `after` bytes of the body and
+        closes the connection: a dropped download. Later requests are answered in full."""
+        with self._lock:
+            self.cuts[path] = after
+
+    def _take_cut(self, path: str) -> int | None:
+        with self._lock:
+            return self.cuts.pop(path, None)
+
     def _record(self, request: Request) -> None:
         with self._lock:
             self.hits[request.path] += 1
@@ -169,7 +184,8 @@ class HttpFiles:
                     headers={name.lower(): value for name, value in self.headers.items()},
                 )
                 files._record(request)
-                route = files._route(request)
+                route = _ranged(files._route(request), request.headers.get("range"))
+                cut = files._take_cut(request.path) if body else None
                 time.sleep(route.header_delay_s)
                 self.send_response(route.status)
                 if route.location is not None:
@@ -185,9 +201,15 @@ class HttpFiles:
                 if not body:
                     return
                 try:
+                    sent = 0
                     for chunk in route.body():
+                        if cut is not None:
+                            chunk = chunk[: max(cut - sent, 0)]
                         self.wfile.write(chunk)
                         self.wfile.flush()
+                        sent += len(chunk)
+                        if cut is not None and sent >= cut:
+                            break  # HTTP/1.0: returning closes the connection, short of its length
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client stopped reading (a size limit): what some tests want
 
@@ -195,3 +217,21 @@ class HttpFiles:
                 pass
 
         return Handler
+
+
+def _ranged(route: Route, header: str | None) -> Route:
+    """`route` as a CDN answers `Range: bytes=start-[end]` when it takes ranges: 206 with that slice and
+    Content-Range, or 416 when the start is past the end. Other routes and requests are unchanged."""
+    if not route.ranges or route.status != 200:
+        return route
+    accept = (*route.headers, ("Accept-Ranges", "bytes"))
+    match = re.fullmatch(r"bytes=(\d+)-(\d*)", (header or "").strip())
+    if match is None:
+        return replace(route, headers=accept)
+    data = b"".join(route.chunks)
+    start = int(match[1])
+    end = min(int(match[2]) if match[2] else len(data) - 1, len(data) - 1)
+    if start >= len(data) or end < start:
+        return Route(status=416, headers=(("Content-Range", f"bytes */{len(data)}"),))
+    content_range = ("Content-Range", f"bytes {start}-{end}/{len(data)}")
+    return replace(route, status=206, chunks=(data[start : end + 1],), headers=(*accept, content_range))

@@ -101,6 +101,7 @@ def test_inpaint_keeps_black_latents_exactly_and_repaints_white(engine: Engine, 
     assert not torch.allclose(half[..., :30], half_other_seed[..., :30], atol=1e-2)
 
 
-def test_missing_weights_fail_setup_naming_the_folder_and_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(WeightsError, match=r"No FLUX weights under .*empty.*make_tiny_weights"):
-        Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tmp_path / "empty")}))
+def test_missing_weights_offline_fail_setup_naming_the_folder_and_the_fix(tmp_path: Path) -> None:
+    settings = Settings.from_env({"FLUX_DAY_WEIGHTS": str(tmp_path / "empty"), "FLUX_DAY_OFFLINE": "1"})
+    with pytest.raises(WeightsError, match=r"missing under .*empty.*FLUX\.1-dev/.*download_weights\.py"):
+        Engine(settings)

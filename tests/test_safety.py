@@ -111,8 +111,14 @@ def test_an_error_inside_the_checker_fails_the_prediction(
 def test_missing_safety_models_fail_setup(tiny_weights: Path, tmp_path: Path, missing: str) -> None:
     root = tmp_path / "weights"
     shutil.copytree(tiny_weights, root, ignore=shutil.ignore_patterns("lora-cache", missing))
-    with pytest.raises(WeightsError, match=r"safety models .* cannot be loaded .*download_weights"):
-        Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(root), "FLUX_DAY_DEVICE": "cpu"}))
+    settings = Settings.from_env(
+        {"FLUX_DAY_WEIGHTS": str(root), "FLUX_DAY_DEVICE": "cpu", "FLUX_DAY_OFFLINE": "1"}
+    )
+    with pytest.raises(WeightsError, match=rf"missing under .*\({missing}/\).*download_weights"):
+        Engine(settings)
+    (root / missing).mkdir()  # present but unreadable: still no server without its safety models
+    with pytest.raises(WeightsError, match=r"missing under|safety models .* cannot be loaded"):
+        Engine(settings)
 
 
 def write_judging_tree(root: Path, bias: list[float]) -> Path:

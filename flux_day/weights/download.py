@@ -1,0 +1,369 @@
+"""Fetching the manifest's base weights from the Hugging Face Hub into the weights layout, verified.
+
+`ensure_weights(settings)` leaves every folder of the manifest complete under `settings.weights`, or
+raises `WeightsError` saying what is wrong and how to fix it. A folder that is already there (all its
+`required` files present) is left alone and costs no request; with `settings.offline` a missing one is
+an error, never a download.
+
+A folder is downloaded into a staging copy inside the weights root (`.flux-day-download/<folder>/`),
+one file at a time with `huggingface_hub.hf_hub_download` pinned to the commit the Hub's listing
+resolved, and each file is checked against the checksum that listing reports (sha256 for LFS files,
+the git blob id for the others). Only when every file of the folder has passed is the staging copy
+renamed into place, in one `os.replace`: a download that is killed, cut off or refused never leaves a
+folder that looks complete, and `has_base_models` stays False until dev and schnell are both done.
+
+Resuming: a connection dropped mid-file is resumed by the Hub client itself with a Range request.
+Files already finished in the staging copy survive a killed process and are not fetched again (they
+are checked again); a file that was half-way through when the process died starts over, because
+huggingface_hub 2.x downloads each file to a process-unique temporary name.
+
+Credentials: `HF_TOKEN` is read from the environment at each call and handed to each Hub call
+(`token=False` without one, so no stored login is used); the Hub client sends it to the Hub's own
+origin only, never to the CDN its files redirect to. It is never logged nor put in a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import httpx2
+from filelock import FileLock
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from flux_day.config import Settings
+from flux_day.errors import WeightsError
+from flux_day.weights.manifest import MANIFEST, Source, folders
+
+log = logging.getLogger(__name__)
+
+STAGING = ".flux-day-download"  # under the weights root: same filesystem, so the final rename is atomic
+SOURCE_RECORD = ".flux-day-source.json"  # written into each downloaded folder: repo, commit, checksums
+_HUB_CACHE = ".cache"  # huggingface_hub's bookkeeping inside a local_dir; not moved into place
+_CHUNK = 8 << 20
+_RUN_AGAIN = "run `python scripts/download_weights.py` again to resume"
+_SIGNED_QUERY = re.compile(r"(https?://[^\s?]+)\?[^\s)]*")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a repo as the Hub's listing describes it."""
+
+    path: str
+    size: int | None
+    sha256: str | None  # LFS files
+    blob_id: str | None  # git object id: the checksum of non-LFS files
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A manifest row resolved against the Hub: the commit and the files to fetch from it."""
+
+    source: Source
+    commit: str
+    files: tuple[RemoteFile, ...]
+
+
+def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) -> None:
+    """Make every folder of `manifest` complete under `settings.weights`, downloading what is missing.
+
+    No request is made when nothing is missing. Raises `WeightsError` when something is missing and
+    `settings.offline` is set, and when a download fails or a file fails its checksum.
+    """
+    root = Path(settings.weights)
+    missing = missing_folders(root, manifest)
+    if not missing:
+        return
+    if settings.offline:
+        raise WeightsError(offline_message(root, missing))
+    token = os.environ.get("HF_TOKEN") or False
+    rows = folders(tuple(manifest))
+    try:
+        (root / STAGING).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WeightsError(
+            f"Cannot create {root / STAGING} to download base weights into ({error.strerror or error}); "
+            "set FLUX_DAY_WEIGHTS to a folder this process can write."
+        ) from error
+    # One downloader per weights root; a second waits, then finds the folders complete.
+    with FileLock(root / STAGING / ".lock"):
+        for folder in missing_folders(root, manifest):
+            _download_folder(root, folder, rows[folder], settings.hf_endpoint, token)
+
+
+def missing_folders(root: Path, manifest: Sequence[Source] = MANIFEST) -> list[str]:
+    """The manifest's folders under `root` that are absent or lack one of their `required` files."""
+    missing = []
+    for folder, rows in folders(tuple(manifest)).items():
+        present = _local_files(root / folder)
+        required = [pattern for row in rows for pattern in row.required]
+        if not present or not all(any(fnmatchcase(p, pattern) for p in present) for pattern in required):
+            missing.append(folder)
+    return missing
+
+
+def offline_message(root: Path, missing: Sequence[str]) -> str:
+    """The one sentence that says which folders are missing and the command that fills them."""
+    names = ", ".join(f"{folder}/" for folder in missing)
+    quoted = shlex.quote(str(root))
+    return (
+        f"Base weights are missing under {root} ({names}) and FLUX_DAY_OFFLINE=1 forbids downloading "
+        f"them: fill them with `FLUX_DAY_WEIGHTS={quoted} python scripts/download_weights.py` "
+        f"(or `python scripts/download_weights.py --weights {quoted}`)."
+    )
+
+
+def _local_files(folder: Path) -> list[str]:
+    """Files under `folder` as posix paths relative to it (none if it is not a directory)."""
+    if not folder.is_dir():
+        return []
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+
+
+def _download_folder(
+    root: Path, folder: str, rows: Sequence[Source], endpoint: str, token: str | bool
+) -> None:
+    started = time.monotonic()
+    staging = root / STAGING / folder
+    plans = [_plan(row, endpoint, token) for row in rows]
+    _check_no_overlap(folder, plans)
+    fetched = 0
+    for plan in plans:
+        for remote in plan.files:
+            fetched += _download_file(plan, remote, staging, endpoint, token)
+    _prune(staging, {remote.path for plan in plans for remote in plan.files})
+    (staging / SOURCE_RECORD).write_text(json.dumps(_record(plans), indent=2) + "\n")
+    _move_into_place(staging, root / folder)
+    total = sum(remote.size or 0 for plan in plans for remote in plan.files)
+    seconds = time.monotonic() - started
+    log.info(
+        "weights: %s/ complete: %d files, %s (%s downloaded) from %s in %.1fs",
+        folder,
+        sum(len(plan.files) for plan in plans),
+        _human(total),
+        _human(fetched),
+        ", ".join(f"{plan.source.repo_id}@{plan.commit[:12]}" for plan in plans),
+        seconds,
+    )
+
+
+def _plan(source: Source, endpoint: str, token: str | bool) -> Plan:
+    """Resolve `source` on the Hub: its commit, and the files it fetches with their checksums."""
+    with _hub_errors(source, endpoint, token):
+        info = HfApi(endpoint=endpoint).model_info(
+            source.repo_id, revision=source.revision, files_metadata=True, token=token
+        )
+    if not info.sha:
+        raise WeightsError(f"{endpoint} did not say which commit {source.repo_id}@{source.revision} is.")
+    files = tuple(
+        RemoteFile(
+            path=sibling.rfilename,
+            size=sibling.size,
+            sha256=sibling.lfs.sha256 if sibling.lfs else None,
+            blob_id=sibling.blob_id,
+        )
+        for sibling in info.siblings or ()
+        if source.wants(sibling.rfilename)
+    )
+    for pattern in source.required:
+        if not any(fnmatchcase(remote.path, pattern) for remote in files):
+            raise WeightsError(
+                f"{source.repo_id}@{source.revision} (commit {info.sha}) has no file matching {pattern!r} "
+                f"among the files {source.folder}/ takes from it ({', '.join(source.allow)}); the "
+                "manifest (flux_day/weights/manifest.py) no longer matches the repo."
+            )
+    return Plan(source, info.sha, files)
+
+
+def _check_no_overlap(folder: str, plans: Sequence[Plan]) -> None:
+    seen: dict[str, str] = {}
+    for plan in plans:
+        for remote in plan.files:
+            if remote.path in seen:
+                raise WeightsError(
+                    f"{folder}/{remote.path} would come from both {seen[remote.path]} and "
+                    f"{plan.source.repo_id}; the manifest must name one."
+                )
+            seen[remote.path] = plan.source.repo_id
+
+
+def _download_file(plan: Plan, remote: RemoteFile, staging: Path, endpoint: str, token: str | bool) -> int:
+    """Fetch one file into `staging` (kept if already there and unchanged) and verify it; return
+    the bytes downloaded."""
+    local = staging.joinpath(*remote.path.split("/"))
+    already_there = local.is_file()
+    with _hub_errors(plan.source, endpoint, token, remote.path):
+        hf_hub_download(
+            plan.source.repo_id,
+            remote.path,
+            revision=plan.commit,  # every file from the one commit the listing described
+            local_dir=staging,
+            endpoint=endpoint,
+            token=token,
+        )
+    _verify(local, remote, plan)
+    return 0 if already_there else remote.size or 0
+
+
+def _verify(local: Path, remote: RemoteFile, plan: Plan) -> None:
+    """Check `local` against the Hub's checksum; delete it and raise `WeightsError` if it differs."""
+    size = local.stat().st_size
+    if remote.size is not None and size != remote.size:
+        problem = f"it has {size} bytes, the Hub says {remote.size}"
+    elif remote.sha256:
+        actual = _sha256(local)
+        problem = "" if actual == remote.sha256 else f"sha256 {actual}, the Hub says {remote.sha256}"
+    elif remote.blob_id:
+        actual = _git_blob_sha1(local, size)
+        problem = "" if actual == remote.blob_id else f"git blob id {actual}, the Hub says {remote.blob_id}"
+    elif remote.size is not None:
+        problem = ""  # the Hub gave a size and no checksum: the size matched
+    else:
+        local.unlink()
+        raise WeightsError(
+            f"The Hub reported no size or checksum for {remote.path} in {plan.source.repo_id}@{plan.commit}, "
+            "so it cannot be verified; it was not kept."
+        )
+    if problem:
+        local.unlink()
+        raise WeightsError(
+            f"{plan.source.folder}/{remote.path} downloaded from {plan.source.repo_id}@{plan.commit} failed "
+            f"its checksum ({problem}); the file was deleted: {_RUN_AGAIN}."
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _git_blob_sha1(path: Path, size: int) -> str:
+    """The id git (and the Hub) gives a file's contents: sha1 of `blob <size>\\0` + the bytes."""
+    digest = hashlib.sha1(b"blob %d\0" % size)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _prune(staging: Path, keep: set[str]) -> None:
+    """Drop the Hub client's bookkeeping and any file the plan does not name (left by an earlier run
+    against another commit), so the folder moved into place holds exactly the verified files."""
+    shutil.rmtree(staging / _HUB_CACHE, ignore_errors=True)
+    for relative in _local_files(staging):
+        if relative not in keep:
+            (staging / relative).unlink()
+    for directory in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
+        if not any(directory.iterdir()):
+            directory.rmdir()
+
+
+def _record(plans: Sequence[Plan]) -> dict[str, object]:
+    return {
+        "sources": [
+            {
+                "repo_id": plan.source.repo_id,
+                "revision": plan.source.revision,
+                "commit": plan.commit,
+                "files": {
+                    remote.path: {
+                        "size": remote.size,
+                        **({"sha256": remote.sha256} if remote.sha256 else {"git_blob_id": remote.blob_id}),
+                    }
+                    for remote in plan.files
+                },
+            }
+            for plan in plans
+        ]
+    }
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename the verified staging folder to `target` in one step. An incomplete `target` (files
+    missing) is moved aside first and deleted after."""
+    aside = None
+    if target.exists():
+        aside = staging.with_name(f"{staging.name}.replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        log.warning("weights: %s is incomplete; replacing it with the downloaded copy", target)
+        os.replace(target, aside)
+    os.replace(staging, target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def _hub_errors(source: Source, endpoint: str, token: str | bool, path: str | None = None) -> Iterator[None]:
+    """Turn what the Hub client raises into a `WeightsError` that names the repo and the fix."""
+    what = f"{path} of {source.repo_id}" if path else f"the file list of {source.repo_id}"
+    where = f"{endpoint}/{source.repo_id}"
+    try:
+        yield
+    except GatedRepoError as error:
+        fix = (
+            f"the account of HF_TOKEN has no access: accept its license at {where}"
+            if token
+            else f"accept its license at {where} and set HF_TOKEN to a token of that account"
+        )
+        raise WeightsError(f"{source.repo_id} is gated: {fix}, then {_RUN_AGAIN}.") from error
+    except RepositoryNotFoundError as error:
+        raise WeightsError(
+            f"{endpoint} answered that {source.repo_id} does not exist or is private ({_token_fix(token)})."
+        ) from error
+    except RevisionNotFoundError as error:
+        raise WeightsError(
+            f"{source.repo_id} has no revision {source.revision!r} at {endpoint}; the manifest "
+            "(flux_day/weights/manifest.py) names it."
+        ) from error
+    except RemoteEntryNotFoundError as error:
+        raise WeightsError(f"{what} is listed but cannot be fetched (not found); {_RUN_AGAIN}.") from error
+    except OfflineModeIsEnabled as error:
+        raise WeightsError(
+            f"HF_HUB_OFFLINE is set, so {what} cannot be downloaded; unset it and {_RUN_AGAIN}."
+        ) from error
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise WeightsError(
+                f"{endpoint} refused {what} with HTTP {status} ({_token_fix(token)})."
+            ) from error
+        raise WeightsError(f"{endpoint} answered HTTP {status} for {what}; {_RUN_AGAIN}.") from error
+    except (httpx2.HTTPError, OSError) as error:
+        reason = _SIGNED_QUERY.sub(r"\1?…", str(error))  # CDN links are signed: keep the signature out
+        raise WeightsError(
+            f"Downloading {what} from {endpoint} failed ({type(error).__name__}: {reason}); {_RUN_AGAIN}."
+        ) from error
+
+
+def _token_fix(token: str | bool) -> str:
+    return "HF_TOKEN cannot read it" if token else "no HF_TOKEN was set; set one that can read it"
+
+
+def _human(size: int) -> str:
+    """Bytes in decimal units, as the Hub shows file sizes."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
