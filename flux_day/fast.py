@@ -62,7 +62,11 @@ class Fp8Transformers:
         self.models: dict[str, nn.Module] = {}
         for name, master in self.masters.items():
             started = time.perf_counter()
-            fp8 = copy.deepcopy(master).to(device)  # quantized where it runs (fp8 kernels are per device)
+            # Copied and quantized on the device it runs on (fp8 kernels are per device), one model at
+            # a time, and the master goes back where it was: no CPU-side copy of a 24 GB transformer.
+            home = next(master.parameters()).device
+            fp8 = copy.deepcopy(master.to(device))
+            master.to(home)
             quantize_(fp8, self.config)
             self.models[name] = fp8.eval()
             log.info(

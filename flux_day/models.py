@@ -16,6 +16,7 @@ from typing import Final
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
@@ -23,6 +24,7 @@ from diffusers import (
     FluxTransformer2DModel,
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from transformers import CLIPTextModel, T5EncoderModel
 
 from flux_day.errors import WeightsError
 from flux_day.weights.layout import DEV_FOLDER, SCHNELL_FOLDER, has_base_models
@@ -61,6 +63,22 @@ def pick_device(setting: str) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+WEIGHTED: Final = {
+    "transformer": FluxTransformer2DModel,
+    "vae": AutoencoderKL,
+    "text_encoder": CLIPTextModel,
+    "text_encoder_2": T5EncoderModel,
+}
+
+
+def _load_component(folder: Path, name: str, model_class: type, dtype: torch.dtype) -> torch.nn.Module:
+    started = time.perf_counter()
+    module = model_class.from_pretrained(folder / name, dtype=dtype)
+    size = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    log.info("loaded %s/%s: %.2f GB in %.1fs", folder.name, name, size / 1e9, time.perf_counter() - started)
+    return module
+
+
 def load_pipelines(
     root: Path, device: torch.device, dtype: torch.dtype
 ) -> dict[str, dict[str, DiffusionPipeline]]:
@@ -72,12 +90,16 @@ def load_pipelines(
             "`python scripts/make_tiny_weights.py DIR`."
         )
     started = time.perf_counter()
-    dev = FluxPipeline.from_pretrained(root / DEV_FOLDER, dtype=dtype)
-    schnell_dir = root / SCHNELL_FOLDER
+    dev_dir, schnell_dir = root / DEV_FOLDER, root / SCHNELL_FOLDER
+    # One component at a time, so each gets a log line with its bytes and load time.
+    loaded = {
+        name: _load_component(dev_dir, name, model_class, dtype) for name, model_class in WEIGHTED.items()
+    }
+    dev = FluxPipeline.from_pretrained(dev_dir, dtype=dtype, **loaded)  # adds tokenizers and scheduler
     schnell = FluxPipeline(
         **{
             **dev.components,
-            "transformer": FluxTransformer2DModel.from_pretrained(schnell_dir / "transformer", dtype=dtype),
+            "transformer": _load_component(schnell_dir, "transformer", FluxTransformer2DModel, dtype),
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(schnell_dir / "scheduler"),
         }
     )

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py overhead [--weights DIR] [--repeats N] [--steps N] [--megapixels 1]
     python scripts/benchmark.py lora-switch [--weights DIR] [--repeats N] [--rank N]
+    python scripts/benchmark.py setup [--weights DIR] [--device cpu|cuda]
     python scripts/benchmark.py fast [--model dev|schnell|both] [--steps N] [--megapixels 1] [--compile]
                                      [--weights DIR | --random-full-size] [--repeats N]
 
@@ -13,6 +14,8 @@ diffusers unfuse/unload/load/fuse on its own pipeline from a state dict in memor
 `fast`: one image through the full-precision pipeline against the fp8 (go_fast) one, and with
 --compile each under torch.compile, per model; prompt embeddings are computed once, outside timing.
 --random-full-size (CUDA only) times FLUX.1 at its real size with random weights instead.
+`setup`: the predictor's setup against reading the same weight files, and its peak RSS against their
+bytes, each in its own process (scripts/bench_setup.py).
 Weights default to a tiny random tree written to a temporary folder.
 """
 
@@ -673,6 +676,11 @@ def main() -> None:
     fast_parser.add_argument("--compile", action="store_true", help="also each variant under torch.compile")
     fast_parser.add_argument("--repeats", type=int, default=3)
     fast_parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first")
+    setup_parser = commands.add_parser("setup", help="cold start against reading the weight files; peak RSS")
+    setup_parser.add_argument(
+        "--weights", type=Path, help="weights root (default: tiny weights in a temp dir)"
+    )
+    setup_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     if args.command == "fast":
         if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 1:
@@ -681,7 +689,9 @@ def main() -> None:
         if args.random_full_size:
             fast_random_full_size(args)
             return
-    run = {"overhead": overhead, "lora-switch": lora_switch, "fast": fast}[args.command]
+    from bench_setup import setup
+
+    run = {"overhead": overhead, "lora-switch": lora_switch, "fast": fast, "setup": setup}[args.command]
     if args.weights is not None:
         run(args)
         return
