@@ -177,5 +177,8 @@ class Predictor(BaseRunner):
                 extra_lora=extra_lora,
                 extra_lora_scale=extra_lora_scale,
             )
-            images = self.engine.generate(request)
+            metrics: dict[str, float] = {}
+            images = self.engine.generate(request, metrics)
+            for key, value in metrics.items():
+                self.record_metric(key, value)
             return [Path(p) for p in self.outputs.save(images, request.output_format, request.output_quality)]

@@ -18,6 +18,7 @@ from flux_day.config import Settings
 from flux_day.errors import InputError, WeightsError
 from flux_day.fast import Fp8Transformers, compile_backend, compile_transformers
 from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest
+from flux_day.loras.refs import parse_ref
 from flux_day.memory_plan import format_plan, module_bytes, plan_memory
 from flux_day.models import MODELS, load_pipelines, pick_device
 from flux_day.request import GenerationRequest
@@ -79,11 +80,66 @@ class Engine:
         log.info("memory plan:\n%s", format_plan(plan))
         return Residency(modules, plan, self.device)
 
-    def generate(self, request: GenerationRequest) -> list[Image.Image]:
-        """Run `request` and return its images in output order."""
+    def generate(
+        self, request: GenerationRequest, metrics: dict[str, float] | None = None
+    ) -> list[Image.Image]:
+        """Run `request` and return its images in output order; timings and counts go into `metrics`."""
+        metrics = {} if metrics is None else metrics
         fp8 = request.go_fast and not request.custom_size
         if request.go_fast and not fp8:
             log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
+        transformer = f"{request.model}-{'fp8' if fp8 else 'bf16'}"
+        if self.residency.plan[transformer] == "cpu-only":
+            raise InputError(
+                f"go_fast: {transformer} does not fit this GPU (see the memory plan in the setup log); "
+                f"set go_fast={'false' if fp8 else 'true'}."
+            )
+        started = time.perf_counter()
+        self._activate_loras(request, fp8)
+        metrics["timing.loras"] = time.perf_counter() - started
+        images = self._denoise(request, fp8, transformer)
+        metrics["timing.generate"] = time.perf_counter() - started - metrics["timing.loras"]
+        if not request.disable_safety_checker:
+            checked = time.perf_counter()
+            self.residency.need(["safety"])
+            images = self.safety.filter(images)
+            metrics["timing.safety"] = time.perf_counter() - checked
+        metrics |= {
+            "images": len(images),
+            "steps": request.num_inference_steps * request.num_outputs,
+            "megapixels": round(request.width * request.height * len(images) / 1e6, 4),
+        }
+        log.info(
+            "request mode=%s model=%s%s size=%dx%d steps=%d seed=%d images=%d/%d loras=%s timings=%s",
+            request.mode,
+            request.model,
+            " fp8" if fp8 else "",
+            request.width,
+            request.height,
+            request.num_inference_steps,
+            request.seed,
+            len(images),
+            request.num_outputs,
+            self._shown_loras(request),
+            {
+                key.removeprefix("timing."): round(value, 3)
+                for key, value in metrics.items()
+                if key.startswith("timing.")
+            },
+        )
+        return images
+
+    def _shown_loras(self, request: GenerationRequest) -> list[str] | str:
+        """The request's LoRAs as a log may show them: no query strings, tokens or data URI bodies."""
+        shown = [
+            f"{lora.input_name}={parse_ref(lora.input_name, lora.source).shown}x{lora.scale:g}"
+            for lora in self.lora_requests(request)
+            if lora.input_name != DEFAULT_LORA_INPUT
+        ]
+        return shown or "none"
+
+    def _activate_loras(self, request: GenerationRequest, fp8: bool) -> None:
+        """Fuse the request's LoRAs into the full-precision weights and, for fp8, re-quantize what changed."""
         # Before the prompt is encoded: a LoRA may change the CLIP text encoder too.
         self.loras.activate(
             request.model, self.lora_components(request.model), self.lora_requests(request), go_fast=fp8
@@ -95,25 +151,20 @@ class Engine:
                 if name.startswith("transformer.")
             }
             self.fast.sync(request.model, transformer_modules, self.loras.fuser.active)
-        spec = MODELS[request.model]
+
+    def _denoise(self, request: GenerationRequest, fp8: bool, transformer: str) -> list[Image.Image]:
+        """Encode the prompt once, then one pipeline call per output with its own seed."""
         pipe = (self.fast_pipelines if fp8 else self.pipelines)[request.model][request.mode]
-        transformer = f"{request.model}-{'fp8' if fp8 else 'bf16'}"
-        if self.residency.plan[transformer] == "cpu-only":
-            raise InputError(
-                f"go_fast: {transformer} does not fit this GPU (see the memory plan in the setup log); "
-                f"set go_fast={'false' if fp8 else 'true'}."
-            )
         self.residency.need(["clip", "t5"])
-        started = time.perf_counter()
         with torch.inference_mode():
             prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
                 prompt=request.prompt,
                 prompt_2=None,
                 device=self.device,
-                max_sequence_length=spec.max_sequence_length,
+                max_sequence_length=MODELS[request.model].max_sequence_length,
             )
             self.residency.need(["vae", transformer])
-            images = [
+            return [
                 pipe(
                     **self._call_arguments(request, seed),
                     prompt_embeds=prompt_embeds,
@@ -121,22 +172,6 @@ class Engine:
                 ).images[0]
                 for seed in request.seeds
             ]
-        log.info(
-            "generated mode=%s model=%s%s size=%dx%d steps=%d outputs=%d seed=%d in %.2fs",
-            request.mode,
-            request.model,
-            " fp8" if fp8 else "",
-            request.width,
-            request.height,
-            request.num_inference_steps,
-            request.num_outputs,
-            request.seed,
-            time.perf_counter() - started,
-        )
-        if request.disable_safety_checker:
-            return images
-        self.residency.need(["safety"])
-        return self.safety.filter(images)
 
     def lora_requests(self, request: GenerationRequest) -> list[LoraRequest]:
         """The LoRAs `request` asks for; the default LoRA stands in when replicate_weights is empty."""

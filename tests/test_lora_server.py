@@ -251,3 +251,19 @@ def test_a_trained_models_default_lora_from_cog_weights(
             server, replicate_weights=data_uri(LORA_B)
         )
     assert files.hits["/trained_model.tar"] == 1
+
+
+def test_metrics_and_one_summary_line_per_request(server: CogServer, files: HttpFiles) -> None:
+    url = files.serve("/metrics.safetensors", LORA_A) + "?token=SECRET_IN_QUERY"
+    response = server.predict(**{**FAST, "num_outputs": 2}, replicate_weights=url)
+    assert response["status"] == "succeeded", response.get("error")
+    metrics = response["metrics"]
+    assert (metrics["images"], metrics["steps"], metrics["megapixels"]) == (
+        2,
+        2 * FAST["num_inference_steps"],
+        0.5243,
+    )
+    assert all(metrics["timing"][key] >= 0 for key in ("loras", "generate", "safety"))
+    summary = [line for line in response["logs"].splitlines() if "request mode=" in line]
+    assert len(summary) == 1 and "replicate_weights=http://127.0.0.1" in summary[0]
+    assert "SECRET_IN_QUERY" not in response["logs"]
