@@ -94,8 +94,9 @@ class Engine:
                 f"go_fast: {transformer} does not fit this GPU (see the memory plan in the setup log); "
                 f"set go_fast={'false' if fp8 else 'true'}."
             )
+        loras = self.lora_requests(request)
         started = time.perf_counter()
-        self._activate_loras(request, fp8)
+        self._activate_loras(request, loras, fp8)
         metrics["timing.loras"] = time.perf_counter() - started
         images = self._denoise(request, fp8, transformer)
         metrics["timing.generate"] = time.perf_counter() - started - metrics["timing.loras"]
@@ -120,7 +121,7 @@ class Engine:
             request.seed,
             len(images),
             request.num_outputs,
-            self._shown_loras(request),
+            self._shown(loras),
             {
                 key.removeprefix("timing."): round(value, 3)
                 for key, value in metrics.items()
@@ -129,21 +130,20 @@ class Engine:
         )
         return images
 
-    def _shown_loras(self, request: GenerationRequest) -> list[str] | str:
-        """The request's LoRAs as a log may show them: no query strings, tokens or data URI bodies."""
+    @staticmethod
+    def _shown(loras: list[LoraRequest]) -> list[str] | str:
+        """LoRAs as a log may show them: no query strings, tokens or data URI bodies."""
         shown = [
             f"{lora.input_name}={parse_ref(lora.input_name, lora.source).shown}x{lora.scale:g}"
-            for lora in self.lora_requests(request)
+            for lora in loras
             if lora.input_name != DEFAULT_LORA_INPUT
         ]
         return shown or "none"
 
-    def _activate_loras(self, request: GenerationRequest, fp8: bool) -> None:
+    def _activate_loras(self, request: GenerationRequest, loras: list[LoraRequest], fp8: bool) -> None:
         """Fuse the request's LoRAs into the full-precision weights and, for fp8, re-quantize what changed."""
         # Before the prompt is encoded: a LoRA may change the CLIP text encoder too.
-        self.loras.activate(
-            request.model, self.lora_components(request.model), self.lora_requests(request), go_fast=fp8
-        )
+        self.loras.activate(request.model, self.lora_components(request.model), loras, go_fast=fp8)
         if fp8:
             transformer_modules = {
                 name.removeprefix("transformer.")

@@ -27,6 +27,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from transformers import CLIPTextModel, T5EncoderModel
 
 from flux_day.errors import WeightsError
+from flux_day.memory_plan import module_bytes
 from flux_day.weights.layout import DEV_FOLDER, SCHNELL_FOLDER, has_base_models
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ WEIGHTED: Final = {
 def _load_component(folder: Path, name: str, model_class: type, dtype: torch.dtype) -> torch.nn.Module:
     started = time.perf_counter()
     module = model_class.from_pretrained(folder / name, dtype=dtype)
-    size = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    size = module_bytes(module)
     log.info("loaded %s/%s: %.2f GB in %.1fs", folder.name, name, size / 1e9, time.perf_counter() - started)
     return module
 

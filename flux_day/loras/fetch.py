@@ -25,7 +25,7 @@ import urllib3
 
 from flux_day.config import Settings
 from flux_day.errors import InputError
-from flux_day.loras.netguard import DEFAULT_PORTS, PublicOnlyAdapter, caused_by_private_address, is_public
+from flux_day.loras.netguard import PrivateAddressError, PublicOnlyAdapter, caused_by, endpoint, is_public
 from flux_day.loras.refs import LoraRef, shown_source
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
 DOWNLOAD_DEADLINE_S = 1800  # 2 GB at ~10 Mbit/s; a body that trickles forever is cut off
 CHUNK_BYTES = 1 << 20
+TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
 PROGRESS_EVERY_BYTES = 256 << 20
 PARTIAL_PREFIX = ".partial-"
 
@@ -58,14 +59,11 @@ class Fetcher:
             urllib.parse.urlsplit(url)
             for url in (settings.replicate_url, settings.civitai_url, settings.hf_endpoint)
         ]
-        self.service_hosts = {parts.netloc.lower() for parts in services}
+        # The operator's own service hosts may be internal; every other host must be public.
+        self.trusted = frozenset(endpoint(parts) for parts in services)
         if not settings.allow_private_urls:
-            trusted = frozenset(
-                ((parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(parts.scheme, 443))
-                for parts in services
-            )
             for scheme in ("http://", "https://"):
-                self.session.mount(scheme, PublicOnlyAdapter(trusted))
+                self.session.mount(scheme, PublicOnlyAdapter(self.trusted))
 
     def open(
         self, ref: LoraRef, url: str, credential: Credential | None = None, follow: bool = True
@@ -86,9 +84,9 @@ class Fetcher:
                     timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
                 )
             except requests.RequestException as error:
-                if caused_by_private_address(error):
+                if caused_by(error, (PrivateAddressError,)):
                     raise self._private(ref, url) from None
-                if _timed_out(error):
+                if caused_by(error, TIMEOUTS):
                     raise InputError(
                         f"{ref.input_name}: {shown_source(url)} did not answer {ref.shown} within "
                         f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
@@ -155,7 +153,7 @@ class Fetcher:
                     )
             except requests.RequestException as error:
                 path.unlink(missing_ok=True)
-                if _timed_out(error):
+                if caused_by(error, TIMEOUTS):
                     raise InputError(
                         f"{ref.input_name}: the download of {ref.shown} stalled for more than "
                         f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
@@ -180,7 +178,7 @@ class Fetcher:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise InputError(f"{ref.input_name}: {shown_source(url)} is not an http(s) URL.")
-        if self.settings.allow_private_urls or parts.netloc.lower() in self.service_hosts:
+        if self.settings.allow_private_urls or endpoint(parts) in self.trusted:
             return
         try:
             infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
@@ -196,21 +194,6 @@ class Fetcher:
         return InputError(
             f"{ref.input_name}: {shown_source(url)} points to a private network address; give a public URL."
         )
-
-
-def _timed_out(error: BaseException) -> bool:
-    """Whether a requests error is a timeout (requests wraps one during a body as a ConnectionError)."""
-    current: BaseException | None = error
-    for _ in range(8):
-        if current is None:
-            return False
-        if isinstance(current, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
-            return True
-        reason = getattr(current, "reason", None)
-        current = (reason if isinstance(reason, BaseException) else None) or current.__context__
-        if current is None and error.args and isinstance(error.args[0], BaseException):
-            current = error.args[0]
-    return False
 
 
 def _status_message(status: int, ref: LoraRef, url: str) -> str:

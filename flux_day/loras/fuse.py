@@ -5,7 +5,7 @@ computes `pristine + Σ scale_i · delta_i` in float32 from that copy and casts 
 copies the pristine tensor back: no subtraction, so base → A → B → A+B → none ends bit-identical to the
 start. Deltas are summed in a fixed order, so main + extra gives the same bytes as extra + main.
 
-On CUDA a pristine copy stays on the GPU while that leaves `PRISTINE_GPU_HEADROOM_BYTES` free, and
+On CUDA a pristine copy stays on the GPU while the memory plan's reserve (`DEFAULT_RESERVE`) stays free, and
 goes to pinned host memory otherwise: a LoRA over every linear of FLUX.1 [dev] touches ~24 GB of
 bf16 weights, which must not push both models out of an 80 GB card.
 """
@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from flux_day.loras.formats import Delta
+from flux_day.memory_plan import DEFAULT_RESERVE
 
 log = logging.getLogger(__name__)
-
-PRISTINE_GPU_HEADROOM_BYTES = 10 * 2**30  # activations of a 1440x1440 batch and the VAE decode
 
 
 @dataclass(frozen=True)
@@ -99,6 +98,6 @@ def _pristine_copy(param: nn.Parameter) -> torch.Tensor:
     weight = param.detach()
     if weight.is_cuda:
         free, _ = torch.cuda.mem_get_info(weight.device)
-        if free - weight.nbytes < PRISTINE_GPU_HEADROOM_BYTES:
+        if free - weight.nbytes < DEFAULT_RESERVE:
             return weight.to("cpu").pin_memory()
     return weight.clone()

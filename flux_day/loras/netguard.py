@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import urllib.parse
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -64,16 +65,28 @@ class PublicOnlyAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": plain, "https": tls}
 
 
-def caused_by_private_address(error: BaseException) -> bool:
-    """Whether `error` (as requests wraps it) comes from a `PrivateAddressError`."""
-    seen: list[BaseException | None] = [error]
-    for _ in range(12):
-        current = seen[-1]
-        if current is None:
-            return False
-        if isinstance(current, PrivateAddressError):
+def endpoint(url_parts: urllib.parse.SplitResult) -> tuple[str, int]:
+    """(host, port) of a URL, default ports filled in, so "https://x" and "https://x:443" are one host."""
+    return ((url_parts.hostname or "").lower(), url_parts.port or DEFAULT_PORTS.get(url_parts.scheme, 443))
+
+
+def caused_by(error: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether `error` or anything it wraps (requests and urllib3 nest causes in `reason`, `args[0]`,
+    `__cause__` and `__context__`) is one of `kinds`."""
+    pending: list[BaseException] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kinds):
             return True
         reason = getattr(current, "reason", None)
-        nested = reason if isinstance(reason, BaseException) else None
-        seen.append(nested or current.__cause__ or current.__context__)
+        first_arg = current.args[0] if current.args else None
+        pending += [
+            e
+            for e in (reason, first_arg, current.__cause__, current.__context__)
+            if isinstance(e, BaseException)
+        ]
     return False
