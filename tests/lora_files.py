@@ -14,6 +14,15 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save
 
+# A small, fast, lossless request for comparing images of LoRAs byte for byte through the server.
+FAST = {
+    "prompt": "a fox",
+    "num_inference_steps": 2,
+    "megapixels": "0.25",
+    "aspect_ratio": "1:1",
+    "output_format": "png",
+    "seed": 7,
+}
 D, MLP = 32, 128  # the tiny model's joint width and MLP width
 # BFL name -> [(diffusers module, first row, last row)]
 TINY_LAYOUT: dict[str, list[tuple[str, int, int]]] = {

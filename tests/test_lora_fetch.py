@@ -49,11 +49,13 @@ def test_a_service_host_is_trusted_but_not_a_private_address_it_redirects_to(tmp
         with pytest.raises(InputError, match=r"^replicate_weights: .*private network address"):
             manager(tmp_path, **services.env()).cached_file(parse_ref("replicate_weights", "o/m/v1"))
         assert list((tmp_path / "lora-cache").glob("*")) == []
-        fetcher = Fetcher(settings)
-        weights = services.replicate.weights_path("o", "m", "v1")
-        fetcher.open(
-            parse_ref("replicate_weights", "o/m/v1"), services.replicate.base + weights, follow=False
-        )
+        # The service itself (on 127.0.0.1, as configured) was reached: it answered the redirect.
+        weights = services.replicate.base + services.replicate.weights_path("o", "m", "v1")
+        with Fetcher(settings).open(
+            parse_ref("replicate_weights", "o/m/v1"), weights, follow=False
+        ) as answer:
+            assert answer.is_redirect
+        assert services.replicate.api.hits[services.replicate.weights_path("o", "m", "v1")] == 2
 
 
 def test_tokens_go_to_their_own_service_and_never_to_its_cdn(

@@ -17,17 +17,9 @@ import torch
 
 from tests.cog_server import CogServer
 from tests.http_files import HttpFiles
-from tests.lora_files import Factors, ai_toolkit, bfl, data_uri, kohya, peft, random_lora, to_bytes
+from tests.lora_files import FAST, Factors, ai_toolkit, bfl, data_uri, kohya, peft, random_lora, to_bytes
 
 MAX_LORA_BYTES = 2_000_000
-FAST = {
-    "prompt": "a fox",
-    "num_inference_steps": 2,
-    "megapixels": "0.25",
-    "aspect_ratio": "1:1",
-    "output_format": "png",
-    "seed": 7,
-}
 LORA_A = to_bytes(kohya(random_lora(1)))
 LORA_B = to_bytes(bfl(random_lora(2)))
 LORA_C = to_bytes(*peft(random_lora(3)))

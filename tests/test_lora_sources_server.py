@@ -18,7 +18,7 @@ import pytest
 from tests.cog_server import ROOT, CogServer
 from tests.fake_services import REPLICATE_MEMBER, FakeServices, make_tar
 from tests.http_files import HttpFiles
-from tests.lora_files import data_uri, kohya, random_lora, to_bytes
+from tests.lora_files import FAST, data_uri, kohya, random_lora, to_bytes
 
 MAX_LORA_BYTES = 2_000_000
 TOKENS = {
@@ -27,14 +27,6 @@ TOKENS = {
     "CIVITAI_API_TOKEN": "civ_SECRETTOKEN",
 }
 LEAKS = ("SECRETTOKEN", "hunter2", "X-Amz-Signature", "X-Amz-Expires", "Traceback", "site-packages")
-FAST = {
-    "prompt": "a fox",
-    "num_inference_steps": 2,
-    "megapixels": "0.25",
-    "aspect_ratio": "1:1",
-    "output_format": "png",
-    "seed": 7,
-}
 VERSION = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
 
 
