@@ -57,6 +57,7 @@ class Engine:
             compile_transformers([*masters, *self.fast.models.values()], backend)
         self.loras = LoraManager(settings)
         self.default_lora = default_lora or None
+        self.steps_done = 0  # denoising steps of the current request so far
         if self.default_lora:
             # Read it now, so a broken default fails setup rather than every prediction.
             try:
@@ -95,16 +96,21 @@ class Engine:
                 f"set go_fast={'false' if fp8 else 'true'}."
             )
         loras = self.lora_requests(request)
-        started = time.perf_counter()
-        self._activate_loras(request, loras, fp8)
-        metrics["timing.loras"] = time.perf_counter() - started
-        images = self._denoise(request, fp8, transformer)
-        metrics["timing.generate"] = time.perf_counter() - started - metrics["timing.loras"]
-        if not request.disable_safety_checker:
-            checked = time.perf_counter()
-            self.residency.need(["safety"])
-            images = self.safety.filter(images)
-            metrics["timing.safety"] = time.perf_counter() - checked
+        self.steps_done = 0
+        try:
+            images = self._run(request, loras, fp8, transformer, metrics)
+        except BaseException as error:
+            # Failed or cancelled (cog raises CancelationException into this thread, anywhere):
+            # whatever was fused goes, so nothing of this request reaches the next one.
+            self.release_loras()
+            log.info(
+                "request %s after %d of %d denoising steps (%s); every LoRA restored",
+                "cancelled" if not isinstance(error, Exception) else "failed",
+                self.steps_done,
+                request.num_inference_steps * request.num_outputs,
+                type(error).__name__,
+            )
+            raise
         metrics |= {
             "images": len(images),
             "steps": request.num_inference_steps * request.num_outputs,
@@ -129,6 +135,33 @@ class Engine:
             },
         )
         return images
+
+    def _run(
+        self,
+        request: GenerationRequest,
+        loras: list[LoraRequest],
+        fp8: bool,
+        transformer: str,
+        metrics: dict[str, float],
+    ) -> list[Image.Image]:
+        """LoRAs, denoising, safety: the steps of `generate` that a failure or a cancel must undo."""
+        started = time.perf_counter()
+        self._activate_loras(request, loras, fp8)
+        metrics["timing.loras"] = time.perf_counter() - started
+        images = self._denoise(request, fp8, transformer)
+        metrics["timing.generate"] = time.perf_counter() - started - metrics["timing.loras"]
+        if not request.disable_safety_checker:
+            checked = time.perf_counter()
+            self.residency.need(["safety"])
+            images = self.safety.filter(images)
+            metrics["timing.safety"] = time.perf_counter() - checked
+        return images
+
+    def release_loras(self) -> None:
+        """Restore every fused weight, full precision and fp8, to the base model's bytes."""
+        self.loras.release()
+        for model in self.fast.models:
+            self.fast.sync(model, set(), ())
 
     @staticmethod
     def _shown(loras: list[LoraRequest]) -> list[str] | str:
@@ -169,9 +202,15 @@ class Engine:
                     **self._call_arguments(request, seed),
                     prompt_embeds=prompt_embeds,
                     pooled_prompt_embeds=pooled_prompt_embeds,
+                    callback_on_step_end=self._count_step,
                 ).images[0]
                 for seed in request.seeds
             ]
+
+    def _count_step(self, pipe: object, step: int, timestep: object, tensors: dict) -> dict:
+        """diffusers' per-step hook: counts steps, so a cancel's log line says where it stopped."""
+        self.steps_done += 1
+        return tensors
 
     def lora_requests(self, request: GenerationRequest) -> list[LoraRequest]:
         """The LoRAs `request` asks for; the default LoRA stands in when replicate_weights is empty."""

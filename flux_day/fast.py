@@ -86,8 +86,11 @@ class Fp8Transformers:
         self._synced.pop(model, None)
         started, previous = time.perf_counter(), self._requantized[model]
         fp8, master = self.models[model], self.masters[model]
+        # Recorded first: a sync interrupted part-way (a cancel) leaves every layer it may have written
+        # on the list, and the next sync puts each back.
+        self._requantized[model] = previous | fused_modules
         with torch.no_grad():
-            for name in self._requantized[model] | fused_modules:
+            for name in previous | fused_modules:
                 target = _inner(fp8.get_submodule(name).weight)
                 pristine = self._pristine.setdefault(
                     (model, name), {part: tensor.clone() for part, tensor in target.items()}

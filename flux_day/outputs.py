@@ -33,15 +33,25 @@ class OutputStore:
         self._current: Path | None = None
 
     def save(self, images: list[Image.Image], output_format: str, quality: int) -> list[Path]:
-        """Encode `images` as `out-<i>.<format>` in a fresh directory; return their paths."""
+        """Encode `images` as `out-<token>-<i>.<format>` in a fresh directory; return their paths.
+
+        With `--upload-url`, Cog PUTs each file to that URL plus its name, so names differ between
+        predictions (the directory's random token): a plain upload server never overwrites an output.
+        """
         self.clear()
         if self._parent is not None:
             self._parent.mkdir(parents=True, exist_ok=True)
         self._current = Path(tempfile.mkdtemp(prefix=self._prefix, dir=self._parent))
-        return [
-            save_image(image, self._current / f"out-{i}.{output_format}", output_format, quality)
-            for i, image in enumerate(images)
-        ]
+        token = self._current.name.removeprefix(self._prefix)
+        names = [f"out-{token}-{i}.{output_format}" for i in range(len(images))]
+        try:
+            return [
+                save_image(image, self._current / name, output_format, quality)
+                for image, name in zip(images, names, strict=True)
+            ]
+        except BaseException:  # a failed or cancelled save leaves no half-written file
+            self.clear()
+            raise
 
     def clear(self) -> None:
         """Remove the last prediction's directory, if any."""

@@ -36,9 +36,17 @@ class Residency:
             if self.plan[name] != "offloaded" or name == self.visitor:
                 continue
             started = time.perf_counter()
-            if self.visitor is not None:
-                self.modules[self.visitor].to("cpu")
-            self.modules[name].to(self.device)
+            try:
+                if self.visitor is not None:
+                    self.modules[self.visitor].to("cpu")
+                self.modules[name].to(self.device)
+            except BaseException:
+                # A cancel mid-move leaves modules half on the GPU: send both back, so the next
+                # request starts from the plan's state (one visitor at most).
+                for moved in {self.visitor, name} - {None}:
+                    self.modules[moved].to("cpu")
+                self.visitor = None
+                raise
             log.info(
                 "memory plan: %s moved onto the GPU (for %s) in %.2fs",
                 name,

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,15 @@ def open_image(raw: bytes) -> Image.Image:
 
 
 class CogServer:
-    """`python -m cog.server.http` on 127.0.0.1 with the virtualenv's python first on PATH."""
+    """`python -m cog.server.http` on 127.0.0.1 with the virtualenv's python first on PATH.
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    It runs in `cwd` (the repository root unless told), where coglet finds `predict.py` and, if there,
+    `.cog/openapi_schema.json`, the schema it then checks every input against.
+    """
+
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, args: Sequence[str] = (), cwd: Path = ROOT
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -63,8 +69,8 @@ class CogServer:
         }
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=ROOT,
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *args],
+            cwd=cwd,
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -77,9 +83,11 @@ class CogServer:
 
     @classmethod
     @contextlib.contextmanager
-    def ready(cls, env: Mapping[str, str], log_path: Path) -> Iterator[CogServer]:
-        """A server that has finished setup successfully, stopped on exit."""
-        server = cls(env, log_path)
+    def ready(
+        cls, env: Mapping[str, str], log_path: Path, args: Sequence[str] = (), cwd: Path = ROOT
+    ) -> Iterator[CogServer]:
+        """A server that has finished setup successfully, stopped on exit; `args` go to its command line."""
+        server = cls(env, log_path, args, cwd)
         try:
             health = server.wait_until_settled()
             assert health["status"] == "READY", health
@@ -112,17 +120,23 @@ class CogServer:
             time.sleep(0.05)
         return False
 
-    def predict(self, timeout: float = 300, **inputs: Any) -> dict[str, Any]:
-        """POST /predictions synchronously; return the response body (status, output, error, logs).
+    def predict(
+        self, timeout: float = 300, prediction_id: str | None = None, **inputs: Any
+    ) -> dict[str, Any]:
+        """Run a prediction synchronously; return the response body (status, output, error, logs).
 
+        With `prediction_id` it is `PUT /predictions/<id>`, so another thread can cancel it by id.
         coglet frees its single slot a moment after a sync response is sent, so a request sent at
         once may be answered "At capacity" (409); like any client of a busy server, we retry.
         """
         body = json.dumps({"input": inputs}).encode()
+        path, method = (
+            ("/predictions", "POST") if prediction_id is None else (f"/predictions/{prediction_id}", "PUT")
+        )
         deadline = time.monotonic() + timeout
         while True:
             request = urllib.request.Request(
-                f"{self.url}/predictions", data=body, headers={"Content-Type": "application/json"}
+                f"{self.url}{path}", data=body, method=method, headers={"Content-Type": "application/json"}
             )
             try:
                 with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -132,6 +146,31 @@ class CogServer:
             if result["http_status"] != 409 or time.monotonic() > deadline:
                 return result
             time.sleep(0.05)
+
+    def cancel(self, prediction_id: str) -> int:
+        """POST /predictions/<id>/cancel; the HTTP status (200 also for one not started yet)."""
+        request = urllib.request.Request(f"{self.url}/predictions/{prediction_id}/cancel", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def worker_pids(self) -> list[int]:
+        """The server's process and its descendants (the Python worker), from /proc."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        found, queue = [], [self.process.pid]
+        while queue:
+            pid = queue.pop()
+            found.append(pid)
+            queue.extend(children.get(pid, []))
+        return found
 
     def images(self, **inputs: Any) -> list[bytes]:
         """Predict and return the output files' bytes, failing loudly if the prediction failed."""

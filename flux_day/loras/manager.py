@@ -97,6 +97,11 @@ class LoraManager:
                 time.perf_counter() - started,
             )
 
+    def release(self) -> None:
+        """Unfuse everything: every touched weight back to its pristine bytes."""
+        self.fuser.restore_all()
+        self.fused_modules = frozenset()
+
     def weights(self, lora: LoraRequest, model: str, components: dict[str, nn.Module]) -> LoraWeights:
         """The parsed LoRA for `model`: from memory when used recently, else from the cache or the web."""
         key = (hashlib.sha256(lora.source.strip().encode()).hexdigest(), model)
