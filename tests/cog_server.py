@@ -7,10 +7,12 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,16 +48,31 @@ def open_image(raw: bytes) -> Image.Image:
     return image
 
 
+def linked_root(dest: Path) -> Path:
+    """The repository root as links in `dest`, all but `.cog/`: a Cog server there finds no schema file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in ROOT.iterdir():
+        if entry.name != ".cog":
+            (dest / entry.name).symlink_to(entry)
+    return dest
+
+
 class CogServer:
     """`python -m cog.server.http` on 127.0.0.1 with the virtualenv's python first on PATH.
 
-    It runs in `cwd` (the repository root unless told), where coglet finds `predict.py` and, if there,
-    `.cog/openapi_schema.json`, the schema it then checks every input against.
+    It runs in `cwd`, where coglet finds `predict.py` and, if there, `.cog/openapi_schema.json`, the
+    schema it then checks every input against. Unless told, that is the repository root, or, when a
+    schema was written there (by `scripts/write_openapi_schema.py` or `cog build`), a linked copy
+    without it: these servers test that the predictor alone turns bad input away.
     """
 
     def __init__(
-        self, env: Mapping[str, str], log_path: Path, args: Sequence[str] = (), cwd: Path = ROOT
+        self, env: Mapping[str, str], log_path: Path, args: Sequence[str] = (), cwd: Path | None = None
     ) -> None:
+        self._linked: Path | None = None
+        if cwd is None and (ROOT / ".cog").exists():
+            self._linked = linked_root(Path(tempfile.mkdtemp(prefix="flux-day-root-")))
+        cwd = cwd or self._linked or ROOT
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -84,7 +101,7 @@ class CogServer:
     @classmethod
     @contextlib.contextmanager
     def ready(
-        cls, env: Mapping[str, str], log_path: Path, args: Sequence[str] = (), cwd: Path = ROOT
+        cls, env: Mapping[str, str], log_path: Path, args: Sequence[str] = (), cwd: Path | None = None
     ) -> Iterator[CogServer]:
         """A server that has finished setup successfully, stopped on exit; `args` go to its command line."""
         server = cls(env, log_path, args, cwd)
@@ -187,3 +204,5 @@ class CogServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+        if self._linked is not None:
+            shutil.rmtree(self._linked)  # links only: their targets stay
