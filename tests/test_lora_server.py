@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import random
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -259,3 +261,31 @@ def test_metrics_and_one_summary_line_per_request(server: CogServer, files: Http
     summary = [line for line in response["logs"].splitlines() if "request mode=" in line]
     assert len(summary) == 1 and "replicate_weights=http://127.0.0.1" in summary[0]
     assert "SECRET_IN_QUERY" not in response["logs"]
+
+
+def test_a_cancel_during_a_lora_download_leaves_no_partial_file(
+    server: CogServer, files: HttpFiles, tiny_weights: Path, base: bytes
+) -> None:
+    """Cog raises its cancel into the download loop: the part already written goes, nothing is cached."""
+    data = to_bytes(kohya(random_lora(9)))
+    url = files.slow("/slow-cancelled.safetensors", data, pieces=50, delay_s=0.1)  # five seconds
+    cache = tiny_weights / "lora-cache"
+    before = set(cache.rglob("*")) if cache.exists() else set()
+    result: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            server.predict(prediction_id="cancel-download", **FAST, replicate_weights=url)
+        )
+    )
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not files.hits["/slow-cancelled.safetensors"]:
+        assert time.monotonic() < deadline, "the download never started"
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few chunks written to the partial file
+    assert server.cancel("cancel-download") == 200
+    thread.join(30)
+    assert result["status"] == "canceled", result
+    assert (set(cache.rglob("*")) if cache.exists() else set()) == before
+    assert server.becomes_ready()
+    assert image(server) == base
