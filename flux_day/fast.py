@@ -45,6 +45,26 @@ def quantized_weight(weight: torch.Tensor, config: object) -> torch.Tensor:
     return linear.weight.detach()
 
 
+def fp8_copy(master: nn.Module, device: torch.device, config: object) -> nn.Module:
+    """An fp8 copy of `master` on `device`, built one layer at a time; `master` is left where it is.
+
+    Peak memory is the fp8 model plus one full-precision layer: copying the whole 24 GB bf16
+    transformer first (to the GPU or to CPU RAM) and quantizing it after would need twice that.
+    """
+    tensors = [*master.parameters(), *master.buffers()]
+    fp8 = copy.deepcopy(master, memo={id(t): t for t in tensors})  # the structure; tensors still shared
+    with torch.no_grad():
+        for module in fp8.modules():
+            for key, param in list(module.named_parameters(recurse=False)):
+                copied = nn.Parameter(param.detach().to(device, copy=True), requires_grad=False)
+                setattr(module, key, copied)
+            for key, buffer in list(module.named_buffers(recurse=False)):
+                module._buffers[key] = buffer.to(device, copy=True)
+            if isinstance(module, nn.Linear):
+                quantize_(module, config)  # this layer's full-precision copy is freed here
+    return fp8.eval()
+
+
 def _inner(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The plain tensors a torchao weight is made of (`qdata`, `scale`), or the weight itself."""
     if hasattr(weight, "__tensor_flatten__"):
@@ -62,13 +82,7 @@ class Fp8Transformers:
         self.models: dict[str, nn.Module] = {}
         for name, master in self.masters.items():
             started = time.perf_counter()
-            # Copied and quantized on the device it runs on (fp8 kernels are per device), one model at
-            # a time, and the master goes back where it was: no CPU-side copy of a 24 GB transformer.
-            home = next(master.parameters()).device
-            fp8 = copy.deepcopy(master.to(device))
-            master.to(home)
-            quantize_(fp8, self.config)
-            self.models[name] = fp8.eval()
+            self.models[name] = fp8_copy(master, device, self.config)
             log.info(
                 "go_fast: %s fp8 transformer (%s) in %.1fs",
                 name,

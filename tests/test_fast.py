@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torchao.quantization import quantize_
 
 from flux_day.config import Settings
 from flux_day.engine import Engine
@@ -127,3 +129,23 @@ def test_go_fast_runs_in_every_mode_through_the_cog_server(cog_server: CogServer
     assert open_image(fast).size == open_image(full).size
     (again,) = cog_server.images(**inputs, go_fast=True)
     assert again == fast
+
+
+def test_the_layer_by_layer_fp8_copy_is_quantize_of_the_master_and_shares_nothing(engine: Engine) -> None:
+    engine.release_loras()
+    master, fp8 = engine.fast.masters["dev"], engine.fast.models["dev"]
+    reference = copy.deepcopy(master)
+    quantize_(reference, engine.fast.config)  # the whole model at once, as torchao documents it
+    ours, theirs = fp8.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        mine, expected = _inner(ours[key]), _inner(theirs[key])
+        assert type(ours[key]) is type(theirs[key]) and mine.keys() == expected.keys(), key
+        assert all(torch.equal(mine[part], expected[part]) for part in mine), key
+    master_storage = {t.untyped_storage().data_ptr() for t in [*master.parameters(), *master.buffers()]}
+    fp8_storage = {
+        inner.untyped_storage().data_ptr()
+        for t in [*fp8.parameters(), *fp8.buffers()]
+        for inner in _inner(t).values()
+    }
+    assert not master_storage & fp8_storage
