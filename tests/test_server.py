@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
@@ -11,21 +10,9 @@ import pytest
 from PIL import Image
 
 from tests.cog_server import CogServer, data_uri, decode_output, open_image
+from tests.image_files import gradient, png_bytes
 
 FAST = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 1234}
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def gradient(width: int, height: int) -> Image.Image:
-    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
-    rgb = np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], axis=2)
-    return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
 def pixels(raw: bytes) -> np.ndarray:
