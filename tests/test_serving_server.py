@@ -25,7 +25,7 @@ SMALL = {
 }
 LORA = {"replicate_weights": lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(31)))), "lora_scale": 0.8}
 # Big enough that a cancel lands mid-denoise on 2 cores (a few seconds in all on tiny weights).
-SLOW = {**SMALL, "aspect_ratio": "custom", "width": 1024, "height": 1024, "num_inference_steps": 40}
+SLOW = {**SMALL, "aspect_ratio": "custom", "width": 1024, "height": 1024, "num_inference_steps": 50}
 CANCELLED = re.compile(r"request cancelled after (\d+) of (\d+) denoising steps \(CancelationException\)")
 
 
@@ -72,13 +72,13 @@ def test_cancel_stops_denoising_and_leaves_nothing_behind(cog_server: CogServer,
     files_before, cancels_before = leftovers(server_tmp), len(cancellations(cog_server))
     since = len(cog_server.log_path.read_text())
     thread, result = in_background(cog_server, "cancel-me", {**SLOW, **LORA})
-    wait_until_logged(cog_server, r"\b[1-9]\d*/40 \[", since)  # the progress bar: a step is done
+    wait_until_logged(cog_server, r"\b[1-9]\d*/50 \[", since)  # the progress bar: a step is done
     assert cog_server.cancel("cancel-me") == 200
     thread.join(60)
     assert result["status"] == "canceled", result
     assert not result.get("output")
     done, asked = cancellations(cog_server)[cancels_before]
-    assert 1 <= done < asked == 40
+    assert 1 <= done < asked == 50
     assert cog_server.becomes_ready()
     # Nothing of the cancelled request is left: same bytes with and without the LoRA, no new files.
     assert cog_server.images(**SMALL) == base
@@ -98,7 +98,7 @@ def test_a_client_that_goes_away_cancels_its_prediction(cog_server: CogServer) -
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        wait_until_logged(cog_server, r"\b[1-9]\d*/40 \[", since)  # denoising under way
+        wait_until_logged(cog_server, r"\b[1-9]\d*/50 \[", since)  # denoising under way
     # The client has gone away (its connection closed) without reading an answer.
     deadline = time.monotonic() + 30
     while len(cancellations(cog_server)) == cancels_before:
