@@ -52,7 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_day.weights.tiny import write_tiny_weights
-from tests.cog_server import CogServer, decode_output, open_image
+from tests.cog_server import CogServer, decode_output, open_image, server_env
 from tests.http_files import HttpFiles
 from tests.process_footprint import Footprint, Snapshot
 from tests.soak_requests import CLOSING, PROBES, Images, Planned, plan, serve_loras, warm_up
@@ -274,13 +274,9 @@ def soak_server(workdir: Path) -> Iterator[tuple[CogServer, HttpFiles, Path, Pat
     weights = write_tiny_weights(workdir / "weights")
     server_tmp, lora_cache = workdir / "server-tmp", workdir / "lora-cache"
     server_tmp.mkdir(exist_ok=True)
-    env = {
-        "FLUX_DAY_WEIGHTS": str(weights),
-        "FLUX_DAY_OFFLINE": "1",
-        "FLUX_DAY_ALLOW_PRIVATE_URLS": "1",
-        "FLUX_DAY_LORA_CACHE": str(lora_cache),
-        "TMPDIR": str(server_tmp),
-    }
+    env = server_env(
+        weights, server_tmp, FLUX_DAY_ALLOW_PRIVATE_URLS="1", FLUX_DAY_LORA_CACHE=str(lora_cache)
+    )
     with HttpFiles() as files, CogServer.ready(env, workdir / "cog.log") as server:
         yield server, files, server_tmp, lora_cache
 

@@ -48,6 +48,15 @@ def open_image(raw: bytes) -> Image.Image:
     return image
 
 
+def server_env(weights: Path, tmp: Path | None = None, **settings: str) -> dict[str, str]:
+    """A test server's environment: these weights and never a base-weight download; `tmp` its TMPDIR
+    (so a test can see what the server leaves behind); `settings` more variables (FLUX_DAY_*, tokens)."""
+    env = {"FLUX_DAY_WEIGHTS": str(weights), "FLUX_DAY_OFFLINE": "1"}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
+    return env | settings
+
+
 def linked_root(dest: Path) -> Path:
     """The repository root as links in `dest`, all but `.cog/`: a Cog server there finds no schema file."""
     dest.mkdir(parents=True, exist_ok=True)

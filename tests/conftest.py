@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flux_day.weights.tiny import write_tiny_weights
-from tests.cog_server import CogServer
+from tests.cog_server import CogServer, server_env
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +26,7 @@ def server_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cog_server(
     tiny_weights: Path, server_tmp: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CogServer]:
-    env = {"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_OFFLINE": "1", "TMPDIR": str(server_tmp)}
-    with CogServer.ready(env, tmp_path_factory.mktemp("logs") / "cog.log") as server:
+    with CogServer.ready(
+        server_env(tiny_weights, server_tmp), tmp_path_factory.mktemp("logs") / "cog.log"
+    ) as server:
         yield server

@@ -26,6 +26,7 @@ from flux_day.engine import Engine
 from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
 from tests import lora_files as lf
+from tests.test_fast import fp8_state
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 3, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 7}
 LORA = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(11))))
@@ -56,10 +57,8 @@ def weights(engine: Engine) -> dict[str, torch.Tensor]:
     for model in ("dev", "schnell"):
         for component, module in engine.lora_components(model).items():
             state |= {f"{model}.{component}.{k}": v.clone() for k, v in module.state_dict().items()}
-        for name, module in engine.fast.models[model].named_modules():
-            if isinstance(module, nn.Linear):
-                inner = flux_day.fast._inner(module.weight)
-                state |= {f"{model}.fp8.{name}.{part}": t.clone() for part, t in inner.items()}
+        for name, parts in fp8_state(engine, model).items():
+            state |= {f"{model}.fp8.{name}.{part}": tensor for part, tensor in parts.items()}
     return state
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cog_server import CogServer
+from tests.cog_server import CogServer, server_env
 from tests.http_files import HttpFiles
 from tests.lora_files import FAST, Factors, ai_toolkit, bfl, data_uri, kohya, peft, random_lora, to_bytes
 
@@ -37,13 +37,9 @@ def lora_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(
     tiny_weights: Path, lora_tmp: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CogServer]:
-    env = {
-        "FLUX_DAY_WEIGHTS": str(tiny_weights),
-        "FLUX_DAY_OFFLINE": "1",
-        "FLUX_DAY_ALLOW_PRIVATE_URLS": "1",
-        "FLUX_DAY_MAX_LORA_BYTES": str(MAX_LORA_BYTES),
-        "TMPDIR": str(lora_tmp),
-    }
+    env = server_env(
+        tiny_weights, lora_tmp, FLUX_DAY_ALLOW_PRIVATE_URLS="1", FLUX_DAY_MAX_LORA_BYTES=str(MAX_LORA_BYTES)
+    )
     with CogServer.ready(env, tmp_path_factory.mktemp("lora-logs") / "cog.log") as cog:
         yield cog
 
@@ -230,13 +226,12 @@ def test_a_trained_models_default_lora_from_cog_weights(
     from tests.fake_services import REPLICATE_MEMBER, make_tar
 
     url = files.serve("/trained_model.tar", make_tar({REPLICATE_MEMBER: LORA_A}))
-    env = {
-        "FLUX_DAY_WEIGHTS": str(tiny_weights),
-        "FLUX_DAY_OFFLINE": "1",
-        "FLUX_DAY_ALLOW_PRIVATE_URLS": "1",
-        "FLUX_DAY_LORA_CACHE": str(tmp_path / "cache"),
-        "COG_WEIGHTS": url,
-    }
+    env = server_env(
+        tiny_weights,
+        FLUX_DAY_ALLOW_PRIVATE_URLS="1",
+        FLUX_DAY_LORA_CACHE=str(tmp_path / "cache"),
+        COG_WEIGHTS=url,
+    )
     with CogServer.ready(env, tmp_path / "cog.log") as trained:
         assert image(trained, lora_scale=0.7) == image(
             server, replicate_weights=data_uri(LORA_A), lora_scale=0.7

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cog_server import ROOT, CogServer
+from tests.cog_server import ROOT, CogServer, server_env
 from tests.fake_services import REPLICATE_MEMBER, FakeServices, make_tar
 from tests.http_files import HttpFiles
 from tests.lora_files import FAST, data_uri, kohya, random_lora, to_bytes
@@ -67,17 +67,17 @@ def web() -> Iterator[HttpFiles]:
         yield files
 
 
-def server_env(tiny_weights: Path, fakes: FakeServices, cache: Path, tmp: Path) -> dict[str, str]:
-    return {
-        "FLUX_DAY_WEIGHTS": str(tiny_weights),
-        "FLUX_DAY_OFFLINE": "1",
-        "FLUX_DAY_ALLOW_PRIVATE_URLS": "1",
-        "FLUX_DAY_MAX_LORA_BYTES": str(MAX_LORA_BYTES),
-        "FLUX_DAY_LORA_CACHE": str(cache),
-        "TMPDIR": str(tmp),
+def sources_env(tiny_weights: Path, fakes: FakeServices, cache: Path, tmp: Path) -> dict[str, str]:
+    """A server that reaches the fake services, with its own LoRA cache and tokens for each service."""
+    return server_env(
+        tiny_weights,
+        tmp,
+        FLUX_DAY_ALLOW_PRIVATE_URLS="1",
+        FLUX_DAY_MAX_LORA_BYTES=str(MAX_LORA_BYTES),
+        FLUX_DAY_LORA_CACHE=str(cache),
         **fakes.env(),
         **TOKENS,
-    }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_weights: Path, fakes: FakeServices, root: Path, log_path: Path) -> Iterator[CogServer]:
-    env = server_env(tiny_weights, fakes, root / "cache", root / "tmp")
+    env = sources_env(tiny_weights, fakes, root / "cache", root / "tmp")
     with CogServer.ready(env, log_path) as cog:
         yield cog
 
@@ -522,7 +522,7 @@ def test_a_restarted_server_finds_pinned_loras_in_its_disk_cache_without_the_net
     with FakeServices() as own:
         plain = own.cdn.serve("/plain/restart.safetensors", RESTART_PLAIN)
         own.replicate.add_model("alice", "restart", RESTART_PINNED, version=VERSION)
-        env = server_env(tiny_weights, own, cache, tmp)
+        env = sources_env(tiny_weights, own, cache, tmp)
         asks = [
             {"replicate_weights": plain},
             {"replicate_weights": pinned},

@@ -157,3 +157,43 @@ def test_the_engine_logs_one_plan_table_and_keeps_one_visitor_on_the_gpu(
     residency.need(["vae", "dev-bf16"])
     residency.need(["vae", "schnell-bf16"])
     assert residency.visitor == "schnell-bf16"  # dev-bf16 went back to CPU RAM first
+
+
+class Interrupted(BaseException):
+    """Stands in for cog's CancelationException, raised into a move between devices."""
+
+
+class Tracked(torch.nn.Linear):
+    """A module that records where it is sent, and can be interrupted on its next move."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.moves: list[str] = []
+        self.interrupt_next = False
+
+    def to(self, *args: object, **kwargs: object) -> Tracked:
+        self.moves.append(str(args[0] if args else kwargs["device"]))
+        if self.interrupt_next:
+            self.interrupt_next = False
+            raise Interrupted
+        return super().to(*args, **kwargs)
+
+
+def test_a_move_interrupted_by_a_cancel_is_redone_by_the_next_request() -> None:
+    """A cancel mid-move leaves modules half on the GPU: both go back, and the next need moves again."""
+    from flux_day.residency import Residency
+
+    eighty = plan_memory({**SIZES, "safety": 1_500_000_000}, 80 * 10**9)
+    modules = {name: Tracked() for name in [*SIZES, "safety"]}
+    residency = Residency(modules, eighty, torch.device("cpu"))
+    residency.need(["dev-bf16"])
+    dev, schnell = modules["dev-bf16"], modules["schnell-bf16"]
+    dev.moves.clear()
+    schnell.interrupt_next = True
+    with pytest.raises(Interrupted):
+        residency.need(["schnell-bf16"])
+    assert residency.visitor is None
+    assert dev.moves[-1] == schnell.moves[-1] == "cpu"  # both sent back
+    dev.moves.clear()
+    residency.need(["dev-bf16"])
+    assert dev.moves == ["cpu"] and residency.visitor == "dev-bf16"  # moved again, not assumed there

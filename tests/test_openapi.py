@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 
 from flux_day.serving import INTERNAL_ERROR
-from tests.cog_server import ROOT, CogServer, decode_output, linked_root, open_image
+from tests.cog_server import ROOT, CogServer, decode_output, linked_root, open_image, server_env
 from tests.test_schema import seed_schema
 
 FAST = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 1234}
@@ -60,12 +60,7 @@ def document(schema_root: Path) -> dict[str, Any]:
 def schema_server(
     tiny_weights: Path, schema_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CogServer]:
-    env = {
-        "FLUX_DAY_WEIGHTS": str(tiny_weights),
-        "FLUX_DAY_OFFLINE": "1",
-        "TMPDIR": str(tmp_path_factory.mktemp("schema-server-tmp")),
-        **OFFLINE,
-    }
+    env = server_env(tiny_weights, tmp_path_factory.mktemp("schema-server-tmp"), **OFFLINE)
     log = tmp_path_factory.mktemp("schema-server-logs") / "cog.log"
     with CogServer.ready(env, log, cwd=schema_root) as server:
         yield server

@@ -22,7 +22,7 @@ from flux_day.request import GenerationRequest
 from flux_day.safety import ALL_FLAGGED, SafetyFilter
 from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
 from flux_day.weights.tiny import write_tiny_weights
-from tests.cog_server import CogServer
+from tests.cog_server import CogServer, server_env
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 11}
 
@@ -147,8 +147,7 @@ def test_the_cog_server_drops_confirmed_images_and_fails_when_none_is_left(
     inputs = {**SMALL, "num_outputs": 3, "output_format": "png"}
     for bias, kept in (([0.0, float(split)], 1), ([-10.0, 10.0], 0)):
         root = write_judging_tree(tmp_path / f"weights-{kept}", bias)
-        env = {"FLUX_DAY_WEIGHTS": str(root), "FLUX_DAY_OFFLINE": "1", "TMPDIR": str(tmp_path)}
-        with CogServer.ready(env, tmp_path / f"cog-{kept}.log") as server:
+        with CogServer.ready(server_env(root, tmp_path), tmp_path / f"cog-{kept}.log") as server:
             if kept:
                 assert len(server.images(**inputs)) == kept
                 assert len(server.images(**inputs, disable_safety_checker=True)) == 3

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests import lora_files as lf
-from tests.cog_server import CogServer, decode_output
+from tests.cog_server import CogServer, decode_output, server_env
 from tests.upload_server import UploadServer
 
 SMALL = {
@@ -114,7 +114,7 @@ def test_outputs_are_uploaded_to_the_upload_url(
     cog_server: CogServer, tiny_weights: Path, tmp_path: Path
 ) -> None:
     expected = cog_server.images(**SMALL, num_outputs=2)
-    env = {"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    env = server_env(tiny_weights, tmp_path)
     with UploadServer() as uploads:
         args = ["--upload-url", f"{uploads.base}/uploads/"]
         with CogServer.ready(env, tmp_path / "cog.log", args) as server:
@@ -160,7 +160,7 @@ def test_without_an_upload_url_outputs_are_data_uris(cog_server: CogServer) -> N
 def test_a_setup_failure_says_why_in_the_setup_logs(
     case: str, reason: str, tiny_weights: Path, tmp_path: Path
 ) -> None:
-    env = {"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    env = server_env(tiny_weights, tmp_path)
     if case == "offline-without-weights":
         env["FLUX_DAY_WEIGHTS"] = str(tmp_path / "empty")
     else:
