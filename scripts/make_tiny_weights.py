@@ -1,6 +1,8 @@
-"""Write tiny random FLUX-architecture weights in the real layout.
+"""Write random FLUX-architecture weights in the real layout.
 
-Usage: `python scripts/make_tiny_weights.py DIR [--seed N]`.
+Usage: `python scripts/make_tiny_weights.py DIR [--seed N] [--wide | --deep]`.
+The default is the tiny tree (a few MB, the tests); `--wide` has FLUX.1's real layer widths with few
+blocks (GBs, for benchmarks); `--deep` has FLUX.1's real 19 + 38 blocks at narrow widths (LoRA layouts).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from flux_day.weights.tiny import write_tiny_weights
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("dir", type=Path, help="weights root to write (created if absent)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    profile = parser.add_mutually_exclusive_group()
+    profile.add_argument("--wide", action="store_const", const="wide", dest="profile", help="real widths")
+    profile.add_argument("--deep", action="store_const", const="deep", dest="profile", help="real depth")
     args = parser.parse_args()
-    root = write_tiny_weights(args.dir, seed=args.seed)
-    print(f"tiny weights written to {root}")
+    root = write_tiny_weights(args.dir, seed=args.seed, profile=args.profile or "tiny")
+    print(f"{args.profile or 'tiny'} weights written to {root}")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,38 @@ def test_layout_and_architecture(tiny_weights: Path) -> None:
     for folder in ("safety-checker", "nsfw-classifier"):
         assert (tiny_weights / folder / "config.json").is_file()
     assert sum(p.stat().st_size for p in tiny_weights.rglob("*") if p.is_file()) < 10 * 2**20
+
+
+def test_wide_profile_has_flux_real_layer_widths() -> None:
+    """The wide tree (benchmarks) is built on the meta device here: its configs, not its GBs."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from flux_day.weights.tiny import PROFILES, transformer_config
+
+    wide = PROFILES["wide"]
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**transformer_config(wide, guidance_embeds=True))
+    linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears["transformer_blocks.0.attn.to_q"].weight.shape == (3072, 3072)
+    assert linears["transformer_blocks.0.ff.net.0.proj"].weight.shape == (12288, 3072)  # MLP x4
+    assert linears["single_transformer_blocks.0.proj_out"].weight.shape == (3072, 3072 + 12288)
+    assert linears["context_embedder"].weight.shape == (3072, 4096)  # T5-XXL's width
+    assert linears["time_text_embed.text_embedder.linear_1"].weight.shape == (3072, 768)  # CLIP-L's
+    parameters = sum(p.numel() for p in transformer.parameters())
+    assert 0.6e9 < parameters < 0.8e9  # 1 double + 2 single blocks at full width
+    assert (wide.t5_dim, wide.t5_ff, wide.t5_dim // wide.t5_heads) == (4096, 10240, 64)
+    assert sum(wide.rope_axes) == wide.head_dim == 128
+
+
+def test_deep_profile_has_flux_real_depth(tmp_path: Path) -> None:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from flux_day.weights.tiny import PROFILES, transformer_config
+
+    deep = PROFILES["deep"]
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**transformer_config(deep, guidance_embeds=True))
+    assert len(transformer.transformer_blocks) == 19 and len(transformer.single_transformer_blocks) == 38
+    assert deep.clip_layers == 12  # CLIP-L's depth, for kohya lora_te1_ files

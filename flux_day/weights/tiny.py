@@ -1,14 +1,25 @@
-"""Tiny random FLUX-architecture weights, written in the real layout so every loading path is real.
+"""Random FLUX-architecture weight trees, written in the real layout so every loading path is real.
 
-Real FLUX weights cannot be downloaded on our machines, so the demo and the tests run on models with
-the real architecture (double and single blocks, guidance embedding, 16-channel VAE with FLUX's
-scaling and shift, CLIP + T5 encoders, tokenizers) at a few MB. Same seed, same bytes.
+Real FLUX weights cannot be downloaded on our machines, so the demo, the tests and the benchmarks run
+on models with the real architecture (double and single blocks, guidance embedding, 16-channel VAE
+with FLUX's scaling and shift, CLIP + T5 encoders, tokenizers). Three profiles of one builder:
+
+- **tiny** (a few MB): the test suite and the README's demo.
+- **wide** (GBs): FLUX.1's real layer widths (3072 hidden, 24 heads of 128, MLP x4, T5 width 4096,
+  CLIP-L width 768, FLUX's VAE) with 1 double and 2 single blocks, so per-weight costs (LoRA fuses,
+  fp8 quantization, setup) are measured at real sizes on a CPU. Benchmarks only.
+- **deep**: FLUX.1's real depth (19 double + 38 single blocks, a 12-layer CLIP) at narrow widths,
+  so LoRA files laid out key for key as trainers write them can be checked module by module.
+
+Same profile and seed, same bytes.
 """
 
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -80,8 +91,44 @@ _SCHEDULERS = {
     SCHNELL_FOLDER: {"shift": 1.0, "use_dynamic_shifting": False},
 }
 
-_T5_DIM = 32
-_CLIP_DIM = 32
+
+@dataclass(frozen=True)
+class TreeProfile:
+    """The sizes that distinguish one random tree from another (the architecture is always FLUX.1's)."""
+
+    name: str
+    double_blocks: int
+    single_blocks: int
+    heads: int
+    head_dim: int
+    rope_axes: tuple[int, int, int]  # sums to head_dim, as FLUX's (16, 56, 56) sums to 128
+    t5_dim: int
+    t5_ff: int
+    t5_layers: int
+    t5_heads: int
+    clip_dim: int
+    clip_ff: int
+    clip_layers: int
+    clip_heads: int
+    vae_channels: tuple[int, int, int, int]
+    vae_layers_per_block: int
+    vae_norm_groups: int
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+PROFILES: Final[dict[str, TreeProfile]] = {
+    "tiny": TreeProfile("tiny", 2, 2, 2, 16, (4, 6, 6), 32, 37, 2, 4, 32, 37, 2, 4, (8, 16, 16, 16), 1, 4),
+    # FLUX.1's widths: 24 heads of 128, T5-XXL's 4096/10240 with 64 heads, CLIP-L's 768/3072, and
+    # FLUX's own VAE; one T5 and one CLIP layer, since encoders run once per request.
+    "wide": TreeProfile(
+        "wide", 1, 2, 24, 128, (16, 56, 56), 4096, 10240, 1, 64, 768, 3072, 1, 12, (128, 256, 512, 512), 2, 32
+    ),
+    # FLUX.1's depth and CLIP-L's 12 layers, at tiny widths.
+    "deep": TreeProfile("deep", 19, 38, 2, 16, (4, 6, 6), 32, 37, 2, 4, 32, 37, 12, 4, (8, 16, 16, 16), 1, 4),
+}
 
 
 def _clip_tokenizer() -> CLIPTokenizer:
@@ -116,32 +163,37 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def _transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,  # 16 latent channels packed 2x2, as in FLUX.1
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=_T5_DIM,
-        pooled_projection_dim=_CLIP_DIM,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
-    )
+def transformer_config(profile: TreeProfile, guidance_embeds: bool) -> dict[str, object]:
+    """`FluxTransformer2DModel` arguments for `profile` (the GPU proof builds full size from FLUX's own)."""
+    return {
+        "patch_size": 1,
+        "in_channels": 64,  # 16 latent channels packed 2x2, as in FLUX.1
+        "num_layers": profile.double_blocks,
+        "num_single_layers": profile.single_blocks,
+        "attention_head_dim": profile.head_dim,
+        "num_attention_heads": profile.heads,
+        "joint_attention_dim": profile.t5_dim,
+        "pooled_projection_dim": profile.clip_dim,
+        "guidance_embeds": guidance_embeds,
+        "axes_dims_rope": profile.rope_axes,
+    }
 
 
-def _vae() -> AutoencoderKL:
+def _transformer(profile: TreeProfile, guidance_embeds: bool) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(**transformer_config(profile, guidance_embeds))
+
+
+def _vae(profile: TreeProfile) -> AutoencoderKL:
     # Four blocks give FLUX's 8x spatial compression; scaling and shift are FLUX.1's own.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
+        block_out_channels=profile.vae_channels,
+        layers_per_block=profile.vae_layers_per_block,
         latent_channels=16,
-        norm_num_groups=4,
+        norm_num_groups=profile.vae_norm_groups,
         sample_size=1024,
         scaling_factor=0.3611,
         shift_factor=0.1159,
@@ -150,16 +202,18 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _text_encoders(clip_tok: CLIPTokenizer, t5_tok: T5Tokenizer) -> tuple[CLIPTextModel, T5EncoderModel]:
+def _text_encoders(
+    profile: TreeProfile, clip_tok: CLIPTokenizer, t5_tok: T5Tokenizer
+) -> tuple[CLIPTextModel, T5EncoderModel]:
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tok),
-            hidden_size=_CLIP_DIM,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
+            hidden_size=profile.clip_dim,
+            intermediate_size=profile.clip_ff,
+            num_attention_heads=profile.clip_heads,
+            num_hidden_layers=profile.clip_layers,
             max_position_embeddings=77,
-            projection_dim=_CLIP_DIM,
+            projection_dim=profile.clip_dim,
             bos_token_id=clip_tok.bos_token_id,
             eos_token_id=clip_tok.eos_token_id,
             pad_token_id=clip_tok.pad_token_id,
@@ -168,11 +222,11 @@ def _text_encoders(clip_tok: CLIPTokenizer, t5_tok: T5Tokenizer) -> tuple[CLIPTe
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tok),
-            d_model=_T5_DIM,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
+            d_model=profile.t5_dim,
+            d_kv=profile.t5_dim // profile.t5_heads,
+            d_ff=profile.t5_ff,
+            num_layers=profile.t5_layers,
+            num_heads=profile.t5_heads,
             relative_attention_num_buckets=8,
             pad_token_id=t5_tok.pad_token_id,
             eos_token_id=t5_tok.eos_token_id,
@@ -230,8 +284,8 @@ def _write_safety_models(root: Path) -> None:
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / NSFW_CLASSIFIER_FOLDER)
 
 
-def write_tiny_weights(root: Path, seed: int = 0) -> Path:
-    """Write the whole weights layout under `root` with tiny random models; return `root`."""
+def write_tiny_weights(root: Path, seed: int = 0, profile: str = "tiny") -> Path:
+    """Write the whole weights layout under `root` with random models of `profile` (see PROFILES)."""
     from diffusers import FluxPipeline
 
     root = Path(root)
@@ -240,22 +294,24 @@ def write_tiny_weights(root: Path, seed: int = 0) -> Path:
     transformers_logging.set_verbosity_error()
     torch.manual_seed(seed)
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
-    clip, t5 = _text_encoders(clip_tok, t5_tok)
+    sizes = PROFILES[profile]
+    clip, t5 = _text_encoders(sizes, clip_tok, t5_tok)
     dev = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**_SCHEDULERS[DEV_FOLDER]),
-        vae=_vae(),
+        vae=_vae(sizes),
         text_encoder=clip,
         tokenizer=clip_tok,
         text_encoder_2=t5,
         tokenizer_2=t5_tok,
-        transformer=_transformer(guidance_embeds=True),
+        transformer=_transformer(sizes, guidance_embeds=True),
     )
     # Real FLUX checkpoints are bf16 on disk; the tiny ones are too, so loading converts as it must.
     dev.to(torch.bfloat16)
     dev.save_pretrained(root / DEV_FOLDER)
 
     # schnell ships only what differs from dev; everything else is shared at load time.
-    schnell_transformer = _transformer(guidance_embeds=False).to(torch.bfloat16)
+    del dev  # a wide tree's dev pipeline is GBs: free it before schnell's transformer is made
+    schnell_transformer = _transformer(sizes, guidance_embeds=False).to(torch.bfloat16)
     schnell_transformer.save_pretrained(root / SCHNELL_FOLDER / "transformer")
     FlowMatchEulerDiscreteScheduler(**_SCHEDULERS[SCHNELL_FOLDER]).save_pretrained(
         root / SCHNELL_FOLDER / "scheduler"
