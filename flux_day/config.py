@@ -29,6 +29,9 @@ class Settings:
     civitai_url: str
     hf_endpoint: str
     compile: str  # "auto" (CUDA: inductor; CPU: off), "0", "1", or a torch.compile backend name
+    compile_models: tuple[str, ...]  # transformers compiled at setup: "dev-fp8", "schnell-full", ...
+    compile_cache: Path  # inductor's caches, so a restarted server does not build kernels again
+    fp8_cache: Path | None  # go_fast's fp8 copies, so a restarted server does not quantize again
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,4 +53,31 @@ class Settings:
             civitai_url=(env.get("FLUX_DAY_CIVITAI_URL") or "https://civitai.com").rstrip("/"),
             hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
             compile=(env.get("FLUX_DAY_COMPILE") or "auto").strip().lower(),
+            compile_models=_compile_models(env.get("FLUX_DAY_COMPILE_MODELS")),
+            compile_cache=Path(env.get("FLUX_DAY_COMPILE_CACHE") or weights / "compile-cache"),
+            fp8_cache=_optional_path(env.get("FLUX_DAY_FP8_CACHE"), weights / "fp8-cache"),
         )
+
+
+TRANSFORMERS = ("dev-full", "dev-fp8", "schnell-full", "schnell-fp8")
+DEFAULT_COMPILE_MODELS = ("dev-fp8", "schnell-fp8")  # go_fast: fp8 pays only together with compilation
+
+
+def _compile_models(value: str | None) -> tuple[str, ...]:
+    if value is None or not value.strip():
+        return DEFAULT_COMPILE_MODELS
+    names = tuple(dict.fromkeys(name.strip().lower() for name in value.split(",") if name.strip()))
+    unknown = [name for name in names if name not in TRANSFORMERS]
+    if unknown:
+        raise ValueError(
+            f"FLUX_DAY_COMPILE_MODELS={value!r} names {unknown[0]!r}; use a comma-separated list of "
+            f"{', '.join(TRANSFORMERS)}"
+        )
+    return names
+
+
+def _optional_path(value: str | None, default: Path) -> Path | None:
+    """A folder setting where `0`/`off` turns the feature off."""
+    if value is None or not value.strip():
+        return default
+    return None if value.strip().lower() in {"0", "off", "false", "no", "none"} else Path(value)

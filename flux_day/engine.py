@@ -1,26 +1,41 @@
 """`Engine`: owns everything loaded and turns a checked request into images.
 
-`generate` reads as the algorithm: pick the pipeline for model and mode, encode the prompt once,
-then run one pipeline call per output with its own generator seeded `seed + i`, so each image is
-exactly what a single-output request with that seed gives.
+`generate` reads as the algorithm: bring what the request runs on to the GPU, fuse its LoRAs into
+that (CLIP first, then the transformer), encode the prompt once, then run one pipeline call per output
+with its own generator seeded `seed + i`, so each image is exactly what a single-output request with
+that seed gives.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
+from flux_day.compile import CompiledTransformers, compile_backend, seed_sizes
 from flux_day.config import Settings
 from flux_day.errors import InputError, WeightsError
-from flux_day.fast import Fp8Transformers, compile_backend, compile_transformers
-from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest
+from flux_day.fast import Fp8Cache, Fp8Transformers
+from flux_day.loras.fuse import PristineStore
+from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest, LoraTargets
 from flux_day.loras.refs import parse_ref
-from flux_day.memory_plan import format_plan, module_bytes, plan_memory
-from flux_day.models import MODELS, load_pipelines, pick_device
+from flux_day.memory_plan import (
+    CLIP,
+    SAFETY,
+    T5,
+    VAE,
+    MemoryPlan,
+    format_plan,
+    module_bytes,
+    plan_memory,
+    transformer_component,
+)
+from flux_day.models import MODELS, LoadedModels, build_pipelines, load_models, pick_device
 from flux_day.request import GenerationRequest
 from flux_day.residency import Residency
 from flux_day.safety import SafetyFilter
@@ -30,56 +45,153 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """dev and schnell, each in txt2img, img2img and inpaint, loaded once and shared."""
+    """dev and schnell, each in txt2img, img2img and inpaint, loaded once and shared.
 
-    def __init__(self, settings: Settings, default_lora: str | None = None) -> None:
+    `models` and `safety` inject components built in memory (the GPU proof); by default they are read
+    from the weights root. Everything after loading is the same either way.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        default_lora: str | None = None,
+        models: LoadedModels | None = None,
+        safety: SafetyFilter | None = None,
+        device_bytes: int | None = None,
+        progress: Callable[[str], None] = log.info,
+    ) -> None:
         self.settings = settings
         self.device, self.dtype = pick_device(settings.device)
-        ensure_weights(settings)  # fetches what is missing, unless FLUX_DAY_OFFLINE=1 (then it explains)
-        # On CUDA everything is loaded into CPU RAM first, and the memory plan decides what moves.
-        load_device = torch.device("cpu") if self.device.type == "cuda" else self.device
-        self.pipelines = load_pipelines(Path(settings.weights), load_device, self.dtype)
+        if models is None:
+            ensure_weights(settings)  # fetches what is missing, unless FLUX_DAY_OFFLINE=1 (then it explains)
+            # On CUDA everything is read into CPU RAM first, and the memory plan decides what moves.
+            models = load_models(Path(settings.weights), self.dtype)
+        self.models = models
+        self.pipelines = build_pipelines(models)
+        self._fp8_pipelines: dict[str, dict[str, object]] = {}
         self.fast = Fp8Transformers(
-            {model: by_mode["txt2img"].transformer for model, by_mode in self.pipelines.items()}, self.device
+            models.transformers,
+            self.device,
+            Fp8Cache(settings.fp8_cache),
+            models.sources,
         )
-        self.fast_pipelines = {
-            model: {
-                mode: type(pipe)(**{**pipe.components, "transformer": self.fast.models[model]})
-                for mode, pipe in by_mode.items()
-            }
-            for model, by_mode in self.pipelines.items()
-        }
-        self.safety = SafetyFilter(Path(settings.weights), self.device, self.dtype)
-        self.residency = self._plan_memory()
-        backend = compile_backend(settings.compile, self.device)
-        if backend is not None:
-            masters = [by_mode["txt2img"].transformer for by_mode in self.pipelines.values()]
-            compile_transformers([*masters, *self.fast.models.values()], backend)
-        self.loras = LoraManager(settings)
+        self.safety = safety or SafetyFilter(Path(settings.weights), torch.device("cpu"), self.dtype)
+        self.plan = self._plan(device_bytes)
+        self.residency = Residency(
+            self._modules(),
+            self.plan,
+            self.device,
+            builders={
+                transformer_component(model, fp8=True): self._fp8_builder(model)
+                for model in models.transformers
+            },
+        )
+        self.loras = LoraManager(settings, PristineStore(self.plan, self.residency.home))
+        self.residency.on_leave = self.loras.fuser.forget
         self.default_lora = default_lora or None
         self.steps_done = 0  # denoising steps of the current request so far
+        self.compiled = self._compile(progress)
         if self.default_lora:
             # Read it now, so a broken default fails setup rather than every prediction.
             try:
-                self.loras.weights(self._default_lora(1.0), "dev", self.lora_components("dev"))
+                self.loras.weights(self._default_lora(1.0), "dev", self._targets("dev", fp8=False).components)
             except InputError as error:
                 raise WeightsError(str(error)) from None
 
-    def _plan_memory(self) -> Residency:
-        """Measure every component, decide what stays on the GPU (logged as one table), and place it."""
-        modules: dict[str, torch.nn.Module] = {}
-        for model, by_mode in self.pipelines.items():
-            modules[f"{model}-bf16"] = by_mode["txt2img"].transformer
-            modules[f"{model}-fp8"] = self.fast.models[model]
-        shared = self.pipelines["dev"]["txt2img"]
-        modules |= {"clip": shared.text_encoder, "t5": shared.text_encoder_2, "vae": shared.vae}
-        modules["safety"] = self.safety
-        total = (
-            torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-        )
-        plan = plan_memory({name: module_bytes(module) for name, module in modules.items()}, total)
+    def _modules(self) -> dict[str, nn.Module]:
+        """Every planned module that exists at setup (fp8 copies are made on first use)."""
+        modules: dict[str, nn.Module] = {
+            transformer_component(model, fp8=False): transformer
+            for model, transformer in self.models.transformers.items()
+        }
+        shared = self.models.shared
+        return modules | {
+            CLIP: shared["text_encoder"],
+            T5: shared["text_encoder_2"],
+            VAE: shared["vae"],
+            SAFETY: self.safety,
+        }
+
+    def _plan(self, device_bytes: int | None) -> MemoryPlan:
+        """Measure every component (fp8 copies by the size they will have), decide what stays on the
+        GPU, and log the plan as one table."""
+        sizes = {name: module_bytes(module) for name, module in self._modules().items()}
+        sizes |= {
+            transformer_component(model, fp8=True): self.fast.expected_bytes(model)
+            for model in self.models.transformers
+        }
+        if device_bytes is None and self.device.type == "cuda":
+            device_bytes = torch.cuda.get_device_properties(self.device).total_memory
+        plan = plan_memory(sizes, device_bytes if self.device.type == "cuda" else None)
         log.info("memory plan:\n%s", format_plan(plan))
-        return Residency(modules, plan, self.device)
+        return plan
+
+    def _fp8_builder(self, model: str) -> Callable[[torch.device], nn.Module]:
+        def build(device: torch.device) -> nn.Module:
+            return self.fast.build(model, device, weight_of=self.loras.fuser.pristine)
+
+        return build
+
+    def _compile(self, progress: Callable[[str], None]) -> CompiledTransformers | None:
+        """With compilation on, route the chosen transformers through compiled graphs and compile
+        every seed size now, one denoising step each (from the compile cache after a restart)."""
+        backend = compile_backend(self.settings.compile, self.device)
+        if backend is None:
+            return None
+        compiled = CompiledTransformers(backend, seed_sizes(), self.settings.compile_cache)
+        for name in self.settings.compile_models:
+            model, precision = name.rsplit("-", 1)
+            fp8 = precision == "fp8"
+            if self.plan[name] == "cpu-only":
+                progress(f"compile: {name} does not fit this GPU; not compiled")
+                continue
+            started = time.perf_counter()
+            self.residency.need([name])
+            pipe = self.pipeline(model, "txt2img", fp8)
+            compiled.install([pipe.transformer])
+            self.residency.need([CLIP, T5])
+            with torch.inference_mode():
+                embeds, pooled, _ = pipe.encode_prompt(
+                    prompt="",
+                    prompt_2=None,
+                    device=self.device,
+                    max_sequence_length=MODELS[model].max_sequence_length,
+                )
+            self.residency.need([name])
+            for width, height in compiled.sizes:
+                with torch.inference_mode():
+                    pipe(
+                        prompt_embeds=embeds,
+                        pooled_prompt_embeds=pooled,
+                        width=width,
+                        height=height,
+                        num_inference_steps=1,
+                        max_sequence_length=MODELS[model].max_sequence_length,
+                        output_type="latent",
+                    )
+            progress(
+                f"compile: {name} for {len(compiled.sizes)} sizes in {time.perf_counter() - started:.1f}s"
+            )
+        return compiled
+
+    def pipeline(self, model: str, mode: str, fp8: bool) -> object:
+        """The pipeline for `model` in `mode`; go_fast's are built on first use, around the fp8 copy."""
+        if not fp8:
+            return self.pipelines[model][mode]
+        if model not in self._fp8_pipelines:
+            fp8_transformer = self.residency.module(transformer_component(model, fp8=True))
+            self._fp8_pipelines[model] = build_pipelines(self.models, {model: fp8_transformer})[model]
+        return self._fp8_pipelines[model][mode]
+
+    def _targets(self, model: str, fp8: bool) -> LoraTargets:
+        master = self.models.transformers[model]
+        return LoraTargets(
+            group=transformer_component(model, fp8),
+            transformer=self.residency.module(transformer_component(model, fp8)) if fp8 else master,
+            master=master,
+            text_encoder=self.models.shared["text_encoder"],
+            quantize=self.fast.quantizer() if fp8 else None,
+        )
 
     def generate(
         self, request: GenerationRequest, metrics: dict[str, float] | None = None
@@ -89,8 +201,8 @@ class Engine:
         fp8 = request.go_fast and not request.custom_size
         if request.go_fast and not fp8:
             log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
-        transformer = f"{request.model}-{'fp8' if fp8 else 'bf16'}"
-        if self.residency.plan[transformer] == "cpu-only":
+        transformer = transformer_component(request.model, fp8)
+        if self.plan[transformer] == "cpu-only":
             raise InputError(
                 f"go_fast: {transformer} does not fit this GPU (see the memory plan in the setup log); "
                 f"set go_fast={'false' if fp8 else 'true'}."
@@ -146,13 +258,30 @@ class Engine:
     ) -> list[Image.Image]:
         """LoRAs, denoising, safety: the steps of `generate` that a failure or a cancel must undo."""
         started = time.perf_counter()
-        self._activate_loras(request, loras, fp8)
-        metrics["timing.loras"] = time.perf_counter() - started
-        images = self._denoise(request, fp8, transformer)
-        metrics["timing.generate"] = time.perf_counter() - started - metrics["timing.loras"]
+        pipe = self.pipeline(request.model, request.mode, fp8)
+        targets = self._targets(request.model, fp8)
+        # Everything is parsed (and downloaded) first; CLIP's part is fused before the prompt is
+        # encoded, the transformer's once it is on the GPU (T5 may share its slot on small cards).
+        self.loras.activate(request.model, targets, loras, go_fast=fp8, parts=("text_encoder",))
+        lora_seconds = time.perf_counter() - started
+        self.residency.need([CLIP, T5])
+        with torch.inference_mode():
+            prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
+                prompt=request.prompt,
+                prompt_2=None,
+                device=self.device,
+                max_sequence_length=MODELS[request.model].max_sequence_length,
+            )
+        self.residency.need([VAE, transformer])
+        fused = time.perf_counter()
+        self.loras.activate(request.model, targets, loras, go_fast=fp8)
+        metrics["timing.loras"] = lora_seconds + time.perf_counter() - fused
+        denoise = time.perf_counter()
+        images = self._denoise(pipe, request, prompt_embeds, pooled_prompt_embeds)
+        metrics["timing.generate"] = time.perf_counter() - denoise
         if not request.disable_safety_checker:
             checked = time.perf_counter()
-            self.residency.need(["safety"])
+            self.residency.need([SAFETY])
             images = self.safety.filter(images)
             metrics["timing.safety"] = time.perf_counter() - checked
         return images
@@ -160,8 +289,6 @@ class Engine:
     def release_loras(self) -> None:
         """Restore every fused weight, full precision and fp8, to the base model's bytes."""
         self.loras.release()
-        for model in self.fast.models:
-            self.fast.sync(model, set(), ())
 
     @staticmethod
     def _shown(loras: list[LoraRequest]) -> list[str] | str:
@@ -173,30 +300,15 @@ class Engine:
         ]
         return shown or "none"
 
-    def _activate_loras(self, request: GenerationRequest, loras: list[LoraRequest], fp8: bool) -> None:
-        """Fuse the request's LoRAs into the full-precision weights and, for fp8, re-quantize what changed."""
-        # Before the prompt is encoded: a LoRA may change the CLIP text encoder too.
-        self.loras.activate(request.model, self.lora_components(request.model), loras, go_fast=fp8)
-        if fp8:
-            transformer_modules = {
-                name.removeprefix("transformer.")
-                for name in self.loras.fused_modules
-                if name.startswith("transformer.")
-            }
-            self.fast.sync(request.model, transformer_modules, self.loras.fuser.active)
-
-    def _denoise(self, request: GenerationRequest, fp8: bool, transformer: str) -> list[Image.Image]:
-        """Encode the prompt once, then one pipeline call per output with its own seed."""
-        pipe = (self.fast_pipelines if fp8 else self.pipelines)[request.model][request.mode]
-        self.residency.need(["clip", "t5"])
+    def _denoise(
+        self,
+        pipe: object,
+        request: GenerationRequest,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+    ) -> list[Image.Image]:
+        """One pipeline call per output with its own seed, on the prompt encoded once."""
         with torch.inference_mode():
-            prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
-                prompt=request.prompt,
-                prompt_2=None,
-                device=self.device,
-                max_sequence_length=MODELS[request.model].max_sequence_length,
-            )
-            self.residency.need(["vae", transformer])
             return [
                 pipe(
                     **self._call_arguments(request, seed),
@@ -222,10 +334,13 @@ class Engine:
     def _default_lora(self, scale: float) -> LoraRequest:
         return LoraRequest(DEFAULT_LORA_INPUT, self.default_lora or "", scale)
 
-    def lora_components(self, model: str) -> dict[str, torch.nn.Module]:
-        """The modules LoRAs may change: this model's transformer and the shared CLIP text encoder."""
-        pipe = self.pipelines[model]["txt2img"]
-        return {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}
+    def lora_components(self, model: str) -> dict[str, nn.Module]:
+        """The modules LoRA files name: this model's full-precision transformer and CLIP's encoder."""
+        return self._targets(model, fp8=False).components
+
+    def lora_targets(self, model: str, fp8: bool = False) -> LoraTargets:
+        """Where a request's LoRAs go for `model` in full precision or fp8 (go_fast)."""
+        return self._targets(model, fp8)
 
     @staticmethod
     def _call_arguments(request: GenerationRequest, seed: int) -> dict[str, object]:

@@ -1,8 +1,11 @@
 """Which loaded components live on the GPU and which wait in CPU RAM: a pure decision on byte counts.
 
-Nothing here touches a device: the engine measures its modules with `module_bytes`, asks `plan_memory`
-for a `MemoryPlan`, logs `format_plan(plan)` and moves modules accordingly. Keeping the decision pure
-keeps it testable for any card without one.
+Nothing here touches a device: the engine measures its modules with `module_bytes` (and the fp8
+copies it has not made yet with their expected size), asks `plan_memory` for a `MemoryPlan`, logs
+`format_plan(plan)` and moves modules accordingly (`residency.Residency`). The rules that decide a
+move (`visit`) and where a LoRA's pristine copy goes (`pristine_site`) live here too, so the
+simulator (`memory_sim`) and the engine follow the same ones. Keeping the decision pure keeps it
+testable for any card without one.
 """
 
 from __future__ import annotations
@@ -15,18 +18,28 @@ if TYPE_CHECKING:
     import torch
 
 Placement = Literal["resident", "offloaded", "cpu-only"]
+Site = Literal["device", "host"]
 
 GIB: Final = 2**30
 DEFAULT_RESERVE: Final = 10 * GIB  # activations of a 1440x1440 denoise and the VAE decode
+CLIP, T5, VAE, SAFETY = "clip", "t5", "vae", "safety"
+
+
+def transformer_component(model: str, fp8: bool) -> str:
+    """The plan's name of a model's transformer: `dev-full` (the loaded precision: bf16 on a GPU,
+    float32 on a CPU) or `dev-fp8` (its go_fast copy)."""
+    return f"{model}-{'fp8' if fp8 else 'full'}"
+
+
 DEFAULT_PRIORITY: Final = (
-    "clip",
-    "vae",
-    "safety",  # the CompVis checker and Falconsai classifier: small, and run on every output
-    "t5",
-    "dev-fp8",
-    "schnell-fp8",
-    "dev-bf16",
-    "schnell-bf16",
+    CLIP,
+    VAE,
+    SAFETY,  # the CompVis checker and Falconsai classifier: small, and run on every output
+    T5,
+    transformer_component("dev", fp8=False),  # the default request: never moved once it is in
+    transformer_component("dev", fp8=True),
+    transformer_component("schnell", fp8=True),
+    transformer_component("schnell", fp8=False),
 )
 
 
@@ -71,8 +84,37 @@ class MemoryPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """The most GPU memory the plan ever asks for: resident set, one swapped-in component, reserve."""
-        return self.total("resident") + self.swap_bytes + self.reserve_bytes
+        """The most GPU memory the plan ever asks for: resident set, one swapped-in component, reserve,
+        and the room it leaves to LoRAs' pristine copies."""
+        return self.total("resident") + self.swap_bytes + self.reserve_bytes + self.pristine_bytes
+
+    @property
+    def pristine_bytes(self) -> int:
+        """GPU room left for LoRAs' pristine copies (the rest go to pinned host memory)."""
+        if self.device_bytes is None:
+            return 0
+        budget = self.device_bytes - self.reserve_bytes
+        return max(0, budget - self.total("resident") - self.swap_bytes)
+
+
+def visit(plan: MemoryPlan, visitor: str | None, name: str) -> str | None:
+    """The component to send back to host memory so `name` can run on the GPU (None: no move).
+
+    Resident and cpu-only components never move; an offloaded one takes the plan's single slot and
+    keeps it until another offloaded component needs it, so a stream of one kind of request moves
+    nothing after the first.
+    """
+    if plan[name] != "offloaded" or name == visitor:
+        return None
+    return visitor
+
+
+def pristine_site(plan: MemoryPlan, used_device_bytes: int, nbytes: int) -> Site:
+    """Where a LoRA's pristine copy of a GPU weight goes: the plan's room on the device while it
+    lasts (first touched, first placed), else pinned host memory, read over PCIe when restoring."""
+    if plan.device_bytes is None or used_device_bytes + nbytes <= plan.pristine_bytes:
+        return "device"
+    return "host"
 
 
 def plan_memory(
@@ -96,17 +138,20 @@ def plan_memory(
     swappable is what lets go_fast=False still mean the original bf16 weights.
 
     Rule 2, then by how much each byte saves, walking `priorities` greedily (unknown names go last):
-    CLIP and the VAE (tiny, every request), the T5 (every request; last of the shared, it is large and
-    runs once per request where a transformer runs every step), then the fp8 transformers before the
-    bf16 ones: half the bytes for the same model, so twice the requests served per GB, and go_fast is
-    the latency-sensitive path a swap would undo. dev before schnell: dev is the default model. The
-    bf16 master of a model whose fp8 copy is resident may stay in CPU RAM: LoRAs are fused into it
-    there and only the touched layers re-quantized into the fp8 copy.
+    CLIP, the VAE and the safety models (small, every request), the T5 (every request; last of the
+    shared, it is large and runs once per request where a transformer runs every step), then dev's
+    full-precision transformer (the default request: dev, go_fast off, must never wait for a move),
+    dev's fp8 copy, then schnell's. An offloaded master is never written: go_fast LoRAs are computed
+    from its pristine host copy on the GPU, layer by layer, into the fp8 copy that runs.
 
-    So (decimal GB, 10 GiB reserve): 141 GB holds everything resident; 80 GB keeps encoders, VAE and
-    both fp8 transformers resident and swaps the bf16 ones; 48 GB keeps the encoders and VAE and swaps
-    every transformer; 24 GB keeps CLIP and the VAE, swaps T5 and the fp8 transformers through one
-    11.9 GB slot, and the bf16 transformers are cpu-only: go_fast=False cannot run in bf16 there.
+    Whatever GPU room is left after the resident set, the slot and the reserve is for LoRAs' pristine
+    copies (`pristine_bytes`); copies beyond it go to pinned host memory.
+
+    So (cards as torch reports them, 10 GiB reserve): 141 GB holds everything resident with ~57 GB
+    for pristine copies; 80 GB keeps the encoders, VAE, dev in full precision and dev's fp8 copy
+    resident and swaps schnell's two transformers through one 23.8 GB slot; 48 GB keeps the encoders
+    and VAE and swaps every transformer; 24 GB keeps CLIP, the VAE and the safety models, swaps T5 and
+    the fp8 transformers through one 11.9 GB slot, and the full-precision ones are cpu-only.
     """
     if any(size < 0 for size in components.values()):
         raise ValueError(f"component sizes must be >= 0: {dict(components)}")
@@ -151,7 +196,7 @@ def format_plan(plan: MemoryPlan) -> str:
     else:
         lines.append(
             f"total: GPU {gb(plan.total('resident'))} resident + {gb(plan.swap_bytes)} swap slot"
-            f" + {gb(plan.reserve_bytes)} reserve = {gb(plan.peak_bytes)} of {gb(plan.device_bytes)} GB;"
-            f" CPU RAM {gb(held_on_cpu)} GB"
+            f" + {gb(plan.reserve_bytes)} reserve + {gb(plan.pristine_bytes)} LoRA pristine copies"
+            f" = {gb(plan.peak_bytes)} of {gb(plan.device_bytes)} GB; CPU RAM {gb(held_on_cpu)} GB"
         )
     return "\n".join(lines)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import torch
 from diffusers import (
@@ -80,10 +80,19 @@ def _load_component(folder: Path, name: str, model_class: type, dtype: torch.dty
     return module
 
 
-def load_pipelines(
-    root: Path, device: torch.device, dtype: torch.dtype
-) -> dict[str, dict[str, DiffusionPipeline]]:
-    """Load dev and schnell from `root` once; return {model: {mode: pipeline}} sharing weights."""
+@dataclass
+class LoadedModels:
+    """Everything the engine runs, however it was made: read from a weights root (`load_models`), or
+    built in memory (the GPU proof's random full-size FLUX). Every step after this is the same."""
+
+    transformers: dict[str, FluxTransformer2DModel]  # by model name: "dev", "schnell"
+    schedulers: dict[str, FlowMatchEulerDiscreteScheduler]
+    shared: dict[str, Any]  # vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2
+    sources: dict[str, list[Path]] = field(default_factory=dict)  # each transformer's weight files
+
+
+def load_models(root: Path, dtype: torch.dtype) -> LoadedModels:
+    """Load dev and schnell from `root` into CPU RAM once, sharing everything but the transformers."""
     if not has_base_models(root):
         raise WeightsError(
             f"No FLUX weights under {root} (it needs {DEV_FOLDER}/ and {SCHNELL_FOLDER}/). "
@@ -91,31 +100,52 @@ def load_pipelines(
             "`python scripts/make_tiny_weights.py DIR`."
         )
     started = time.perf_counter()
-    dev_dir, schnell_dir = root / DEV_FOLDER, root / SCHNELL_FOLDER
+    folders = {"dev": root / DEV_FOLDER, "schnell": root / SCHNELL_FOLDER}
     # One component at a time, so each gets a log line with its bytes and load time.
     loaded = {
-        name: _load_component(dev_dir, name, model_class, dtype) for name, model_class in WEIGHTED.items()
+        name: _load_component(folders["dev"], name, model_class, dtype)
+        for name, model_class in WEIGHTED.items()
+        if name != "transformer"
     }
-    dev = FluxPipeline.from_pretrained(dev_dir, dtype=dtype, **loaded)  # adds tokenizers and scheduler
-    schnell = FluxPipeline(
-        **{
-            **dev.components,
-            "transformer": _load_component(schnell_dir, "transformer", FluxTransformer2DModel, dtype),
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(schnell_dir / "scheduler"),
-        }
+    dev = FluxPipeline.from_pretrained(
+        folders["dev"], dtype=dtype, transformer=None, **loaded
+    )  # adds the tokenizers and the scheduler
+    models = LoadedModels(
+        transformers={
+            model: _load_component(folder, "transformer", FluxTransformer2DModel, dtype)
+            for model, folder in folders.items()
+        },
+        schedulers={
+            "dev": dev.scheduler,
+            "schnell": FlowMatchEulerDiscreteScheduler.from_pretrained(folders["schnell"] / "scheduler"),
+        },
+        shared={
+            key: value for key, value in dev.components.items() if key not in {"transformer", "scheduler"}
+        },
+        sources={
+            model: sorted((folder / "transformer").glob("*.safetensors")) for model, folder in folders.items()
+        },
     )
+    log.info(
+        "loaded dev and schnell from %s (%s) in %.1fs",
+        root,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+    )
+    return models
+
+
+def build_pipelines(
+    models: LoadedModels, transformers: dict[str, torch.nn.Module] | None = None
+) -> dict[str, dict[str, DiffusionPipeline]]:
+    """{model: {mode: pipeline}} for txt2img, img2img and inpaint, every one sharing `models`'
+    modules; `transformers` replaces the transformer of some models (go_fast's fp8 copies)."""
     pipelines = {}
-    for name, base in (("dev", dev), ("schnell", schnell)):
-        base.to(device)
+    for name, transformer in models.transformers.items():
+        chosen = (transformers or {}).get(name, transformer)
+        base = FluxPipeline(**models.shared, transformer=chosen, scheduler=models.schedulers[name])
         by_mode: dict[str, DiffusionPipeline] = {"txt2img": base}
         for mode, pipeline_class in MODE_PIPELINES.items():
             by_mode[mode] = pipeline_class(**base.components)
         pipelines[name] = by_mode
-    log.info(
-        "loaded dev and schnell from %s on %s (%s) in %.1fs",
-        root,
-        device,
-        str(dtype).removeprefix("torch."),
-        time.perf_counter() - started,
-    )
     return pipelines

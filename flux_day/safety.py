@@ -52,6 +52,21 @@ class SafetyFilter(nn.Module):
             ) from None
         self.to(device).eval()
 
+    @classmethod
+    def from_modules(
+        cls,
+        checker: StableDiffusionSafetyChecker,
+        checker_processor: CLIPImageProcessor,
+        classifier: nn.Module,
+        classifier_processor: object,
+    ) -> SafetyFilter:
+        """The filter around models built in memory (the GPU proof), not read from a weights root."""
+        safety = cls.__new__(cls)
+        nn.Module.__init__(safety)
+        safety.checker, safety.checker_processor = checker.eval(), checker_processor
+        safety.classifier, safety.classifier_processor = classifier.eval(), classifier_processor
+        return safety
+
     @property
     def device(self) -> torch.device:
         return next(self.checker.parameters()).device

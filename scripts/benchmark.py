@@ -1,21 +1,24 @@
 """Benchmarks that print a table; every compared variant runs in the same process on the same weights.
 
     python scripts/benchmark.py overhead [--weights DIR] [--repeats N] [--steps N] [--megapixels 1]
-    python scripts/benchmark.py lora-switch [--weights DIR] [--repeats N] [--rank N]
+    python scripts/benchmark.py lora-switch [--weights DIR] [--repeats N] [--rank N [N ...]]
     python scripts/benchmark.py setup [--weights DIR] [--device cpu|cuda]
+    python scripts/benchmark.py plan [--card 24|48|80|141]
     python scripts/benchmark.py fast [--model dev|schnell|both] [--steps N] [--megapixels 1] [--compile]
                                      [--weights DIR | --random-full-size] [--repeats N]
 
 `overhead`: a request through the Cog `Predictor` (validation, generation, encoding the file) against
 a bare diffusers pipeline call with the same arguments, and that call plus saving the same file.
 `lora-switch`: replacing one fused LoRA by another (two random LoRAs on every linear of the dev
-transformer): flux-day with both LoRAs already parsed, flux-day parsing from bytes in memory, and
-diffusers unfuse/unload/load/fuse on its own pipeline from a state dict in memory.
+transformer), per rank: flux-day warm and cold, diffusers unfuse/unload/load/fuse, flux-day's go_fast
+switch against torchao quantizing the whole transformer (scripts/bench_lora.py).
 `fast`: one image through the full-precision pipeline against the fp8 (go_fast) one, and with
 --compile each under torch.compile, per model; prompt embeddings are computed once, outside timing.
 --random-full-size (CUDA only) times FLUX.1 at its real size with random weights instead.
 `setup`: the predictor's setup against reading the same weight files, and its peak RSS against their
 bytes, each in its own process (scripts/bench_setup.py).
+`plan`: the memory plan of FLUX.1 at its real size for 24, 48, 80 and 141 GB cards, and what each
+request of a mix moves between host and GPU and where its LoRA arithmetic runs (flux_day.memory_sim).
 Weights default to a tiny random tree written to a temporary folder.
 """
 
@@ -147,151 +150,6 @@ def overhead(args: argparse.Namespace) -> None:
     )
     predictor.outputs.clear()
     shutil.rmtree(scratch, ignore_errors=True)
-
-
-def lora_switch(args: argparse.Namespace) -> None:
-    import torch
-    from diffusers import FluxPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    from flux_day.config import Settings
-    from flux_day.engine import Engine
-    from flux_day.loras.manager import LoraManager, LoraRequest
-    from flux_day.weights.layout import DEV_FOLDER
-    from tests.lora_files import data_uri, to_bytes
-
-    logging.getLogger("flux_day").setLevel(logging.WARNING)
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    settings = Settings.from_env({**os.environ, "FLUX_DAY_WEIGHTS": str(args.weights)})
-    engine = Engine(settings)
-    model = "dev"
-    components = engine.lora_components(model)
-    transformer = components["transformer"]
-    pristine = {
-        f"{component}.{key}": value.clone()
-        for component, module in components.items()
-        for key, value in module.state_dict().items()
-    }
-
-    # Two LoRAs on every linear of the transformer, PEFT layout with an alpha per module (alpha/rank
-    # = 0.5, so alpha handling is compared too): the same tensors go to flux-day as safetensors bytes
-    # (behind data: URIs, as a request gives them) and to diffusers as a state dict.
-    linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    state_dicts: dict[str, dict[str, torch.Tensor]] = {}
-    for seed, label in ((1, "A"), (2, "B")):
-        generator = torch.Generator().manual_seed(seed)
-        state_dicts[label] = {}
-        for name, linear in linears.items():
-            down = torch.randn(args.rank, linear.in_features, generator=generator) * 0.1
-            up = torch.randn(linear.out_features, args.rank, generator=generator) * 0.1
-            state_dicts[label] |= {
-                f"transformer.{name}.lora_A.weight": down,
-                f"transformer.{name}.lora_B.weight": up,
-                f"transformer.{name}.alpha": torch.tensor(args.rank / 2),
-            }
-    blobs = {label: to_bytes(state_dict) for label, state_dict in state_dicts.items()}
-    sources = {label: data_uri(blob) for label, blob in blobs.items()}
-    requests = {label: [LoraRequest("replicate_weights", source, 1.0)] for label, source in sources.items()}
-    by_source = {source: blobs[label] for label, source in sources.items()}
-    reads = {"warm": 0, "cold": 0}
-    variant = "warm"
-
-    class InMemoryLoraManager(LoraManager):
-        """`LoraManager` with the transfer (decoding the data: URI, or a download) replaced by a dict
-        lookup: a cache miss costs exactly what `activate` does once the bytes have arrived."""
-
-        def _read(self, lora: LoraRequest) -> bytes:
-            reads[variant] += 1
-            return by_source[lora.source]
-
-    engine.loras = InMemoryLoraManager(settings)
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
-    fused = {"engine": "none", "diffusers": "none"}  # which LoRA each copy of the weights holds now
-
-    def other(current: str) -> str:
-        return "B" if current == "A" else "A"
-
-    def flux_day_switch(cold: bool) -> None:
-        nonlocal variant
-        label, variant, before = other(fused["engine"]), "cold" if cold else "warm", engine.loras.fuser.active
-        kept = engine.loras._parsed.copy() if cold else None
-        if cold:
-            engine.loras._parsed.clear()
-        engine.loras.activate(model, components, requests[label])
-        sync()
-        if kept is not None:
-            engine.loras._parsed = kept  # so the warm variant keeps finding both LoRAs parsed
-        assert engine.loras.fuser.active != before, "not a switch"
-        fused["engine"] = label
-
-    diffusers_pipe = FluxPipeline.from_pretrained(args.weights / DEV_FOLDER, dtype=engine.dtype)
-    diffusers_pipe.to(engine.device)
-
-    def diffusers_switch() -> None:
-        label = other(fused["diffusers"])
-        diffusers_pipe.unfuse_lora()
-        diffusers_pipe.unload_lora_weights()
-        diffusers_pipe.load_lora_weights(dict(state_dicts[label]), adapter_name=label)
-        diffusers_pipe.fuse_lora()
-        sync()
-        fused["diffusers"] = label
-
-    warm, cold = "flux-day warm switch", "flux-day cold switch (download excluded)"
-    diffusers_name = "diffusers load_lora_weights + fuse_lora / unfuse_lora + unload_lora_weights"
-    runs = {
-        warm: lambda: flux_day_switch(cold=False),
-        cold: lambda: flux_day_switch(cold=True),
-        diffusers_name: diffusers_switch,
-    }
-    results: dict[str, list[float]] = {name: [] for name in runs}
-    for function in runs.values():  # also fills the warm variant's cache with both LoRAs
-        timed(function, repeats=0, warmup=2)
-    # Loaded models are long-lived: keep the collector from rescanning them in whichever switch
-    # happens to trigger a full collection (100+ ms pauses that belong to no variant).
-    gc.collect()
-    gc.freeze()
-    reads.update(warm=0, cold=0)
-    for _ in range(args.repeats):
-        for name, function in runs.items():
-            results[name] += timed(function, repeats=1, warmup=0)
-    assert reads == {"warm": 0, "cold": args.repeats}, f"LoRA files read: {reads}"
-
-    # Apples to apples: each path leaves the same fused weights for the same LoRA.
-    tolerance = 1e-5 if engine.dtype == torch.float32 else 1e-2
-    if fused["engine"] != fused["diffusers"]:
-        flux_day_switch(cold=False)
-    diffusers_modules = dict(diffusers_pipe.transformer.named_modules())
-    for name, linear in linears.items():
-        theirs = diffusers_modules[name]
-        theirs = getattr(theirs, "base_layer", theirs).weight
-        assert not torch.equal(linear.weight, pristine[f"transformer.{name}.weight"]), f"{name} unchanged"
-        assert torch.allclose(linear.weight, theirs, rtol=tolerance, atol=tolerance), (
-            f"{name}: flux-day and diffusers fuse LoRA {fused['engine']} differently, max |diff| "
-            f"{(linear.weight - theirs).abs().max().item():.3g}"
-        )
-    # ... and no LoRA restores every weight bit for bit.
-    engine.loras.activate(model, components, [])
-    for component, module in components.items():
-        for key, value in module.state_dict().items():
-            assert torch.equal(value, pristine[f"{component}.{key}"]), f"{component}.{key} not restored"
-
-    parameters = sum(p.numel() for p in state_dicts["A"].values()) - len(linears)
-    print_table(
-        f"lora-switch: replace LoRA A by B (and back) on all {len(linears)} linears of the dev transformer, "
-        f"rank {args.rank}, {parameters} LoRA parameters, {args.repeats} repeats, "
-        f"{engine.device.type}/{str(engine.dtype).removeprefix('torch.')}, weights {args.weights}",
-        list(results.items()),
-        baseline=warm,
-        unit="ms",
-        ratio_label="vs flux-day warm",
-    )
-    speedup = statistics.median(results[diffusers_name]) / statistics.median(results[warm])
-    print(
-        f"target (warm switch >= 5x faster than the diffusers path): {'met' if speedup >= 5 else 'NOT met'}, "
-        f"{speedup:.1f}x; fused weights match diffusers within {tolerance:g}, "
-        "and no LoRA restores the engine's weights bit-exactly"
-    )
 
 
 # FLUX.1 at its real size, for `fast --random-full-size`: FluxTransformer2DModel's defaults are FLUX.1's
@@ -643,6 +501,44 @@ def fast_random_full_size(args: argparse.Namespace) -> None:
         free()
 
 
+def full_size_components() -> dict[str, int]:
+    """Bytes of every component of the real FLUX.1 (bf16; fp8 copies as torchao will hold them),
+    measured on models built on the meta device from the full-size profile: nothing allocated."""
+    import torch
+
+    from flux_day.fast import fp8_bytes
+    from flux_day.memory_plan import CLIP, SAFETY, T5, VAE, module_bytes, transformer_component
+    from flux_day.weights.random_models import PROFILES, build_models
+
+    models, safety = build_models(PROFILES["full"], torch.device("meta"), torch.bfloat16)
+    sizes = {
+        CLIP: module_bytes(models.shared["text_encoder"]),
+        T5: module_bytes(models.shared["text_encoder_2"]),
+        VAE: module_bytes(models.shared["vae"]),
+        SAFETY: module_bytes(safety),
+    }
+    for model, transformer in models.transformers.items():
+        sizes[transformer_component(model, fp8=False)] = module_bytes(transformer)
+        sizes[transformer_component(model, fp8=True)] = fp8_bytes(transformer)
+    return sizes
+
+
+def plan(args: argparse.Namespace) -> None:
+    """The memory plan and, per request of a mix, bytes moved and where the arithmetic runs."""
+    from flux_day.memory_plan import format_plan, plan_memory
+    from flux_day.memory_sim import CARDS, DEFAULT_MIX, format_simulation, simulate
+
+    sizes = full_size_components()
+    print("plan: FLUX.1 at its real size (bf16; fp8 copies made on first use), 10 GiB activation reserve")
+    print("      LoRAs cover every linear of the transformer (the worst case); one row per request, in order")
+    for card, total in CARDS.items():
+        if args.card and not card.startswith(f"{args.card} "):
+            continue
+        memory = plan_memory(sizes, total)
+        print(f"\n{format_plan(memory)}")
+        print(format_simulation(card, memory, simulate(memory, DEFAULT_MIX)))
+
+
 def models(args: argparse.Namespace) -> list[str]:
     return ["dev", "schnell"] if args.model == "both" else [args.model]
 
@@ -657,8 +553,8 @@ def main() -> None:
     over.add_argument("--megapixels", choices=["1", "0.25"], default="1")
     switch = commands.add_parser("lora-switch", help="switching fused LoRAs: flux-day against diffusers")
     switch.add_argument("--weights", type=Path, help="weights root (default: tiny weights in a temp dir)")
-    switch.add_argument("--repeats", type=int, default=30)
-    switch.add_argument("--rank", type=int, default=16)
+    switch.add_argument("--repeats", type=int, default=5)
+    switch.add_argument("--rank", type=int, nargs="+", default=[16, 64], help="one table per rank")
     fast_parser = commands.add_parser(
         "fast", help="full precision against fp8 (go_fast), optionally compiled: per image and per step"
     )
@@ -681,7 +577,12 @@ def main() -> None:
         "--weights", type=Path, help="weights root (default: tiny weights in a temp dir)"
     )
     setup_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    plan_parser = commands.add_parser("plan", help="memory plan and bytes moved per request, per card")
+    plan_parser.add_argument("--card", choices=["24", "48", "80", "141"], help="one card (default: all)")
     args = parser.parse_args()
+    if args.command == "plan":
+        plan(args)
+        return
     if args.command == "fast":
         if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 1:
             parser.error("--steps, --repeats and --warmup must be at least 1")
@@ -689,6 +590,7 @@ def main() -> None:
         if args.random_full_size:
             fast_random_full_size(args)
             return
+    from bench_lora import lora_switch
     from bench_setup import setup
 
     run = {"overhead": overhead, "lora-switch": lora_switch, "fast": fast, "setup": setup}[args.command]

@@ -26,7 +26,7 @@ from flux_day.engine import Engine
 from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
 from tests import lora_files as lf
-from tests.test_fast import fp8_state
+from tests.test_fast import fp8_model, fp8_state
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 3, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 7}
 LORA = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(11))))
@@ -92,7 +92,7 @@ def test_a_cancel_mid_denoise_stops_there_and_restores_every_lora(
     base, styled = pixels(engine, go_fast=go_fast), pixels(engine, go_fast=go_fast, **BOTH)
     engine.release_loras()
     pristine = weights(engine)
-    transformer = (engine.fast.models if go_fast else engine.fast.masters)["dev"]
+    transformer = fp8_model(engine) if go_fast else engine.fast.masters["dev"]
     with (
         caplog.at_level(logging.INFO, logger="flux_day.engine"),
         cancel_on_forward(transformer, call=2),

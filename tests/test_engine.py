@@ -12,7 +12,7 @@ from PIL import Image
 from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.errors import WeightsError
-from flux_day.models import load_pipelines
+from flux_day.models import build_pipelines, load_models
 from flux_day.request import GenerationRequest
 
 
@@ -44,7 +44,7 @@ def test_auto_device_is_cpu_float32_without_cuda(engine: Engine) -> None:
 
 
 def test_building_mode_pipelines_keeps_bf16_weights(tiny_weights: Path) -> None:
-    pipelines = load_pipelines(tiny_weights, torch.device("cpu"), torch.bfloat16)
+    pipelines = build_pipelines(load_models(tiny_weights, torch.bfloat16))
     for by_mode in pipelines.values():
         for pipe in by_mode.values():
             dtypes = {

@@ -16,7 +16,8 @@ from torchao.quantization import quantize_
 
 from flux_day.config import Settings
 from flux_day.engine import Engine
-from flux_day.fast import _inner, quantized_weight
+from flux_day.fast import quantized_weight
+from flux_day.loras.fuse import inner_tensors as _inner
 from flux_day.request import GenerationRequest
 from tests import lora_files as lf
 from tests.cog_server import CogServer, data_uri, open_image
@@ -36,23 +37,29 @@ def pixels(engine: Engine, **inputs: object) -> np.ndarray:
     return np.asarray(engine.generate(request)[0], dtype=np.int16)
 
 
+def fp8_model(engine: Engine, model: str = "dev") -> nn.Module:
+    """The fp8 transformer of `model` (made on first use)."""
+    return engine.pipeline(model, "txt2img", fp8=True).transformer
+
+
 def fp8_state(engine: Engine, model: str = "dev") -> dict[str, dict[str, torch.Tensor]]:
     """Every linear of the fp8 transformer as its inner tensors (qdata, scale), copied."""
     return {
         name: {part: tensor.clone() for part, tensor in _inner(module.weight).items()}
-        for name, module in engine.fast.models[model].named_modules()
+        for name, module in fp8_model(engine, model).named_modules()
         if isinstance(module, nn.Linear)
     }
 
 
 def test_each_model_has_an_fp8_transformer_and_the_masters_stay_full_precision(engine: Engine) -> None:
     for model in ("dev", "schnell"):
-        fp8, master = engine.fast.models[model], engine.pipelines[model]["txt2img"].transformer
+        fp8, master = fp8_model(engine, model), engine.pipelines[model]["txt2img"].transformer
         assert fp8 is not master
         fp8_linears = [m for m in fp8.modules() if isinstance(m, nn.Linear)]
         assert fp8_linears and all(type(m.weight).__name__ == "Float8Tensor" for m in fp8_linears)
         assert all(type(m.weight) is nn.Parameter for m in master.modules() if isinstance(m, nn.Linear))
-        assert engine.fast_pipelines[model]["inpaint"].vae is engine.pipelines[model]["txt2img"].vae
+        inpaint = engine.pipeline(model, "inpaint", fp8=True)
+        assert inpaint.transformer is fp8 and inpaint.vae is engine.pipelines[model]["txt2img"].vae
 
 
 @pytest.mark.parametrize("model", ["dev", "schnell"])
@@ -81,6 +88,9 @@ def test_fp8_with_a_lora_is_quantize_of_the_fused_master_and_restores_bit_exactl
     }
     assert len(fused) == 13  # six BFL modules (two qkv, one linear1) = 13 linears; OTHER shares one
     now = fp8_state(engine)
+    # go_fast never writes the master: it fuses into the fp8 copy. Fuse the same LoRAs (go_fast's 1.5x
+    # included) into the master to compare with quantize(master + LoRA).
+    pixels(engine, replicate_weights=LORA, lora_scale=1.5, extra_lora=OTHER, extra_lora_scale=1.5)
     for name, parts in now.items():
         if name in fused:
             expected = _inner(quantized_weight(master.get_submodule(name).weight, engine.fast.config))
@@ -133,7 +143,7 @@ def test_go_fast_runs_in_every_mode_through_the_cog_server(cog_server: CogServer
 
 def test_the_layer_by_layer_fp8_copy_is_quantize_of_the_master_and_shares_nothing(engine: Engine) -> None:
     engine.release_loras()
-    master, fp8 = engine.fast.masters["dev"], engine.fast.models["dev"]
+    master, fp8 = engine.fast.masters["dev"], fp8_model(engine)
     reference = copy.deepcopy(master)
     quantize_(reference, engine.fast.config)  # the whole model at once, as torchao documents it
     ours, theirs = fp8.state_dict(), reference.state_dict()

@@ -14,6 +14,7 @@ from torch import nn
 from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.errors import InputError, WeightsError
+from flux_day.loras import fuse
 from flux_day.loras.formats import Delta
 from flux_day.loras.fuse import ScaledDelta, WeightFuser
 from flux_day.loras.manager import LoraRequest
@@ -40,7 +41,7 @@ def activate(engine: Engine, *loras: tuple[str, bytes | str, float], model: str 
         LoraRequest(name, lf.data_uri(src) if isinstance(src, bytes) else src, scale)
         for name, src, scale in loras
     ]
-    engine.loras.activate(model, engine.lora_components(model), requests, go_fast)
+    engine.loras.activate(model, engine.lora_targets(model), requests, go_fast)
 
 
 def weights(engine: Engine, model: str = "dev") -> dict[str, torch.Tensor]:
@@ -271,7 +272,9 @@ def test_base_a_b_both_none_leaves_every_weight_bit_identical(engine: Engine) ->
     activate(engine, ("replicate_weights", a, 1.0))
     again_a = weights(engine)
     assert all(torch.equal(first_a[name], again_a[name]) for name in first_a)
+    # A request restores what it runs on; schnell keeps its LoRA until a schnell request drops it.
     activate(engine)
+    activate(engine, model="schnell")
     for model in ("dev", "schnell"):
         end = weights(engine, model)
         changed = [name for name in start[model] if not torch.equal(start[model][name], end[name])]
@@ -307,15 +310,15 @@ def test_a_failure_while_fusing_restores_every_weight(
 ) -> None:
     start = weights(engine)
     calls = []
-    real = Delta.matrix
+    real = fuse.fused_weight
 
-    def failing(self: Delta, device: torch.device) -> torch.Tensor:
+    def failing(*args: object) -> torch.Tensor:
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("out of memory")
-        return real(self, device)
+        return real(*args)
 
-    monkeypatch.setattr(Delta, "matrix", failing)
+    monkeypatch.setattr(fuse, "fused_weight", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         activate(engine, ("replicate_weights", lf.to_bytes(lf.kohya(lf.random_lora(1))), 1.0))
     end = weights(engine)
@@ -337,10 +340,10 @@ def test_bfloat16_weights_fuse_with_one_rounding_and_restore_exactly() -> None:
     g = torch.Generator().manual_seed(0)
     delta = Delta(torch.randn(8, 2, generator=g), torch.randn(2, 16, generator=g), 0.5)
     fuser = WeightFuser()
-    fuser.apply({linear.weight: [ScaledDelta("a", delta, 0.8)]}, ("a",))
+    fuser.apply({linear.weight: [ScaledDelta("a", delta, 0.8)]})
     expected = (pristine.float() + 0.8 * (0.5 * (delta.up @ delta.down))).to(torch.bfloat16)
     assert torch.equal(linear.weight.detach(), expected)
-    fuser.apply({}, ())
+    fuser.apply({})
     assert torch.equal(linear.weight.detach(), pristine)
 
 

@@ -1,4 +1,5 @@
-"""The memory plan holds every component, never plans past the card, and measures modules truly."""
+"""The memory plan holds every component, never plans past the card, and measures modules truly; the
+simulator and the residency agree on what each request moves, and no LoRA math runs on the host."""
 
 from __future__ import annotations
 
@@ -6,71 +7,104 @@ import pytest
 import torch
 
 from flux_day.memory_plan import DEFAULT_RESERVE, format_plan, module_bytes, plan_memory
+from flux_day.memory_sim import CARDS, DEFAULT_MIX, SimRequest, simulate
 
 GB = 10**9
-# Realistic sizes: bf16 transformers 11.9e9 params x 2 bytes, their fp8 copies 1 byte, T5-XXL 4.76e9 x 2.
+# Realistic sizes: bf16 transformers 11.9e9 params x 2 bytes, their fp8 copies 1 byte, T5-XXL 4.76e9 x 2,
+# the CompVis checker's ViT-L/14 and Falconsai's ViT-base.
 SIZES = {
     "t5": int(9.52 * GB),
     "clip": int(0.25 * GB),
     "vae": int(0.17 * GB),
-    "dev-bf16": int(23.8 * GB),
-    "schnell-bf16": int(23.8 * GB),
+    "safety": int(0.78 * GB),
+    "dev-full": int(23.8 * GB),
+    "schnell-full": int(23.8 * GB),
     "dev-fp8": int(11.9 * GB),
     "schnell-fp8": int(11.9 * GB),
 }
-SHARED = ("clip", "vae", "t5")
-CARDS = [24, 48, 80, 141]
+SHARED = ("clip", "vae", "safety", "t5")
+CARD = {card.split()[0]: total for card, total in CARDS.items()}  # "24", "48", "80", "141"
 
 
-@pytest.mark.parametrize("card", CARDS)
-def test_every_component_is_held_and_the_gpu_is_never_overcommitted(card: int) -> None:
-    plan = plan_memory(SIZES, card * GB)
+@pytest.mark.parametrize("card", CARD)
+def test_every_component_is_held_and_the_gpu_is_never_overcommitted(card: str) -> None:
+    plan = plan_memory(SIZES, CARD[card])
     assert sorted(c.name for c in plan.components) == sorted(SIZES)
-    assert plan.total("resident") + plan.swap_bytes <= card * GB - DEFAULT_RESERVE
-    assert plan.peak_bytes <= card * GB
+    assert plan.total("resident") + plan.swap_bytes + plan.pristine_bytes <= CARD[card] - DEFAULT_RESERVE
+    assert plan.peak_bytes <= CARD[card]
     # The swap slot takes the largest offloaded component, so any of them can be brought in.
     assert all(SIZES[n] <= plan.swap_bytes for n in plan.names("offloaded"))
 
 
-@pytest.mark.parametrize("card", [48, 80, 141])
-def test_encoders_and_vae_stay_resident_and_nothing_is_stranded_on_the_cpu(card: int) -> None:
-    plan = plan_memory(SIZES, card * GB)
+@pytest.mark.parametrize("card", ["48", "80", "141"])
+def test_encoders_and_vae_stay_resident_and_nothing_is_stranded_on_the_cpu(card: str) -> None:
+    plan = plan_memory(SIZES, CARD[card])
     assert all(plan[n] == "resident" for n in SHARED)
     assert plan.names("cpu-only") == ()  # both models run in both precisions
 
 
-def test_80gb_keeps_the_fp8_fast_path_resident_and_swaps_the_bf16_masters() -> None:
-    plan = plan_memory(SIZES, 80 * GB)
-    assert plan.names("resident") == ("clip", "vae", "t5", "dev-fp8", "schnell-fp8")
-    assert plan.names("offloaded") == ("dev-bf16", "schnell-bf16")
-    assert plan.swap_bytes == SIZES["dev-bf16"]
+def test_80gb_keeps_the_default_request_and_go_fast_on_dev_resident() -> None:
+    plan = plan_memory(SIZES, CARD["80"])
+    assert plan.names("resident") == ("clip", "vae", "safety", "t5", "dev-full", "dev-fp8")
+    assert plan.names("offloaded") == ("schnell-fp8", "schnell-full")
+    assert plan.swap_bytes == SIZES["schnell-full"]
+    assert plan.pristine_bytes > 0  # what is left is for LoRA pristine copies, inside the plan
 
 
-def test_141gb_holds_everything_resident() -> None:
-    plan = plan_memory(SIZES, 141 * GB)
+def test_141gb_holds_everything_resident_with_room_for_a_full_lora_on_both_masters() -> None:
+    plan = plan_memory(SIZES, CARD["141"])
     assert plan.names("offloaded") == plan.names("cpu-only") == ()
     assert plan.swap_bytes == 0
+    assert plan.pristine_bytes >= SIZES["dev-full"] + SIZES["schnell-full"]
 
 
-def test_48gb_keeps_bf16_runnable_rather_than_an_fp8_copy_resident() -> None:
-    plan = plan_memory(SIZES, 48 * GB)
+def test_48gb_keeps_the_encoders_and_swaps_every_transformer() -> None:
+    plan = plan_memory(SIZES, CARD["48"])
     assert plan.names("resident") == SHARED
-    assert plan.swap_bytes == SIZES["dev-bf16"]
+    assert plan.swap_bytes == SIZES["dev-full"]
 
 
-def test_24gb_swaps_t5_and_fp8_through_one_slot_and_says_bf16_cannot_run() -> None:
-    # 24 GB - 10 GiB = 13.3 GB: CLIP + VAE + one fp8 transformer (12.3 GB) fits, T5 beside it does not.
-    plan = plan_memory(SIZES, 24 * GB)
-    assert plan.names("resident") == ("clip", "vae")
+def test_24gb_swaps_t5_and_fp8_through_one_slot_and_says_full_precision_cannot_run() -> None:
+    plan = plan_memory(SIZES, CARD["24"])
+    assert plan.names("resident") == ("clip", "vae", "safety")
     assert plan.names("offloaded") == ("t5", "dev-fp8", "schnell-fp8")
-    assert plan.names("cpu-only") == ("dev-bf16", "schnell-bf16")
+    assert plan.names("cpu-only") == ("dev-full", "schnell-full")
     assert plan.swap_bytes == SIZES["dev-fp8"]
 
 
-def test_without_fp8_copies_80gb_holds_both_bf16_transformers() -> None:
+def test_without_fp8_copies_80gb_holds_both_full_precision_transformers() -> None:
     sizes = {n: s for n, s in SIZES.items() if not n.endswith("fp8")}
-    plan = plan_memory(sizes, 80 * GB)
+    plan = plan_memory(sizes, CARD["80"])
     assert set(plan.names("resident")) == set(sizes)
+
+
+@pytest.mark.parametrize("card", CARD)
+def test_no_lora_arithmetic_runs_on_the_host_when_a_gpu_serves(card: str) -> None:
+    steps = simulate(plan_memory(SIZES, CARD[card]), DEFAULT_MIX)
+    assert all(step.lora_site in {"GPU", "-"} for step in steps)
+    assert all(step.denoise_site == "GPU" for step in steps if not step.refused)
+    assert any(step.lora_written for step in steps if not step.refused)
+
+
+@pytest.mark.parametrize("card", ["48", "80", "141"])
+def test_the_default_request_never_moves_a_transformer_after_the_first(card: str) -> None:
+    default = SimRequest("default")
+    mix = [default, SimRequest("go_fast + LoRA", fp8=True, lora="A"), default, default, default]
+    steps = simulate(plan_memory(SIZES, CARD[card]), mix)
+    plan = plan_memory(SIZES, CARD[card])
+    if plan["dev-full"] == "resident":
+        assert all(step.moved == () for step in steps if step.request is default)
+    assert steps[-1].moved == steps[-2].moved == () and steps[-1].to_gpu == 0
+
+
+def test_141gb_switches_loras_without_touching_pcie_and_80gb_streams_only_what_it_must() -> None:
+    switch = [SimRequest("A", fp8=True, lora="A"), SimRequest("B", fp8=True, lora="B")]
+    big = simulate(plan_memory(SIZES, CARD["141"]), switch)
+    assert [(s.to_gpu, s.to_host) for s in big] == [(0, 0), (0, 0)]
+    eighty = simulate(plan_memory(SIZES, CARD["80"]), switch)
+    # The fp8 pristine copies that miss the GPU's room go to pinned host memory once, then are read.
+    assert eighty[0].to_host + eighty[0].to_gpu <= SIZES["dev-fp8"]
+    assert eighty[1].to_gpu <= SIZES["dev-fp8"] and eighty[1].to_host == 0
 
 
 @pytest.mark.parametrize("card", range(10, 160, 3))
@@ -99,9 +133,9 @@ def test_negative_sizes_are_refused() -> None:
         plan_memory({"vae": -1}, GB)
 
 
-@pytest.mark.parametrize("card", [None, *CARDS])
-def test_format_plan_lists_every_component_once_and_a_totals_line(card: int | None) -> None:
-    plan = plan_memory(SIZES, None if card is None else card * GB)
+@pytest.mark.parametrize("card", [None, *CARD])
+def test_format_plan_lists_every_component_once_and_a_totals_line(card: str | None) -> None:
+    plan = plan_memory(SIZES, None if card is None else CARD[card])
     rows = format_plan(plan).splitlines()
     assert rows[0].split() == ["component", "GB", "placement"]
     assert [row.split() for row in rows[1:-1]] == [
@@ -146,54 +180,93 @@ def test_the_engine_logs_one_plan_table_and_keeps_one_visitor_on_the_gpu(
     with caplog.at_level("INFO", logger="flux_day.engine"):
         engine = Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
     table = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan:"))
-    for name in ("clip", "t5", "vae", "safety", "dev-bf16", "schnell-bf16", "dev-fp8", "schnell-fp8"):
+    for name in ("clip", "t5", "vae", "safety", "dev-full", "schnell-full", "dev-fp8", "schnell-fp8"):
         assert table.count(f"\n{name} ") == 1, name
-    assert set(engine.residency.plan.names("resident")) == set(engine.residency.modules)
+    assert set(engine.residency.plan.names("resident")) == set(SIZES)
 
-    eighty = plan_memory({**SIZES, "safety": 1_500_000_000}, 80 * 10**9)
-    residency = Residency(engine.residency.modules, eighty, torch.device("cpu"))
+    eighty = plan_memory(SIZES, CARD["80"])
+    modules = {name: module for name, module in engine.residency.modules.items() if name in SIZES}
+    residency = Residency(modules, eighty, torch.device("cpu"))
     residency.need(["clip", "t5"])
     assert residency.visitor is None  # resident on an 80 GB card
-    residency.need(["vae", "dev-bf16"])
-    residency.need(["vae", "schnell-bf16"])
-    assert residency.visitor == "schnell-bf16"  # dev-bf16 went back to CPU RAM first
+    residency.need(["vae", "dev-full"])
+    assert residency.visitor is None
+    residency.need(["vae", "schnell-full"])
+    assert residency.visitor == "schnell-full"
+
+
+def small_modules() -> dict[str, torch.nn.Module]:
+    """One small module per planned component (the residency moves tensors, whatever their size)."""
+    torch.manual_seed(0)
+    return {name: torch.nn.Linear(4, 4) for name in SIZES}
+
+
+def test_the_residency_moves_what_the_simulator_says() -> None:
+    from flux_day.residency import Residency
+
+    for card in CARD:
+        plan = plan_memory(SIZES, CARD[card])
+        modules = small_modules()
+        built = {name: modules.pop(name) for name in list(modules) if name.endswith("fp8")}
+        residency = Residency(
+            modules, plan, torch.device("cpu"), builders={n: lambda d, m=m: m for n, m in built.items()}
+        )
+        expected = simulate(plan, DEFAULT_MIX)
+        for step in expected:
+            if step.refused:
+                continue
+            request, moved = step.request, []
+            transformer = f"{request.model}-{'fp8' if request.fp8 else 'full'}"
+            for name in ("clip", "t5", "vae", transformer, "safety"):
+                before = residency.visitor
+                residency.need([name])
+                if residency.visitor != before and residency.visitor == name:
+                    moved.append(name)
+            assert tuple(moved) == step.moved, (card, request.label)
 
 
 class Interrupted(BaseException):
     """Stands in for cog's CancelationException, raised into a move between devices."""
 
 
-class Tracked(torch.nn.Linear):
-    """A module that records where it is sent, and can be interrupted on its next move."""
-
-    def __init__(self) -> None:
-        super().__init__(2, 2)
-        self.moves: list[str] = []
-        self.interrupt_next = False
-
-    def to(self, *args: object, **kwargs: object) -> Tracked:
-        self.moves.append(str(args[0] if args else kwargs["device"]))
-        if self.interrupt_next:
-            self.interrupt_next = False
-            raise Interrupted
-        return super().to(*args, **kwargs)
-
-
-def test_a_move_interrupted_by_a_cancel_is_redone_by_the_next_request() -> None:
-    """A cancel mid-move leaves modules half on the GPU: both go back, and the next need moves again."""
+def test_a_move_interrupted_by_a_cancel_is_undone_and_redone_by_the_next_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancel mid-move leaves a module half on the GPU: it is sent home whole, its LoRA state
+    forgotten, and the next need brings it again from its untouched home copy."""
+    from flux_day import residency as residency_module
     from flux_day.residency import Residency
 
-    eighty = plan_memory({**SIZES, "safety": 1_500_000_000}, 80 * 10**9)
-    modules = {name: Tracked() for name in [*SIZES, "safety"]}
-    residency = Residency(modules, eighty, torch.device("cpu"))
-    residency.need(["dev-bf16"])
-    dev, schnell = modules["dev-bf16"], modules["schnell-bf16"]
-    dev.moves.clear()
-    schnell.interrupt_next = True
+    plan = plan_memory(SIZES, CARD["80"])
+    modules = small_modules()
+    residency = Residency(modules, plan, torch.device("cpu"))
+    left: list[str] = []
+    residency.on_leave = left.append
+    schnell = modules["schnell-full"]
+    home = {id(t): residency.home(t) for t in schnell.parameters()}
+    assert all(copy is not None for copy in home.values())
+    with torch.no_grad():
+        residency.need(["schnell-full"])
+        schnell.weight.add_(1.0)  # a LoRA fused into the visitor's device copy
+    residency.need(["schnell-fp8"])  # schnell-full goes home: its device copy (and LoRA) dropped
+    assert left == ["schnell-full"]
+    assert all(t.data_ptr() == home[id(t)].data_ptr() for t in schnell.parameters())
+    real = residency_module.Residency._bring
+    calls = []
+
+    def interrupted(self: Residency, name: str) -> None:
+        calls.append(name)
+        first = next(iter(self.modules[name].parameters()))
+        first.data = self._home[id(first)].to("cpu", copy=True)  # half moved
+        raise Interrupted
+
+    monkeypatch.setattr(residency_module.Residency, "_bring", interrupted)
     with pytest.raises(Interrupted):
-        residency.need(["schnell-bf16"])
-    assert residency.visitor is None
-    assert dev.moves[-1] == schnell.moves[-1] == "cpu"  # both sent back
-    dev.moves.clear()
-    residency.need(["dev-bf16"])
-    assert dev.moves == ["cpu"] and residency.visitor == "dev-bf16"  # moved again, not assumed there
+        residency.need(["schnell-full"])
+    assert residency.visitor is None and left[-1] == "schnell-full"
+    assert all(t.data_ptr() == home[id(t)].data_ptr() for t in schnell.parameters())  # all home
+    monkeypatch.setattr(residency_module.Residency, "_bring", real)
+    residency.need(["schnell-full"])
+    assert residency.visitor == "schnell-full"
+    assert all(t.data_ptr() != home[id(t)].data_ptr() for t in schnell.parameters())  # moved again
+    assert torch.equal(schnell.weight, home[id(schnell.weight)])  # pristine: no LoRA came back

@@ -10,11 +10,12 @@ from flux_day.weights.tiny import write_tiny_weights
 
 
 def digest(root: Path) -> dict[str, str]:
-    """Every written file's hash; the LoRA cache other tests fill under the same root is not weights."""
+    """Every written file's hash; the caches other tests fill under the same root are not weights."""
+    caches = {"lora-cache", "fp8-cache", "compile-cache"}
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).parts[0] != "lora-cache"
+        if p.is_file() and p.relative_to(root).parts[0] not in caches
     }
 
 
@@ -55,7 +56,7 @@ def test_wide_profile_has_flux_real_layer_widths() -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from flux_day.weights.tiny import PROFILES, transformer_config
+    from flux_day.weights.random_models import PROFILES, transformer_config
 
     wide = PROFILES["wide"]
     with torch.device("meta"):
@@ -76,7 +77,7 @@ def test_deep_profile_has_flux_real_depth(tmp_path: Path) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from flux_day.weights.tiny import PROFILES, transformer_config
+    from flux_day.weights.random_models import PROFILES, transformer_config
 
     deep = PROFILES["deep"]
     with torch.device("meta"):

@@ -24,7 +24,7 @@ import torch
 
 from flux_day.config import Settings
 from flux_day.errors import WeightsError
-from flux_day.models import load_pipelines
+from flux_day.models import build_pipelines, load_models
 from flux_day.weights.download import SOURCE_RECORD, STAGING, ensure_weights, missing_folders
 from flux_day.weights.layout import (
     DEV_FOLDER,
@@ -149,7 +149,7 @@ def test_a_download_into_an_empty_root_is_the_tree_the_predictor_loads(
     assert len(lines) == len(folders()), lines  # one line per folder, with sizes and time
     assert any(f"{DEV_FOLDER}/ complete" in line and "KB" in line and "s" in line for line in lines)
 
-    pipelines = load_pipelines(root, torch.device("cpu"), torch.float32)
+    pipelines = build_pipelines(load_models(root, torch.float32))
     assert set(pipelines) == {"dev", "schnell"}
 
 

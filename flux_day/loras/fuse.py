@@ -1,28 +1,46 @@
-"""Exact fuse and restore of LoRA deltas into linear weights.
+"""Exact fuse and restore of LoRA deltas, one pass per weight, into whatever a request runs on.
 
-The first time a weight is touched, a pristine copy is kept for the life of the process. Every fuse
-computes `pristine + Σ scale_i · delta_i` in float32 from that copy and casts once, and every restore
-copies the pristine tensor back: no subtraction, so base → A → B → A+B → none ends bit-identical to the
-start. Deltas are summed in a fixed order, so main + extra gives the same bytes as extra + main.
+A `Slot` is one weight a LoRA may change: a full-precision linear (the master transformer, CLIP), or
+an fp8 linear of a go_fast transformer, whose value is `quantize(master + LoRA)`. The first time a
+weight is touched a pristine copy of it is kept (where the memory plan allows, see `PristineStore`);
+every fuse then writes the weight once, straight from that copy:
 
-On CUDA a pristine copy stays on the GPU while the memory plan's reserve (`DEFAULT_RESERVE`) stays free, and
-goes to pinned host memory otherwise: a LoRA over every linear of FLUX.1 [dev] touches ~24 GB of
-bf16 weights, which must not push both models out of an 80 GB card.
+    weight = pristine + Σ scale_i · (alpha/rank)_i · up_i @ down_i
+
+as one `addmm` over the LoRAs' factors stacked along the rank (no zero buffer, no full-size product),
+and every restore copies the pristine tensor back, so base → A → B → A+B → none ends bit-identical
+to the start. LoRAs are stacked in a fixed order, so main + extra gives the bytes of extra + main.
+
+An fp8 slot never touches its master: its value is computed from the master's pristine weight into
+one layer-sized scratch tensor on the fp8 layer's device, quantized, and copied into the fp8 tensors
+in place (so a compiled graph keeps its inputs). An offloaded master therefore stays pristine in host
+memory and only the touched layers travel to the GPU; no LoRA arithmetic runs on the host when a GPU
+serves.
+
+`WeightFuser` is the one record of what is fused: `apply` returns a `FusedState` naming every weight
+that differs from pristine and what it holds; it writes only the weights whose content changes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from flux_day.loras.formats import Delta
-from flux_day.memory_plan import DEFAULT_RESERVE
+from flux_day.memory_plan import MemoryPlan, pristine_site
 
 log = logging.getLogger(__name__)
+
+# Rows of a non-float32 weight fused per step through a float32 scratch: the math stays in float32 with
+# one rounding at the end, and the scratch stays at 4096 rows (48 MB at FLUX's widest input, 15360).
+CHUNK_ROWS = 4096
+
+Content = tuple[tuple[str, float], ...]  # (LoRA digest, scale) pairs fused into a weight, sorted
+DIRTY: Content = (("<being written>", float("nan")),)  # a write under way: restored on any failure
 
 
 @dataclass(frozen=True)
@@ -34,70 +52,255 @@ class ScaledDelta:
     scale: float
 
 
+def inner_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The plain tensors a tensor subclass (a torchao fp8 weight: `qdata`, `scale`) is made of, or the
+    weight itself under the key ""."""
+    if hasattr(weight, "__tensor_flatten__"):
+        names, _ = weight.__tensor_flatten__()
+        return {name: getattr(weight, name) for name in names}
+    return {"": weight}
+
+
+@dataclass(frozen=True, eq=False)
+class Slot:
+    """A weight LoRAs write: `param`, in group `group` (one transformer, or CLIP) under `name`.
+
+    `source` is the full-precision master whose pristine value LoRAs are added to when `param` is not
+    itself that master (an fp8 layer); `quantize` then turns the fused value into `param`'s format.
+    """
+
+    name: str
+    group: str
+    param: nn.Parameter
+    source: nn.Parameter | None = None
+    quantize: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+
+def fused_weight(pristine: torch.Tensor, parts: Sequence[ScaledDelta], out: torch.Tensor) -> torch.Tensor:
+    """Write `pristine + Σ part.scale · delta` into `out` (on `out`'s device, in `out`'s dtype): one
+    `addmm` for every low-rank delta at once; dense deltas (LyCORIS) are added after it.
+
+    `pristine` may live elsewhere (pinned host memory): it is brought over once. Float32 weights are
+    written directly; others go through a float32 scratch of `CHUNK_ROWS` rows, so the sum is
+    computed in float32 and rounded once.
+    """
+    device = out.device
+    ordered = sorted(parts, key=lambda part: (part.order, part.scale))
+    low_rank = [part for part in ordered if part.delta.down is not None]
+    dense = [part for part in ordered if part.delta.down is None]
+    source = pristine.to(device, non_blocking=True)
+    ups = downs = None
+    if low_rank:
+        # The scales go on the small `up` factors, never on an out x in product.
+        ups = torch.cat(
+            [p.delta.up.to(device, torch.float32) * (p.scale * p.delta.scale) for p in low_rank], dim=1
+        )
+        downs = torch.cat([p.delta.down.to(device, torch.float32) for p in low_rank], dim=0)
+    if out.dtype == torch.float32:
+        _fused_rows(source, ups, downs, dense, slice(None), out)
+        return out
+    for start in range(0, out.shape[0], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        scratch = torch.empty(source[rows].shape, dtype=torch.float32, device=device)
+        out[rows].copy_(_fused_rows(source[rows].to(torch.float32), ups, downs, dense, rows, scratch))
+    return out
+
+
+def _fused_rows(
+    source: torch.Tensor,
+    ups: torch.Tensor | None,
+    downs: torch.Tensor | None,
+    dense: Sequence[ScaledDelta],
+    rows: slice,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """`out = source + ups[rows] @ downs + Σ dense[rows]`, all float32, written once into `out`."""
+    if ups is not None and downs is not None:
+        torch.addmm(source, ups[rows], downs, out=out)
+    else:
+        out.copy_(source)
+    for part in dense:
+        out.add_(part.delta.up[rows].to(out.device, torch.float32), alpha=part.scale * part.delta.scale)
+    return out
+
+
+@dataclass(frozen=True)
+class FusedState:
+    """What is fused now: each weight that differs from pristine (by slot name) and the LoRAs it holds,
+    and which weights the activation that returned this wrote (fused anew or restored)."""
+
+    content: Mapping[str, Content]
+    written: frozenset[str]
+
+    @property
+    def modules(self) -> frozenset[str]:
+        return frozenset(self.content)
+
+
+class PristineStore:
+    """Where pristine copies live: on the weight's GPU while the memory plan's room for them lasts,
+    else in pinned host memory (restores then read them over PCIe; no arithmetic runs on the host).
+
+    `home` names a pristine copy that already exists elsewhere (an offloaded module's host copy,
+    which the residency keeps pristine), so no second copy is made for it.
+    """
+
+    def __init__(
+        self,
+        plan: MemoryPlan | None = None,
+        home: Callable[[torch.Tensor], torch.Tensor | None] = lambda tensor: None,
+    ) -> None:
+        self.plan = plan
+        self.home = home
+        self.bytes = {"device": 0, "host": 0}
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` that nothing else writes."""
+        tensor = tensor.detach()
+        nbytes = tensor.numel() * tensor.element_size()
+        if not tensor.is_cuda or self.plan is None:
+            site = "device"
+        else:
+            site = pristine_site(self.plan, self.bytes["device"], nbytes)
+        self.bytes[site] += nbytes
+        if site == "device":
+            return tensor.clone()
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+
+    @property
+    def total(self) -> int:
+        return self.bytes["device"] + self.bytes["host"]
+
+
 class WeightFuser:
     """Owns which deltas are fused into which weights, and the pristine copies that undo them."""
 
-    def __init__(self) -> None:
-        self._pristine: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-        self._fused: set[int] = set()
-        self.active: tuple = ()
+    def __init__(self, store: PristineStore | None = None) -> None:
+        self.store = store or PristineStore()
+        self._slots: dict[str, Slot] = {}
+        self._by_param: dict[int, str] = {}  # id(param) -> slot name
+        self._pristine: dict[str, dict[str, torch.Tensor]] = {}  # slot name -> inner tensors
+        self._content: dict[str, Content] = {}  # slots that differ from pristine, and what they hold
+        self._kept: set[str] = set()  # slots whose pristine copy this fuser made (not a home copy)
+        self.state = FusedState({}, frozenset())
 
     @property
     def fused_count(self) -> int:
         """How many weights currently differ from their pristine copy."""
-        return len(self._fused)
+        return len(self._content)
 
-    def apply(self, plan: Mapping[nn.Parameter, Sequence[ScaledDelta]], key: tuple) -> bool:
-        """Make the fused state exactly `plan` (an empty plan restores everything); False if already so.
+    @property
+    def active(self) -> FusedState:
+        """The current state (kept under its old name for callers that compare states)."""
+        return self.state
 
-        On any failure every weight is restored to pristine before the error propagates, so a failed
-        switch never leaves a half-fused model.
+    def apply(
+        self,
+        plan: Mapping[Slot | nn.Parameter, Sequence[ScaledDelta]],
+        groups: Iterable[str] | None = None,
+    ) -> FusedState:
+        """Make the weights of `groups` hold exactly `plan` (an empty plan restores them); weights of
+        other groups are left as they are. `groups` defaults to every group (the plan's and the fused).
+
+        Only weights whose content changes are written. On any failure every weight is restored to
+        pristine before the error propagates, so a failed switch never leaves a half-fused model.
         """
-        if key == self.active and self._fused == {id(p) for p in plan}:
-            return False
-        self.active = ()
+        slots = {self._register(slot): parts for slot, parts in plan.items()}
+        scope = None if groups is None else set(groups) | {slot.group for slot in slots}
+        wanted = {slot.name: _content(parts) for slot, parts in slots.items()}
+        written: set[str] = set()
         try:
-            wanted = {id(param) for param in plan}
-            for param_id in list(self._fused - wanted):
-                self._restore(param_id)
-            with torch.no_grad():
-                for param, parts in plan.items():
-                    self._fuse(param, parts)
+            for name in list(self._content):
+                if name not in wanted and (scope is None or self._slots[name].group in scope):
+                    self._restore(name)
+                    written.add(name)
+            for slot, parts in slots.items():
+                if self._content.get(slot.name) != wanted[slot.name]:
+                    self._fuse(slot, parts)
+                    written.add(slot.name)
         except BaseException:
             self.restore_all()
             raise
-        self.active = key
-        return True
+        self.state = FusedState(dict(self._content), frozenset(written))
+        return self.state
 
     def restore_all(self) -> None:
         """Put every touched weight back to its pristine bytes."""
-        for param_id in list(self._fused):
-            self._restore(param_id)
-        self.active = ()
+        for name in list(self._content):
+            self._restore(name)
+        self.state = FusedState({}, frozenset())
 
-    def _restore(self, param_id: int) -> None:
-        param, pristine = self._pristine[param_id]
+    def forget(self, group: str) -> None:
+        """`group`'s weights are pristine again without a write (an offloaded module went home, where
+        its copy was never written): drop their records."""
+        for name in [n for n in self._content if self._slots[n].group == group]:
+            del self._content[name]
+        self.state = FusedState(dict(self._content), frozenset())
+
+    def pristine_bytes(self, group: str) -> int:
+        """Bytes of the pristine copies kept for `group`'s weights (an offloaded module's home copy
+        is not counted: it exists anyway)."""
+        return sum(
+            tensor.numel() * tensor.element_size()
+            for name in self._kept
+            if self._slots[name].group == group
+            for tensor in self._pristine[name].values()
+        )
+
+    def pristine(self, param: torch.Tensor) -> torch.Tensor:
+        """`param`'s pristine value: its kept copy while a LoRA is fused into it, else `param` itself."""
+        name = self._by_param.get(id(param))
+        if name is not None and name in self._content:
+            return self._pristine[name][""]
+        return param.detach()
+
+    def _register(self, slot: Slot | nn.Parameter) -> Slot:
+        if not isinstance(slot, Slot):  # a bare parameter: a full-precision weight of its own group
+            slot = Slot(f"param-{id(slot)}", "params", slot)
+        known = self._slots.setdefault(slot.name, slot)
+        if known.param is not slot.param:
+            raise ValueError(f"two weights registered as {slot.name!r}")
+        self._by_param[id(known.param)] = known.name
+        return known
+
+    def _fuse(self, slot: Slot, parts: Sequence[ScaledDelta]) -> None:
+        if slot.name not in self._pristine:
+            home = self.store.home(slot.param)
+            if home is not None:
+                self._pristine[slot.name] = inner_tensors(home)
+            else:
+                self._pristine[slot.name] = {
+                    p: self.store.keep(t) for p, t in inner_tensors(slot.param).items()
+                }
+                self._kept.add(slot.name)
+        self._content[slot.name] = DIRTY  # recorded first: an interrupted write is restored
         with torch.no_grad():
-            param.data.copy_(pristine)
-        self._fused.discard(param_id)
+            if slot.source is None:
+                fused_weight(self._pristine[slot.name][""], parts, slot.param.data)
+            else:
+                self._fuse_derived(slot, parts)
+        self._content[slot.name] = _content(parts)
 
-    def _fuse(self, param: nn.Parameter, parts: Sequence[ScaledDelta]) -> None:
-        if id(param) not in self._pristine:
-            self._pristine[id(param)] = (param, _pristine_copy(param))
-        pristine = self._pristine[id(param)][1]
-        device = param.device
-        total = torch.zeros(pristine.shape, dtype=torch.float32, device=device)
-        for part in sorted(parts, key=lambda part: (part.order, part.scale)):
-            total.add_(part.delta.matrix(device), alpha=part.scale)
-        self._fused.add(id(param))
-        param.data.copy_((pristine.to(device, torch.float32) + total).to(param.dtype))
+    def _fuse_derived(self, slot: Slot, parts: Sequence[ScaledDelta]) -> None:
+        """An fp8 (or other derived) weight: quantize(master pristine + LoRAs), on the slot's device."""
+        assert slot.source is not None
+        targets = inner_tensors(slot.param)
+        device = next(iter(targets.values())).device
+        master = self.pristine(slot.source)
+        value = fused_weight(master, parts, torch.empty(master.shape, dtype=master.dtype, device=device))
+        fresh = inner_tensors(slot.quantize(value)) if slot.quantize is not None else {"": value}
+        if fresh.keys() != targets.keys():  # a layer the quantizer skips stays in full precision
+            fresh = {"": value}
+        for part, tensor in targets.items():
+            tensor.copy_(fresh[part])
+
+    def _restore(self, name: str) -> None:
+        targets = inner_tensors(self._slots[name].param)
+        with torch.no_grad():
+            for part, tensor in targets.items():
+                tensor.copy_(self._pristine[name][part], non_blocking=True)
+        del self._content[name]
 
 
-def _pristine_copy(param: nn.Parameter) -> torch.Tensor:
-    """A copy of `param` that nothing else writes: on its GPU while memory allows, else pinned host."""
-    weight = param.detach()
-    if weight.is_cuda:
-        free, _ = torch.cuda.mem_get_info(weight.device)
-        if free - weight.nbytes < DEFAULT_RESERVE:
-            return weight.to("cpu").pin_memory()
-    return weight.clone()
+def _content(parts: Sequence[ScaledDelta]) -> Content:
+    return tuple(sorted((part.order, part.scale) for part in parts))

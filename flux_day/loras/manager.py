@@ -14,10 +14,11 @@ import os
 import tempfile
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -28,9 +29,10 @@ from flux_day.loras.cache import LoraCache
 from flux_day.loras.fetch import PARTIAL_PREFIX, Fetcher
 from flux_day.loras.flux_layout import ModuleIndex
 from flux_day.loras.formats import LoraWeights, load_safetensors_or_refuse, read_lora
-from flux_day.loras.fuse import ScaledDelta, WeightFuser
+from flux_day.loras.fuse import FusedState, PristineStore, ScaledDelta, Slot, WeightFuser
 from flux_day.loras.refs import LoraRef, decode_data_uri, parse_ref, shown_source
 from flux_day.loras.sources import plan_file
+from flux_day.memory_plan import CLIP
 
 log = logging.getLogger(__name__)
 
@@ -48,54 +50,94 @@ class LoraRequest:
     scale: float
 
 
+@dataclass(frozen=True)
+class LoraTargets:
+    """Where a request's LoRAs go: the transformer that runs (`group` is its memory-plan name), its
+    full-precision master (the pristine source of an fp8 copy's fused layers), and CLIP's encoder."""
+
+    group: str
+    transformer: nn.Module
+    master: nn.Module
+    text_encoder: nn.Module
+    quantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # set when `transformer` is fp8
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        """The modules LoRA files name, as `ModuleIndex` reads them (the master's names)."""
+        return {"transformer": self.master, "text_encoder": self.text_encoder}
+
+
+LORA_PARTS = ("text_encoder", "transformer")
+
+
 class LoraManager:
     """Fetches, parses and fuses LoRAs into the weights of whichever model a request uses."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: PristineStore | None = None) -> None:
         self.settings = settings
-        self.fuser = WeightFuser()
+        self.fuser = WeightFuser(store)
         self.fetcher = Fetcher(settings)
         self.cache = LoraCache(settings.lora_cache, settings.lora_cache_bytes)
         self._parsed: OrderedDict[tuple[str, str], tuple[LoraWeights, float]] = OrderedDict()
         self._indexes: dict[str, ModuleIndex] = {}
-        self.fused_modules: frozenset[str] = frozenset()  # "transformer.x"/"text_encoder.y" fused now
+        self._slots: dict[str, Slot] = {}
+        self.fused_modules: frozenset[str] = frozenset()  # "transformer.x"/"text_encoder.y" of the request
 
     def activate(
         self,
         model: str,
-        components: dict[str, nn.Module],
+        targets: LoraTargets,
         loras: Sequence[LoraRequest],
         go_fast: bool = False,
-    ) -> None:
-        """Fuse exactly `loras` (scale 0 ones skipped) into `components`; restore everything else.
-        `go_fast` applies the schema's 1.5x to every scale."""
-        index = self._index(model, components)
+        parts: Sequence[str] = LORA_PARTS,
+    ) -> FusedState:
+        """Fuse exactly `loras` (scale 0 ones skipped) into what the request runs on, restoring what
+        else was fused there; other models and precisions keep their state. `parts` limits the
+        write to the text encoder or the transformer (the engine fuses CLIP before encoding and the
+        transformer once it is on the GPU). `go_fast` applies the schema's 1.5x to every scale."""
+        index = self._index(model, targets.components)
         multiplier = GO_FAST_LORA_MULTIPLIER if go_fast else 1.0
         chosen = [
-            (self.weights(lora, model, components), lora.scale * multiplier)
+            (self.weights(lora, model, targets.components), lora.scale * multiplier)
             for lora in loras
             if lora.scale != 0
         ]
-        plan: dict[nn.Parameter, list[ScaledDelta]] = defaultdict(list)
+        plan: dict[Slot, list[ScaledDelta]] = defaultdict(list)
         for weights, scale in chosen:
             for module, delta in weights.deltas.items():
-                plan[index.weights[module]].append(ScaledDelta(weights.digest, delta, scale))
-        key = (model, tuple(sorted((weights.digest, scale) for weights, scale in chosen)))
+                if module.split(".", 1)[0] in parts:
+                    plan[self._slot(module, targets, index)].append(ScaledDelta(weights.digest, delta, scale))
+        groups = [CLIP] * ("text_encoder" in parts) + [targets.group] * ("transformer" in parts)
         started = time.perf_counter()
         try:
-            changed = self.fuser.apply(plan, key)
+            state = self.fuser.apply(plan, groups)
         except BaseException:
             self.fused_modules = frozenset()  # apply restored every weight before raising
             raise
         self.fused_modules = frozenset(m for weights, _ in chosen for m in weights.deltas)
-        if changed and (plan or chosen):
+        if state.written:
             log.info(
-                "LoRAs now %s on %s: %d weights fused in %.3fs",
+                "LoRAs now %s on %s: %d weights written in %.3fs",
                 [f"{w.digest}x{s:g}" for w, s in chosen] or "none",
-                model,
-                len(plan),
+                targets.group,
+                len(state.written),
                 time.perf_counter() - started,
             )
+        return state
+
+    def _slot(self, module: str, targets: LoraTargets, index: ModuleIndex) -> Slot:
+        """The one `Slot` of `module` ("transformer.x"/"text_encoder.y") in what the request runs on."""
+        component, bare = module.split(".", 1)
+        group = targets.group if component == "transformer" else CLIP
+        name = f"{group}:{module}"
+        if name not in self._slots:
+            master = index.weights[module]
+            if component == "transformer" and targets.transformer is not targets.master:
+                runs = targets.transformer.get_submodule(bare).weight
+                self._slots[name] = Slot(name, group, runs, source=master, quantize=targets.quantize)
+            else:
+                self._slots[name] = Slot(name, group, master)
+        return self._slots[name]
 
     def release(self) -> None:
         """Unfuse everything: every touched weight back to its pristine bytes."""

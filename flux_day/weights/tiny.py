@@ -1,43 +1,16 @@
-"""Random FLUX-architecture weight trees, written in the real layout so every loading path is real.
+"""Random FLUX-architecture weight trees on disk, in the real layout, so every loading path is real.
 
-Real FLUX weights cannot be downloaded on our machines, so the demo, the tests and the benchmarks run
-on models with the real architecture (double and single blocks, guidance embedding, 16-channel VAE
-with FLUX's scaling and shift, CLIP + T5 encoders, tokenizers). Three profiles of one builder:
-
-- **tiny** (a few MB): the test suite and the README's demo.
-- **wide** (GBs): FLUX.1's real layer widths (3072 hidden, 24 heads of 128, MLP x4, T5 width 4096,
-  CLIP-L width 768, FLUX's VAE) with 1 double and 2 single blocks, so per-weight costs (LoRA fuses,
-  fp8 quantization, setup) are measured at real sizes on a CPU. Benchmarks only.
-- **deep**: FLUX.1's real depth (19 double + 38 single blocks, a 12-layer CLIP) at narrow widths,
-  so LoRA files laid out key for key as trainers write them can be checked module by module.
-
-Same profile and seed, same bytes.
+`python scripts/make_tiny_weights.py DIR [--wide | --deep]` writes one; the profiles (tiny, wide,
+deep) are described in `flux_day.weights.random_models`. Same profile and seed, same bytes.
 """
 
 from __future__ import annotations
 
-import string
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import logging as diffusers_logging
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
-    ViTConfig,
-    ViTForImageClassification,
-    ViTImageProcessor,
-)
 from transformers.utils import logging as transformers_logging
 
 from flux_day.weights.layout import (
@@ -46,242 +19,24 @@ from flux_day.weights.layout import (
     SAFETY_CHECKER_FOLDER,
     SCHNELL_FOLDER,
 )
-
-# Words the tokenizers know as whole pieces; everything else falls back to characters.
-_WORDS = (
-    "a",
-    "photo",
-    "of",
-    "the",
-    "an",
-    "in",
-    "on",
-    "with",
-    "and",
-    "red",
-    "blue",
-    "green",
-    "fox",
-    "cat",
-    "dog",
-    "tree",
-    "snow",
-    "city",
-    "night",
-    "day",
-    "portrait",
-    "painting",
-    "style",
-    "mountain",
-    "river",
-    "sky",
-    "sun",
-    "light",
-    "dark",
-    "house",
-    "car",
-    "person",
-    "woman",
-    "man",
+from flux_day.weights.random_models import (
+    PROFILES,
+    SCHEDULERS,
+    clip_tokenizer,
+    safety_models,
+    t5_tokenizer,
+    text_encoders,
+    transformer,
+    vae,
 )
-
-# FLUX.1's real scheduler configs (dev shifts its timesteps with the image size; schnell does not).
-_SCHEDULERS = {
-    DEV_FOLDER: {"shift": 3.0, "use_dynamic_shifting": True},
-    SCHNELL_FOLDER: {"shift": 1.0, "use_dynamic_shifting": False},
-}
-
-
-@dataclass(frozen=True)
-class TreeProfile:
-    """The sizes that distinguish one random tree from another (the architecture is always FLUX.1's)."""
-
-    name: str
-    double_blocks: int
-    single_blocks: int
-    heads: int
-    head_dim: int
-    rope_axes: tuple[int, int, int]  # sums to head_dim, as FLUX's (16, 56, 56) sums to 128
-    t5_dim: int
-    t5_ff: int
-    t5_layers: int
-    t5_heads: int
-    clip_dim: int
-    clip_ff: int
-    clip_layers: int
-    clip_heads: int
-    vae_channels: tuple[int, int, int, int]
-    vae_layers_per_block: int
-    vae_norm_groups: int
-
-    @property
-    def hidden(self) -> int:
-        return self.heads * self.head_dim
-
-
-PROFILES: Final[dict[str, TreeProfile]] = {
-    "tiny": TreeProfile("tiny", 2, 2, 2, 16, (4, 6, 6), 32, 37, 2, 4, 32, 37, 2, 4, (8, 16, 16, 16), 1, 4),
-    # FLUX.1's widths: 24 heads of 128, T5-XXL's 4096/10240 with 64 heads, CLIP-L's 768/3072, and
-    # FLUX's own VAE; one T5 and one CLIP layer, since encoders run once per request.
-    "wide": TreeProfile(
-        "wide", 1, 2, 24, 128, (16, 56, 56), 4096, 10240, 1, 64, 768, 3072, 1, 12, (128, 256, 512, 512), 2, 32
-    ),
-    # FLUX.1's depth and CLIP-L's 12 layers, at tiny widths.
-    "deep": TreeProfile("deep", 19, 38, 2, 16, (4, 6, 6), 32, 37, 2, 4, 32, 37, 12, 4, (8, 16, 16, 16), 1, 4),
-}
-
-
-def _clip_tokenizer() -> CLIPTokenizer:
-    """A byte-level BPE like CLIP's: every byte as a piece (and with `</w>`), plus whole words."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_chars = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for piece in byte_chars + [c + "</w>" for c in byte_chars]:
-        vocab.setdefault(piece, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in _WORDS:
-        # Merge left to right: ("f", "o"), ("fo", "x</w>") builds "fox</w>" from its characters.
-        current = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            nxt = ch + ("</w>" if i == len(word) - 1 else "")
-            merge = (current, nxt)
-            current += nxt
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(current, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def _t5_tokenizer() -> T5Tokenizer:
-    """A Unigram tokenizer like T5's sentencepiece: whole words first, then single characters."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(f"▁{w}", -3.0) for w in _WORDS]
-    pieces += [(c, -8.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
-def transformer_config(profile: TreeProfile, guidance_embeds: bool) -> dict[str, object]:
-    """`FluxTransformer2DModel` arguments for `profile` (the GPU proof builds full size from FLUX's own)."""
-    return {
-        "patch_size": 1,
-        "in_channels": 64,  # 16 latent channels packed 2x2, as in FLUX.1
-        "num_layers": profile.double_blocks,
-        "num_single_layers": profile.single_blocks,
-        "attention_head_dim": profile.head_dim,
-        "num_attention_heads": profile.heads,
-        "joint_attention_dim": profile.t5_dim,
-        "pooled_projection_dim": profile.clip_dim,
-        "guidance_embeds": guidance_embeds,
-        "axes_dims_rope": profile.rope_axes,
-    }
-
-
-def _transformer(profile: TreeProfile, guidance_embeds: bool) -> FluxTransformer2DModel:
-    return FluxTransformer2DModel(**transformer_config(profile, guidance_embeds))
-
-
-def _vae(profile: TreeProfile) -> AutoencoderKL:
-    # Four blocks give FLUX's 8x spatial compression; scaling and shift are FLUX.1's own.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=profile.vae_channels,
-        layers_per_block=profile.vae_layers_per_block,
-        latent_channels=16,
-        norm_num_groups=profile.vae_norm_groups,
-        sample_size=1024,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-
-
-def _text_encoders(
-    profile: TreeProfile, clip_tok: CLIPTokenizer, t5_tok: T5Tokenizer
-) -> tuple[CLIPTextModel, T5EncoderModel]:
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=profile.clip_dim,
-            intermediate_size=profile.clip_ff,
-            num_attention_heads=profile.clip_heads,
-            num_hidden_layers=profile.clip_layers,
-            max_position_embeddings=77,
-            projection_dim=profile.clip_dim,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        )
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=profile.t5_dim,
-            d_kv=profile.t5_dim // profile.t5_heads,
-            d_ff=profile.t5_ff,
-            num_layers=profile.t5_layers,
-            num_heads=profile.t5_heads,
-            relative_attention_num_buckets=8,
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-        )
-    )
-    return clip, t5
 
 
 def _write_safety_models(root: Path) -> None:
-    """Tiny stand-ins for the CompVis checker and Falconsai classifier that pass ordinary images.
-
-    The checker flags when cosine similarity exceeds a concept's threshold; thresholds of 1.0 are
-    never exceeded. The classifier's bias favours `normal`. Tests lower these to make them flag.
-    """
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "image_size": 32,
-        "patch_size": 8,
-    }
-    text = {
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "vocab_size": 100,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-    }
-    checker = StableDiffusionSafetyChecker(
-        CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
-    )
-    with torch.no_grad():
-        checker.concept_embeds_weights.fill_(1.0)
-        checker.special_care_embeds_weights.fill_(1.0)
+    checker, checker_processor, classifier, classifier_processor = safety_models(PROFILES["tiny"])
     checker.save_pretrained(root / SAFETY_CHECKER_FOLDER)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        root / SAFETY_CHECKER_FOLDER
-    )
-
-    classifier = ViTForImageClassification(
-        ViTConfig(
-            **vision,
-            num_labels=2,
-            id2label={0: "normal", 1: "nsfw"},
-            label2id={"normal": 0, "nsfw": 1},
-        )
-    )
-    with torch.no_grad():
-        classifier.classifier.bias.copy_(torch.tensor([10.0, -10.0]))
+    checker_processor.save_pretrained(root / SAFETY_CHECKER_FOLDER)
     classifier.save_pretrained(root / NSFW_CLASSIFIER_FOLDER)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / NSFW_CLASSIFIER_FOLDER)
+    classifier_processor.save_pretrained(root / NSFW_CLASSIFIER_FOLDER)
 
 
 def write_tiny_weights(root: Path, seed: int = 0, profile: str = "tiny") -> Path:
@@ -293,27 +48,30 @@ def write_tiny_weights(root: Path, seed: int = 0, profile: str = "tiny") -> Path
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     torch.manual_seed(seed)
-    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
     sizes = PROFILES[profile]
-    clip, t5 = _text_encoders(sizes, clip_tok, t5_tok)
+    if profile == "full":
+        raise ValueError("the full-size profile is built in memory (the GPU proof), never written")
+    clip, t5 = text_encoders(sizes, clip_tok, t5_tok)
     dev = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**_SCHEDULERS[DEV_FOLDER]),
-        vae=_vae(sizes),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS["dev"]),
+        vae=vae(sizes),
         text_encoder=clip,
         tokenizer=clip_tok,
         text_encoder_2=t5,
         tokenizer_2=t5_tok,
-        transformer=_transformer(sizes, guidance_embeds=True),
+        transformer=transformer(sizes, guidance_embeds=True),
     )
-    # Real FLUX checkpoints are bf16 on disk; the tiny ones are too, so loading converts as it must.
-    dev.to(torch.bfloat16)
+    # Real FLUX checkpoints are bf16 on disk, and so are the tiny ones, so loading converts as it must;
+    # the wide tree is float32, what the CPU engine computes in, as bf16 files are for a GPU.
+    dev.to(sizes.disk_dtype)
     dev.save_pretrained(root / DEV_FOLDER)
 
     # schnell ships only what differs from dev; everything else is shared at load time.
     del dev  # a wide tree's dev pipeline is GBs: free it before schnell's transformer is made
-    schnell_transformer = _transformer(sizes, guidance_embeds=False).to(torch.bfloat16)
+    schnell_transformer = transformer(sizes, guidance_embeds=False).to(sizes.disk_dtype)
     schnell_transformer.save_pretrained(root / SCHNELL_FOLDER / "transformer")
-    FlowMatchEulerDiscreteScheduler(**_SCHEDULERS[SCHNELL_FOLDER]).save_pretrained(
+    FlowMatchEulerDiscreteScheduler(**SCHEDULERS["schnell"]).save_pretrained(
         root / SCHNELL_FOLDER / "scheduler"
     )
     _write_safety_models(root)

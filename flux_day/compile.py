@@ -1,0 +1,106 @@
+"""torch.compile for the transformers: the seed's sizes compiled at setup, one dynamic graph for the rest.
+
+FLUX's transformer sees an image only through its token count ((width/16) x (height/16); the
+positions are values), so the seed's 22 sizes (11 aspect ratios x 2 megapixel settings) are a dozen
+static graphs per transformer. `CompiledTransformers` routes a call by its token count: a seed size
+runs its static graph (compiled at setup: the engine runs one step of each), any other size
+(img2img follows the input image; `custom`) runs one graph compiled with dynamic shapes on first
+use, so odd sizes never recompile and never eat the recompile budget, which is set to what the
+static graphs need.
+
+Compiled artifacts persist in `FLUX_DAY_COMPILE_CACHE` (inductor's FX-graph, AOTAutograd and kernel
+caches, via `TORCHINDUCTOR_CACHE_DIR`): a restarted server traces again (seconds) but does not
+generate or build kernels again (the minutes). LoRA fuses write into the same tensors in place, so a
+LoRA switch never invalidates a graph (tests/test_compile.py counts them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+from torch import nn
+
+from flux_day.sizes import ASPECT_RATIOS, MEGAPIXEL_SIDE_SCALE, SIZE_STEP, aspect_ratio_size
+
+log = logging.getLogger(__name__)
+
+OFF: Final = frozenset({"", "0", "off", "false", "no"})
+ON: Final = frozenset({"1", "on", "true", "yes"})
+
+
+def compile_backend(setting: str, device: torch.device) -> str | None:
+    """`FLUX_DAY_COMPILE` as a torch.compile backend, or None for no compilation."""
+    if setting == "auto":
+        return "inductor" if device.type == "cuda" else None
+    if setting in OFF:
+        return None
+    if setting in ON:
+        return "inductor"
+    known = {"inductor", *torch.compiler.list_backends(exclude_tags=())}
+    if setting not in known:
+        raise ValueError(f"FLUX_DAY_COMPILE={setting!r} is not auto, 0, 1 or one of {sorted(known)}")
+    return setting
+
+
+def seed_sizes() -> list[tuple[int, int]]:
+    """The 22 sizes the schema's aspect ratios and megapixel choices give, as (width, height)."""
+    return [aspect_ratio_size(ratio, mp) for mp in MEGAPIXEL_SIDE_SCALE for ratio in ASPECT_RATIOS]
+
+
+def image_tokens(width: int, height: int) -> int:
+    """How many latent tokens FLUX's transformer sees for an image (2x2 patches of an 8x VAE)."""
+    return (width // SIZE_STEP) * (height // SIZE_STEP)
+
+
+def _static_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module._flux_day_forward(*args, **kwargs)
+
+
+def _dynamic_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # Its own code object: dynamo keeps its cache entries apart from the static graphs'.
+    return module._flux_day_forward(*args, **kwargs)
+
+
+class CompiledTransformers:
+    """Installs a token-count router as each transformer's forward, and compiles the seed sizes."""
+
+    def __init__(self, backend: str, sizes: Sequence[tuple[int, int]], cache_dir: Path | None) -> None:
+        self.backend = backend
+        self.static_tokens = frozenset(image_tokens(w, h) for w, h in sizes)
+        self.sizes = list(sizes)
+        if cache_dir is not None and backend == "inductor":
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read by inductor at each compile
+        self._static = torch.compile(_static_call, backend=backend, dynamic=False)
+        self._dynamic = torch.compile(_dynamic_call, backend=backend, dynamic=True)
+        self.transformers: list[nn.Module] = []
+
+    def install(self, transformers: Iterable[nn.Module]) -> None:
+        """Route every call of these transformers through the compiled graphs."""
+        for transformer in transformers:
+            if getattr(transformer, "_flux_day_forward", None) is not None:
+                continue
+            transformer._flux_day_forward = transformer.forward
+            transformer.forward = self._router(transformer)
+            self.transformers.append(transformer)
+        # One static graph per (transformer, token count) under one code object, plus slack for a
+        # graph dynamo splits; the dynamic graphs live under their own.
+        limit = len(self.static_tokens) * max(1, len(self.transformers)) + 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 2 * limit
+        )
+
+    def _router(self, transformer: nn.Module) -> Callable[..., Any]:
+        static, dynamic, tokens = self._static, self._dynamic, self.static_tokens
+
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            compiled = static if hidden_states.shape[1] in tokens else dynamic
+            return compiled(transformer, hidden_states, *args, **kwargs)
+
+        return forward

@@ -1,0 +1,352 @@
+"""Random FLUX-architecture models, built from one set of profiles: the trees on disk and in memory.
+
+Real FLUX weights cannot be downloaded on our machines, so the demo, the tests and the benchmarks run
+on models with the real architecture (double and single blocks, guidance embedding, 16-channel VAE
+with FLUX's scaling and shift, CLIP + T5 encoders, tokenizers, both safety models). Profiles:
+
+- **tiny** (a few MB): the test suite and the README's demo.
+- **wide** (GBs): FLUX.1's real layer widths (3072 hidden, 24 heads of 128, MLP x4, T5 width 4096,
+  CLIP-L width 768, FLUX's VAE) with 1 double and 2 single blocks, so per-weight costs (LoRA fuses,
+  fp8 quantization, setup) are measured at real sizes on a CPU. Written in float32, the CPU
+  engine's dtype, so loading it converts nothing, as bf16 files on a GPU. Benchmarks only.
+- **deep**: FLUX.1's real depth (19 double + 38 single blocks, a 12-layer CLIP) at narrow widths,
+  so LoRA files laid out key for key as trainers write them can be checked module by module.
+- **full**: FLUX.1 itself (11.9 B parameters per transformer, T5-XXL, CLIP-L, the real safety
+  models' sizes): built in GPU memory by the GPU proof, or on the meta device to size the memory plan.
+
+Same profile and seed, same values.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+if TYPE_CHECKING:
+    from flux_day.models import LoadedModels
+    from flux_day.safety import SafetyFilter
+
+# Words the tokenizers know as whole pieces; everything else falls back to characters.
+_WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "an",
+    "in",
+    "on",
+    "with",
+    "and",
+    "red",
+    "blue",
+    "green",
+    "fox",
+    "cat",
+    "dog",
+    "tree",
+    "snow",
+    "city",
+    "night",
+    "day",
+    "portrait",
+    "painting",
+    "style",
+    "mountain",
+    "river",
+    "sky",
+    "sun",
+    "light",
+    "dark",
+    "house",
+    "car",
+    "person",
+    "woman",
+    "man",
+)
+
+# FLUX.1's real scheduler configs (dev shifts its timesteps with the image size; schnell does not).
+SCHEDULERS: Final[dict[str, dict[str, object]]] = {
+    "dev": {"shift": 3.0, "use_dynamic_shifting": True},
+    "schnell": {"shift": 1.0, "use_dynamic_shifting": False},
+}
+
+
+@dataclass(frozen=True)
+class TreeProfile:
+    """The sizes that distinguish one random tree from another (the architecture is always FLUX.1's)."""
+
+    name: str
+    double_blocks: int
+    single_blocks: int
+    heads: int
+    head_dim: int
+    rope_axes: tuple[int, int, int]  # sums to head_dim, as FLUX's (16, 56, 56) sums to 128
+    t5_dim: int
+    t5_ff: int
+    t5_layers: int
+    t5_heads: int
+    clip_dim: int
+    clip_ff: int
+    clip_layers: int
+    clip_heads: int
+    vae_channels: tuple[int, int, int, int]
+    vae_layers_per_block: int
+    vae_norm_groups: int
+    disk_dtype: torch.dtype = torch.bfloat16  # real FLUX checkpoints are bf16 on disk
+    t5_vocab: int | None = None  # None: the tiny tokenizer's; FLUX's T5-XXL has 32128
+    clip_vocab: int | None = None  # None: the tiny tokenizer's; CLIP-L has 49408
+    safety: str = "tiny"  # "full": the CompVis checker's ViT-L/14 and Falconsai's ViT-base
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+
+PROFILES: Final[dict[str, TreeProfile]] = {
+    "tiny": TreeProfile("tiny", 2, 2, 2, 16, (4, 6, 6), 32, 37, 2, 4, 32, 37, 2, 4, (8, 16, 16, 16), 1, 4),
+    # FLUX.1's widths: 24 heads of 128, T5-XXL's 4096/10240 with 64 heads, CLIP-L's 768/3072, and
+    # FLUX's own VAE; one T5 and one CLIP layer, since encoders run once per request.
+    "wide": TreeProfile(
+        "wide",
+        *(1, 2, 24, 128, (16, 56, 56)),
+        *(4096, 10240, 1, 64, 768, 3072, 1, 12),
+        *((128, 256, 512, 512), 2, 32),
+        disk_dtype=torch.float32,
+    ),
+    # FLUX.1's depth and CLIP-L's 12 layers, at tiny widths.
+    "deep": TreeProfile("deep", 19, 38, 2, 16, (4, 6, 6), 32, 37, 2, 4, 32, 37, 12, 4, (8, 16, 16, 16), 1, 4),
+    "full": TreeProfile(
+        "full",
+        *(19, 38, 24, 128, (16, 56, 56)),
+        *(4096, 10240, 24, 64, 768, 3072, 12, 12),
+        *((128, 256, 512, 512), 2, 32),
+        t5_vocab=32128,
+        clip_vocab=49408,
+        safety="full",
+    ),
+}
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """A byte-level BPE like CLIP's: every byte as a piece (and with `</w>`), plus whole words."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for piece in byte_chars + [c + "</w>" for c in byte_chars]:
+        vocab.setdefault(piece, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        # Merge left to right: ("f", "o"), ("fo", "x</w>") builds "fox</w>" from its characters.
+        current = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            nxt = ch + ("</w>" if i == len(word) - 1 else "")
+            merge = (current, nxt)
+            current += nxt
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(current, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A Unigram tokenizer like T5's sentencepiece: whole words first, then single characters."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{w}", -3.0) for w in _WORDS]
+    pieces += [(c, -8.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def transformer_config(profile: TreeProfile, guidance_embeds: bool) -> dict[str, object]:
+    """`FluxTransformer2DModel` arguments for `profile` (the GPU proof builds full size from FLUX's own)."""
+    return {
+        "patch_size": 1,
+        "in_channels": 64,  # 16 latent channels packed 2x2, as in FLUX.1
+        "num_layers": profile.double_blocks,
+        "num_single_layers": profile.single_blocks,
+        "attention_head_dim": profile.head_dim,
+        "num_attention_heads": profile.heads,
+        "joint_attention_dim": profile.t5_dim,
+        "pooled_projection_dim": profile.clip_dim,
+        "guidance_embeds": guidance_embeds,
+        "axes_dims_rope": profile.rope_axes,
+    }
+
+
+def transformer(profile: TreeProfile, guidance_embeds: bool) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(**transformer_config(profile, guidance_embeds))
+
+
+def vae(profile: TreeProfile) -> AutoencoderKL:
+    # Four blocks give FLUX's 8x spatial compression; scaling and shift are FLUX.1's own.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=profile.vae_channels,
+        layers_per_block=profile.vae_layers_per_block,
+        latent_channels=16,
+        norm_num_groups=profile.vae_norm_groups,
+        sample_size=1024,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def text_encoders(
+    profile: TreeProfile, clip_tok: CLIPTokenizer, t5_tok: T5Tokenizer
+) -> tuple[CLIPTextModel, T5EncoderModel]:
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=profile.clip_vocab or len(clip_tok),
+            hidden_size=profile.clip_dim,
+            intermediate_size=profile.clip_ff,
+            num_attention_heads=profile.clip_heads,
+            num_hidden_layers=profile.clip_layers,
+            max_position_embeddings=77,
+            projection_dim=profile.clip_dim,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=profile.t5_vocab or len(t5_tok),
+            d_model=profile.t5_dim,
+            d_kv=profile.t5_dim // profile.t5_heads,
+            d_ff=profile.t5_ff,
+            num_layers=profile.t5_layers,
+            num_heads=profile.t5_heads,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
+            relative_attention_num_buckets=32 if profile.t5_vocab else 8,
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+        )
+    )
+    return clip, t5
+
+
+def safety_models(
+    profile: TreeProfile,
+) -> tuple[StableDiffusionSafetyChecker, CLIPImageProcessor, ViTForImageClassification, ViTImageProcessor]:
+    """Stand-ins for the CompVis checker and Falconsai classifier that pass ordinary images.
+
+    The checker flags when cosine similarity exceeds a concept's threshold; thresholds of 1.0 are
+    never exceeded. The classifier's bias favours `normal`. Tests lower these to make them flag.
+    """
+    if profile.safety == "full":  # CLIP ViT-L/14 and ViT-base/16 at 224 pixels, as the real ones
+        vision = {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "image_size": 224,
+            "patch_size": 14,
+        }
+        classifier_vision = {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "image_size": 224,
+            "patch_size": 16,
+        }
+        projection, pixels = 768, 224
+    else:
+        vision = {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        }
+        classifier_vision, projection, pixels = vision, 32, 32
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 100,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+    }
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
+    )
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(1.0)
+        checker.special_care_embeds_weights.fill_(1.0)
+    checker_processor = CLIPImageProcessor(
+        size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels}
+    )
+    classifier = ViTForImageClassification(
+        ViTConfig(
+            **classifier_vision,
+            num_labels=2,
+            id2label={0: "normal", 1: "nsfw"},
+            label2id={"normal": 0, "nsfw": 1},
+        )
+    )
+    with torch.no_grad():
+        classifier.classifier.bias.copy_(torch.tensor([10.0, -10.0]))
+    return checker, checker_processor, classifier, ViTImageProcessor(size={"height": pixels, "width": pixels})
+
+
+def build_models(
+    profile: TreeProfile, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> tuple[LoadedModels, SafetyFilter]:
+    """Every model the engine runs, with random weights of `profile`, made directly on `device` in
+    `dtype` (a full-size transformer made in float32 first would need 48 GB): no disk, no download.
+    The engine takes them through the same setup path as weights read from a tree."""
+    from flux_day.models import LoadedModels
+    from flux_day.safety import SafetyFilter
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+            clip, t5 = text_encoders(profile, clip_tok, t5_tok)
+            transformers = {
+                model: transformer(profile, guidance_embeds=model == "dev").eval() for model in SCHEDULERS
+            }
+            shared = {
+                "vae": vae(profile).eval(),
+                "text_encoder": clip.eval(),
+                "text_encoder_2": t5.eval(),
+                "tokenizer": clip_tok,
+                "tokenizer_2": t5_tok,
+            }
+            checker, checker_processor, classifier, classifier_processor = safety_models(profile)
+    finally:
+        torch.set_default_dtype(previous)
+    schedulers = {model: FlowMatchEulerDiscreteScheduler(**config) for model, config in SCHEDULERS.items()}
+    safety = SafetyFilter.from_modules(checker, checker_processor, classifier.eval(), classifier_processor)
+    return LoadedModels(transformers, schedulers, shared), safety
