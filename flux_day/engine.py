@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest,
 from flux_day.loras.refs import parse_ref
 from flux_day.memory_plan import (
     CLIP,
+    DEFAULT_RESERVE,
     SAFETY,
     T5,
     VAE,
@@ -44,11 +46,20 @@ from flux_day.weights.download import ensure_weights
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Card:
+    """A GPU to plan for: its total memory and the room kept for activations."""
+
+    total_bytes: int
+    reserve_bytes: int = DEFAULT_RESERVE
+
+
 class Engine:
     """dev and schnell, each in txt2img, img2img and inpaint, loaded once and shared.
 
     `models` and `safety` inject components built in memory (the GPU proof); by default they are read
-    from the weights root. Everything after loading is the same either way.
+    from the weights root. Everything after loading is the same either way. `card` plans memory for
+    another card than the one present (the GPU proof's 80 GB run; on a CPU, a plan that offloads).
     """
 
     def __init__(
@@ -57,7 +68,7 @@ class Engine:
         default_lora: str | None = None,
         models: LoadedModels | None = None,
         safety: SafetyFilter | None = None,
-        device_bytes: int | None = None,
+        card: Card | None = None,
         progress: Callable[[str], None] = log.info,
     ) -> None:
         self.settings = settings
@@ -76,7 +87,7 @@ class Engine:
             models.sources,
         )
         self.safety = safety or SafetyFilter(Path(settings.weights), torch.device("cpu"), self.dtype)
-        self.plan = self._plan(device_bytes)
+        self.plan = self._plan(card)
         self.residency = Residency(
             self._modules(),
             self.plan,
@@ -112,7 +123,7 @@ class Engine:
             SAFETY: self.safety,
         }
 
-    def _plan(self, device_bytes: int | None) -> MemoryPlan:
+    def _plan(self, card: Card | None) -> MemoryPlan:
         """Measure every component (fp8 copies by the size they will have), decide what stays on the
         GPU, and log the plan as one table."""
         sizes = {name: module_bytes(module) for name, module in self._modules().items()}
@@ -120,9 +131,12 @@ class Engine:
             transformer_component(model, fp8=True): self.fast.expected_bytes(model)
             for model in self.models.transformers
         }
-        if device_bytes is None and self.device.type == "cuda":
-            device_bytes = torch.cuda.get_device_properties(self.device).total_memory
-        plan = plan_memory(sizes, device_bytes if self.device.type == "cuda" else None)
+        if card is not None:
+            plan = plan_memory(sizes, card.total_bytes, card.reserve_bytes)
+        elif self.device.type == "cuda":
+            plan = plan_memory(sizes, torch.cuda.get_device_properties(self.device).total_memory)
+        else:
+            plan = plan_memory(sizes, None)
         log.info("memory plan:\n%s", format_plan(plan))
         return plan
 

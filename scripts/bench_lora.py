@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _lora(linears: dict, rank: int, seed: int) -> dict:
+def lora_state_dict(linears: dict, rank: int, seed: int) -> dict:
+    """A random LoRA on every linear of `linears`, PEFT layout, alpha = rank / 2."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -47,6 +48,27 @@ def _lora(linears: dict, rank: int, seed: int) -> dict:
             f"transformer.{name}.alpha": torch.tensor(rank / 2),
         }
     return state
+
+
+def use_in_memory_loras(engine, state_dicts: dict, reads: dict | None = None) -> dict:
+    """Give `engine` a LoRA manager whose transfer is a dict lookup (a cache miss then costs exactly
+    what `activate` does once the bytes have arrived), and return a request per LoRA label."""
+    from flux_day.loras.manager import LoraManager, LoraRequest
+    from tests.lora_files import data_uri, to_bytes
+
+    blobs = {label: to_bytes(state) for label, state in state_dicts.items()}
+    by_source = {data_uri(blob): blob for blob in blobs.values()}
+    counts = reads if reads is not None else {"cold": 0}
+
+    class InMemoryLoraManager(LoraManager):
+        def _read(self, lora: LoraRequest) -> bytes:
+            counts["cold"] += 1
+            return by_source[lora.source]
+
+    engine.release_loras()
+    engine.loras = InMemoryLoraManager(engine.settings, engine.loras.fuser.store)
+    engine.residency.on_leave = engine.loras.fuser.forget
+    return {label: [LoraRequest("replicate_weights", data_uri(blob), 1.0)] for label, blob in blobs.items()}
 
 
 def _table(title: str, rows: dict[str, list[float]], memory: dict[str, str], baseline: str) -> None:
@@ -90,40 +112,22 @@ def lora_switch(args: argparse.Namespace) -> None:
     )
     diffusers_pipe.to(engine.device)
     for rank in args.rank:
-        _one_rank(args, engine, settings, diffusers_pipe, rank, pristine)
+        _one_rank(args, engine, diffusers_pipe, rank, pristine)
 
 
-def _one_rank(args, engine, settings, diffusers_pipe, rank: int, pristine: dict) -> None:
+def _one_rank(args, engine, diffusers_pipe, rank: int, pristine: dict) -> None:
     """One table: every variant switching between two random LoRAs of `rank`, interleaved."""
     import torch
     from torchao.quantization import quantize_
-
-    from flux_day.loras.manager import LoraManager, LoraRequest
-    from tests.lora_files import data_uri, to_bytes
 
     model = "dev"
     full, fast = engine.lora_targets(model, fp8=False), engine.lora_targets(model, fp8=True)
     transformer = full.master
     linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
-    state_dicts = {label: _lora(linears, rank, seed) for seed, label in ((1, "A"), (2, "B"))}
-    blobs = {label: to_bytes(state) for label, state in state_dicts.items()}
-    sources = {label: data_uri(blob) for label, blob in blobs.items()}
-    requests = {label: [LoraRequest("replicate_weights", src, 1.0)] for label, src in sources.items()}
-    by_source = {source: blobs[label] for label, source in sources.items()}
+    state_dicts = {label: lora_state_dict(linears, rank, seed) for seed, label in ((1, "A"), (2, "B"))}
     reads = {"cold": 0}
-
-    class InMemoryLoraManager(LoraManager):
-        """`LoraManager` with the transfer replaced by a dict lookup: a cache miss costs exactly
-        what `activate` does once the bytes have arrived."""
-
-        def _read(self, lora: LoraRequest) -> bytes:
-            reads["cold"] += 1
-            return by_source[lora.source]
-
-    engine.release_loras()
-    engine.loras = InMemoryLoraManager(settings, engine.loras.fuser.store)
-    engine.residency.on_leave = engine.loras.fuser.forget
+    requests = use_in_memory_loras(engine, state_dicts, reads)
     fused = {"full": "none", "fast": "none", "diffusers": "none"}
 
     def other(current: str) -> str:
