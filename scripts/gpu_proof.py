@@ -246,7 +246,7 @@ def speed(run: Run, model: str) -> None:
 
     for what, go_fast, precision in (
         ("full precision", False, "bf16"),
-        ("go_fast (fp8, eager)", True, "fp8"),
+        ("go_fast (fp8 eager)", True, "fp8"),
     ):
         generate(go_fast)()  # warm-up (go_fast: makes the fp8 copy)
         report(what, timed(generate(go_fast), scale.repeats, run.sync), precision)
