@@ -73,6 +73,13 @@ def _inner(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"": weight}
 
 
+def _copy_bias(fp8_layer: nn.Module, master_layer: nn.Module) -> None:
+    """The fp8 layer's bias (full precision, a copy of the master's) made equal to the master's again,
+    which LoRA bias updates (`diff_b`) change and restores put back."""
+    if getattr(master_layer, "bias", None) is not None:
+        fp8_layer.bias.copy_(master_layer.bias.to(fp8_layer.bias.device))
+
+
 class Fp8Transformers:
     """For each model, an fp8 transformer, and the bookkeeping that keeps it equal to quantize(master)."""
 
@@ -119,6 +126,7 @@ class Fp8Transformers:
                     fresh = pristine
                 for part, tensor in target.items():
                     tensor.copy_(fresh[part])
+                _copy_bias(fp8.get_submodule(name), master.get_submodule(name))
         self._requantized[model] = set(fused_modules)
         self._synced[model] = key
         if fused_modules or previous:

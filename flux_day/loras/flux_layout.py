@@ -99,19 +99,24 @@ class Target:
 class ModuleIndex:
     """Every spelling of a module name that FLUX LoRA files use, mapped to the linears of this model.
 
-    Spellings: diffusers (`transformer.x.y`, or bare), BFL (`diffusion_model.double_blocks.0.…`), kohya
-    (`lora_unet_…`, `lora_te1_…`), LyCORIS (`lycoris_…`, `lora_transformer_…`) and ComfyUI's text encoder
-    (`text_encoders.clip_l.transformer.…`).
+    Spellings: diffusers (`transformer.x.y`, or bare), BFL (`diffusion_model.double_blocks.0.…`, or bare
+    as fal's trainers write it), kohya (`lora_unet_…`, `lora_te1_…`), OneTrainer and LyCORIS
+    (`lora_transformer_…`, `lycoris_…`) and ComfyUI's text encoder (`text_encoders.clip_l.transformer.…`);
+    any of them behind PEFT's `base_model.model.`. Every spelling is built from the loaded model's own
+    shapes, so no width is assumed.
     """
 
     def __init__(self, components: dict[str, nn.Module]) -> None:
         self.aliases: dict[str, tuple[Target, ...]] = {}
         self.weights: dict[str, nn.Parameter] = {}
+        self.biases: dict[str, nn.Parameter] = {}
         for component, model in components.items():
             for name, module in model.named_modules():
                 if not isinstance(module, nn.Linear):
                     continue
                 self.weights[f"{component}.{name}"] = module.weight
+                if module.bias is not None:
+                    self.biases[f"{component}.{name}"] = module.bias
                 whole = (Target(f"{component}.{name}", 0, module.out_features),)
                 flat = name.replace(".", "_")
                 spellings = [f"{component}.{name}"]
@@ -133,8 +138,8 @@ class ModuleIndex:
                 swap = bfl_name in SWAPPED_HALVES
                 targets = tuple(Target(f"transformer.{s.target}", s.start, s.stop, swap) for s in splits)
                 flat = bfl_name.replace(".", "_")
-                for spelling in (f"diffusion_model.{bfl_name}", f"lora_unet_{flat}", f"lycoris_{flat}"):
-                    self.aliases[spelling] = targets
+                spellings = (bfl_name, f"diffusion_model.{bfl_name}", f"lora_unet_{flat}", f"lycoris_{flat}")
+                self.aliases.update(dict.fromkeys(spellings, targets))
 
     def resolve(self, source_module: str) -> tuple[Target, ...] | None:
         """The targets of a module name as written in a LoRA file, or None when nothing matches."""

@@ -3,7 +3,9 @@
 The first time a weight is touched, a pristine copy is kept for the life of the process. Every fuse
 computes `pristine + Σ scale_i · delta_i` in float32 from that copy and casts once, and every restore
 copies the pristine tensor back: no subtraction, so base → A → B → A+B → none ends bit-identical to the
-start. Deltas are summed in a fixed order, so main + extra gives the same bytes as extra + main.
+start. Deltas are summed in a fixed order, so main + extra gives the same bytes as extra + main. Bias
+updates (ComfyUI's `diff_b`) are deltas of a bias parameter and follow the same path. A fused parameter
+its dtype cannot hold (a sum past fp16's 65504 or bf16's ~3.4e38 is infinite) is refused, restoring all.
 
 On CUDA a pristine copy stays on the GPU while the memory plan's reserve (`DEFAULT_RESERVE`) stays free, and
 goes to pinned host memory otherwise: a LoRA over every linear of FLUX.1 [dev] touches ~24 GB of
@@ -13,6 +15,7 @@ bf16 weights, which must not push both models out of an 80 GB card.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +35,15 @@ class ScaledDelta:
     order: str  # sort key that makes the sum independent of which input named the LoRA
     delta: Delta
     scale: float
+
+
+class UnrepresentableWeight(ArithmeticError):
+    """A fused parameter holds NaN or infinity: the sum is beyond what its dtype can hold."""
+
+    def __init__(self, param: nn.Parameter, orders: tuple[str, ...]) -> None:
+        super().__init__(f"a fused {param.dtype} parameter is not finite")
+        self.param = param
+        self.orders = orders  # the `order` of each delta summed into it (which LoRAs)
 
 
 class WeightFuser:
@@ -63,6 +75,7 @@ class WeightFuser:
             with torch.no_grad():
                 for param, parts in plan.items():
                     self._fuse(param, parts)
+            self._refuse_unrepresentable(plan)
         except BaseException:
             self.restore_all()
             raise
@@ -80,6 +93,26 @@ class WeightFuser:
         with torch.no_grad():
             param.data.copy_(pristine)
         self._fused.discard(param_id)
+
+    def _refuse_unrepresentable(self, plan: Mapping[nn.Parameter, Sequence[ScaledDelta]]) -> None:
+        """Raise `UnrepresentableWeight` for a fused parameter that is not finite (it would make every
+        image NaN), naming the LoRAs that overflow it alone (else all that touch it). One host sync per
+        device, not one per parameter."""
+        flags: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for param in plan:
+            flags[param.device].append(param.detach().isfinite().all())
+        if all(bool(torch.stack(device_flags).all()) for device_flags in flags.values()):
+            return
+        bad = next(param for param in plan if not bool(param.detach().isfinite().all()))
+        pristine = self._pristine[id(bad)][1].to(bad.device, torch.float32)
+        alone = {
+            part.order
+            for part in plan[bad]
+            if not bool(
+                (pristine + part.scale * part.delta.matrix(bad.device)).to(bad.dtype).isfinite().all()
+            )
+        }
+        raise UnrepresentableWeight(bad, tuple(sorted(alone or {part.order for part in plan[bad]})))
 
     def _fuse(self, param: nn.Parameter, parts: Sequence[ScaledDelta]) -> None:
         if id(param) not in self._pristine:

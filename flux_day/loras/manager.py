@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -28,7 +29,7 @@ from flux_day.loras.cache import LoraCache
 from flux_day.loras.fetch import PARTIAL_PREFIX, Fetcher
 from flux_day.loras.flux_layout import ModuleIndex
 from flux_day.loras.formats import LoraWeights, load_safetensors_or_refuse, read_lora
-from flux_day.loras.fuse import ScaledDelta, WeightFuser
+from flux_day.loras.fuse import ScaledDelta, UnrepresentableWeight, WeightFuser
 from flux_day.loras.refs import LoraRef, decode_data_uri, parse_ref, shown_source
 from flux_day.loras.sources import plan_file
 
@@ -72,26 +73,31 @@ class LoraManager:
         index = self._index(model, components)
         multiplier = GO_FAST_LORA_MULTIPLIER if go_fast else 1.0
         chosen = [
-            (self.weights(lora, model, components), lora.scale * multiplier)
+            (lora, self.weights(lora, model, components), lora.scale * multiplier)
             for lora in loras
             if lora.scale != 0
         ]
         plan: dict[nn.Parameter, list[ScaledDelta]] = defaultdict(list)
-        for weights, scale in chosen:
+        for _, weights, scale in chosen:
             for module, delta in weights.deltas.items():
                 plan[index.weights[module]].append(ScaledDelta(weights.digest, delta, scale))
-        key = (model, tuple(sorted((weights.digest, scale) for weights, scale in chosen)))
+            for module, delta in weights.biases.items():
+                plan[index.biases[module]].append(ScaledDelta(weights.digest, delta, scale))
+        key = (model, tuple(sorted((weights.digest, scale) for _, weights, scale in chosen)))
         started = time.perf_counter()
         try:
             changed = self.fuser.apply(plan, key)
-        except BaseException:
+        except UnrepresentableWeight as error:
             self.fused_modules = frozenset()  # apply restored every weight before raising
+            raise _overflow_error(error, chosen, index, model) from None
+        except BaseException:
+            self.fused_modules = frozenset()
             raise
-        self.fused_modules = frozenset(m for weights, _ in chosen for m in weights.deltas)
+        self.fused_modules = frozenset(m for _, weights, _ in chosen for m in weights.modules)
         if changed and (plan or chosen):
             log.info(
                 "LoRAs now %s on %s: %d weights fused in %.3fs",
-                [f"{w.digest}x{s:g}" for w, s in chosen] or "none",
+                [f"{w.digest}x{s:g}" for _, w, s in chosen] or "none",
                 model,
                 len(plan),
                 time.perf_counter() - started,
@@ -111,8 +117,13 @@ class LoraManager:
                 self._parsed.move_to_end(key)
                 return weights
         started = time.perf_counter()
-        data = self._read(lora)
-        weights = read_lora(data, lora.input_name, self._index(model, components), f"FLUX.1 [{model}]")
+        data, cached = self._read(lora)
+        try:
+            weights = read_lora(data, lora.input_name, self._index(model, components), f"FLUX.1 [{model}]")
+        except InputError:
+            if cached is not None:  # a refused file must not be served from the cache next time
+                self.cache.discard(cached)
+            raise
         log.info(
             "read %s LoRA %s for %s: %d bytes, %d target weights, in %.2fs",
             weights.layout,
@@ -133,17 +144,18 @@ class LoraManager:
             self._indexes[model] = ModuleIndex(components)
         return self._indexes[model]
 
-    def _read(self, lora: LoraRequest) -> bytes:
-        """The LoRA file's bytes (archives unpacked); downloads go through the disk cache."""
+    def _read(self, lora: LoraRequest) -> tuple[bytes, Path | None]:
+        """The LoRA file's bytes (archives unpacked), and its disk-cache file when it was downloaded."""
         # A local file is accepted only from the operator (COG_WEIGHTS), never from a request input.
         if lora.input_name == DEFAULT_LORA_INPUT and not lora.source.startswith(("data:", "http:", "https:")):
-            return _unpacked(_local_lora(Path(lora.source)).read_bytes(), lora.input_name, self.settings)
+            data = _unpacked(_local_lora(Path(lora.source)).read_bytes(), lora.input_name, self.settings)
+            return data, None
         ref = parse_ref(lora.input_name, lora.source)
         if ref.kind == "data":
-            return _unpacked(
-                decode_data_uri(ref, self.settings.max_lora_bytes), ref.input_name, self.settings
-            )
-        return self.cached_file(ref).read_bytes()
+            decoded = decode_data_uri(ref, self.settings.max_lora_bytes)
+            return _unpacked(decoded, ref.input_name, self.settings), None
+        path = self.cached_file(ref)
+        return path.read_bytes(), path
 
     def cached_file(self, ref: LoraRef) -> Path:
         """The ready .safetensors for `ref` in the disk cache, downloading it (once) when absent."""
@@ -182,6 +194,29 @@ class LoraManager:
             load_safetensors_or_refuse(partial.read_bytes(), ref.input_name)
             raise
         return partial
+
+
+def _overflow_error(
+    error: UnrepresentableWeight,
+    chosen: Sequence[tuple[LoraRequest, LoraWeights, float]],
+    index: ModuleIndex,
+    model: str,
+) -> InputError:
+    """The refusal for LoRAs whose sum overflows a weight, naming the inputs and the scales to lower."""
+    names = {id(param): name for name, param in (*index.weights.items(), *index.biases.items())}
+    module = names.get(id(error.param), "a weight")
+    inputs = [lora for lora, weights, _ in chosen if weights.digest in error.orders]
+    scales = ", ".join(SCALE_INPUTS.get(lora.input_name, "lora_scale") for lora in inputs)
+    limit = torch.finfo(error.param.dtype).max
+    return InputError(
+        f"{', '.join(lora.input_name for lora in inputs)}: fused into FLUX.1 [{model}], this LoRA pushes "
+        f"{module[:80]!r} past the largest value its {str(error.param.dtype).removeprefix('torch.')} "
+        f"weights can hold ({limit:.4g}), which would make every image black; lower {scales} or use "
+        "another LoRA."
+    )
+
+
+SCALE_INPUTS = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
 
 
 def _unversioned(source: str) -> bool:
