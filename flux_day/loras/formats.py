@@ -35,6 +35,7 @@ from flux_day.loras.flux_layout import ModuleIndex, Target
 from flux_day.loras.full_updates import full_deltas, split_off_full_updates
 from flux_day.loras.lycoris import LYCORIS_ROLES, lycoris_delta
 from flux_day.loras.refusals import refuse_unsupported
+from flux_day.server_log import log as server_log
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def load_safetensors_or_refuse(
                 "which is never loaded because it can run code; give the LoRA as a .safetensors file."
             ) from None
         # The library's reason names its own internals (HeaderTooLarge, ...): logged, not shown.
-        log.info("safetensors refused %s: %s", input_name, str(error).splitlines()[:1])
+        server_log.info("safetensors refused %s: %s", input_name, str(error).splitlines()[:1])
         raise InputError(
             f"{input_name}: the file is not a safetensors file, or a damaged or incomplete one; give an "
             "intact .safetensors LoRA."
@@ -206,7 +207,8 @@ def _kohya(
                 len(expected),
             )
         except Exception as error:  # any converter failure means: split by the layout table
-            log.info("diffusers' converter failed (%s); splitting by layout", type(error).__name__)
+            log.info("diffusers' converter could not read it; splitting by layout")
+            server_log.info("diffusers' kohya converter failed: %s", type(error).__name__)
     return _deltas_from_groups(groups, index, input_name, {})
 
 
