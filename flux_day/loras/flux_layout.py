@@ -2,8 +2,8 @@
 
 BFL checkpoints and kohya LoRAs name modules as BFL does (`double_blocks.0.img_attn.qkv`,
 `single_blocks.3.linear1`), where q, k, v (and, in single blocks, the MLP input) are one fused linear;
-diffusers has a separate linear for each. diffusers 0.42.1's converters cover kohya names only for
-full-size FLUX (widths 3072/12288 are hard-coded) and BFL `diffusion_model.*.lora_A/B` names not at
+diffusers has a separate linear for each. diffusers 0.42.1's converters cover kohya and fal names only
+for full-size FLUX (widths 3072/12288 are hard-coded) and BFL `diffusion_model.*.lora_A/B` names not at
 all, so this table, built from the loaded model's own shapes, is the one place that splits fused rows.
 """
 
