@@ -186,7 +186,7 @@ def test_what_cannot_be_applied_is_refused_by_name_and_changes_nothing(
     deep: tuple[LoraManager, Components], case: str
 ) -> None:
     manager, components = deep
-    good, _ = ll.kohya(seed=30, text_encoder=False)
+    good, _ = ll.onetrainer(seed=30)
     activate(deep, ("replicate_weights", good, 1.0))
     before, active = parameters(components), manager.fuser.active
     make, message = REFUSED[case]
