@@ -1,7 +1,8 @@
 """The Cog surface of flux-day: the published input schema, verbatim, and delegation to the engine.
 
 No logic lives here: `GenerationRequest` checks every input (the server enforces the schema only in a
-built image), `Engine` generates, `OutputStore` writes the files Cog turns into URLs.
+built image), `client_file` lets a request read only what it uploaded, `Engine` generates,
+`OutputStore` writes the files Cog turns into URLs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
-from flux_day.serving import user_facing_errors
+from flux_day.server_log import keep_internals_out_of_predictions
+from flux_day.serving import declared_inputs_only, user_facing_errors
+from flux_day.uploads import client_file
 
 LORA_DESCRIPTION = (
     "Load LoRA weights. Supports Replicate models in the format <owner>/<username> or "
@@ -36,8 +39,11 @@ class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         """Load both models once; `weights` (or COG_WEIGHTS) names a default LoRA."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        keep_internals_out_of_predictions()
         self.engine = Engine(Settings.from_env(), default_lora=str(weights) if weights else None)
         self.outputs = OutputStore()
+        # Without a schema file coglet hands run() every key of the request: refuse unknown ones by name.
+        self.run = declared_inputs_only(self.run)  # type: ignore[method-assign]
 
     def run(
         self,
@@ -156,8 +162,8 @@ class Predictor(BaseRunner):
         with user_facing_errors():
             request = GenerationRequest.from_inputs(
                 prompt=prompt,
-                image=image,
-                mask=mask,
+                image=client_file("image", image),  # only files Cog made from the client's upload
+                mask=client_file("mask", mask),
                 aspect_ratio=aspect_ratio,
                 height=height,
                 width=width,

@@ -24,6 +24,8 @@ class Settings:
     lora_cache: Path
     lora_cache_bytes: int
     max_lora_bytes: int
+    min_lora_rate: int  # bytes/s a LoRA download must keep up over every `lora_rate_window_s` seconds
+    lora_rate_window_s: float
     allow_private_urls: bool
     replicate_url: str
     civitai_url: str
@@ -48,6 +50,8 @@ class Settings:
             lora_cache=Path(env.get("FLUX_DAY_LORA_CACHE") or weights / "lora-cache"),
             lora_cache_bytes=int(env.get("FLUX_DAY_LORA_CACHE_BYTES") or 20 * _GB),
             max_lora_bytes=int(env.get("FLUX_DAY_MAX_LORA_BYTES") or 2 * _GB),
+            min_lora_rate=int(env.get("FLUX_DAY_MIN_LORA_RATE") or 100_000),
+            lora_rate_window_s=float(env.get("FLUX_DAY_LORA_RATE_WINDOW") or 30),
             allow_private_urls=_flag(env.get("FLUX_DAY_ALLOW_PRIVATE_URLS")),
             replicate_url=(env.get("FLUX_DAY_REPLICATE_URL") or "https://replicate.com").rstrip("/"),
             civitai_url=(env.get("FLUX_DAY_CIVITAI_URL") or "https://civitai.com").rstrip("/"),

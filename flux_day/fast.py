@@ -123,8 +123,8 @@ def fp8_copy(
                         if cached is not None
                         else quantized_weight(weight_of(param).to(device), config)
                     )
-                else:
-                    value = param.detach().to(device, copy=True)
+                else:  # biases and norms: their pristine values too (a `diff_b` may be fused now)
+                    value = weight_of(param).to(device, copy=True)
                 setattr(module, key, nn.Parameter(value, requires_grad=False))
             for key, buffer in list(module.named_buffers(recurse=False)):
                 setattr(module, key, buffer.to(device, copy=True))

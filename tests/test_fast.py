@@ -20,6 +20,7 @@ from flux_day.fast import quantized_weight
 from flux_day.loras.fuse import inner_tensors as _inner
 from flux_day.request import GenerationRequest
 from tests import lora_files as lf
+from tests import lora_layouts as ll
 from tests.cog_server import CogServer, data_uri, open_image
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 5}
@@ -102,6 +103,32 @@ def test_fp8_with_a_lora_is_quantize_of_the_fused_master_and_restores_bit_exactl
     pixels(engine, go_fast=True)
     after = fp8_state(engine)
     assert all(torch.equal(after[n][p], original[n][p]) for n in original for p in original[n])
+
+
+TINY = ll.FluxShape(double=2, single=2, clip_layers=2)
+
+
+def biases(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.bias.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_fp8_layers_take_bias_updates_with_their_master_and_give_them_back(engine: Engine) -> None:
+    """ComfyUI's diff_b changes biases, which the fp8 copy keeps in full precision: they follow the master."""
+    comfy, expected = ll.comfyui(TINY, seed=3)
+    fp8, master = fp8_model(engine), engine.fast.masters["dev"]
+    original = biases(fp8)
+    pixels(engine, go_fast=True, replicate_weights=lf.data_uri(comfy))
+    fused = biases(fp8)
+    # go_fast never writes the master: fuse the same update there (with go_fast's 1.5x) to compare.
+    pixels(engine, replicate_weights=lf.data_uri(comfy), lora_scale=1.5)
+    fused_master = biases(master)
+    assert all(torch.equal(fused[name], fused_master[name]) for name in fused)
+    changed = {f"transformer.{n}.bias" for n in fused if not torch.equal(fused[n], original[n])}
+    assert changed == {
+        name for name in expected if name.startswith("transformer.") and name.endswith(".bias")
+    }
+    pixels(engine, go_fast=True)
+    assert all(torch.equal(value, original[name]) for name, value in biases(fp8).items())
 
 
 def test_go_fast_scales_both_loras_by_one_and_a_half(engine: Engine) -> None:

@@ -113,3 +113,38 @@ def test_a_host_that_stalls_gets_a_timeout_message(
                 parse_ref("replicate_weights", url)
             )
         assert [p for p in (tmp_path / "cache").iterdir()] == []
+
+
+def test_a_safetensors_header_declares_its_size_however_the_body_is_cut() -> None:
+    from flux_day.loras.transfer import HeaderSize
+
+    for step in (1, 5, 9, 100, len(LORA)):
+        declared = HeaderSize()
+        for start in range(0, len(LORA), step):
+            declared.feed(LORA[start : start + step])
+        assert declared.total == len(LORA), step
+    archive = HeaderSize()
+    archive.feed(b"lora.safetensors\0\0\0\0")  # a tar member name: declares nothing
+    assert (archive.at_least, archive.total) == (0, None)
+    bomb = HeaderSize()
+    bomb.feed((10**12).to_bytes(8, "little") + b"{")  # a header length alone past any limit
+    assert bomb.at_least == 10**12 + 8 and bomb.total is None
+
+
+def test_a_gzip_encoded_download_is_checked_against_its_wire_length(tmp_path: Path) -> None:
+    import gzip
+
+    with HttpFiles() as files:
+        encoded = gzip.compress(LORA)
+        url = files.add("/z.safetensors", Route(chunks=(encoded,), headers=(("Content-Encoding", "gzip"),)))
+        loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1")
+        assert loras.cached_file(parse_ref("replicate_weights", url)).read_bytes() == LORA
+        short = files.add(
+            "/short.safetensors",
+            Route(
+                chunks=(encoded,), headers=(("Content-Encoding", "gzip"),), content_length=len(encoded) + 10
+            ),
+        )
+        with pytest.raises(InputError, match=r"^replicate_weights: the download of .* broke off"):
+            loras.cached_file(parse_ref("replicate_weights", short))
+        assert list((tmp_path / "cache").glob(".partial-*")) == []

@@ -16,7 +16,7 @@ from flux_day.engine import Engine
 from flux_day.errors import InputError, WeightsError
 from flux_day.loras import fuse
 from flux_day.loras.formats import Delta
-from flux_day.loras.fuse import ScaledDelta, WeightFuser
+from flux_day.loras.fuse import ScaledDelta, UnrepresentableWeight, WeightFuser
 from flux_day.loras.manager import LoraRequest
 from flux_day.request import GenerationRequest
 from tests import lora_files as lf
@@ -347,6 +347,30 @@ def test_bfloat16_weights_fuse_with_one_rounding_and_restore_exactly() -> None:
     assert torch.equal(linear.weight.detach(), pristine)
 
 
+@pytest.mark.parametrize(("dtype", "size"), [(torch.float16, 7e4), (torch.bfloat16, 3.4e38)])
+def test_a_fused_weight_past_its_dtypes_largest_value_is_refused_and_restored(
+    dtype: torch.dtype, size: float
+) -> None:
+    """fp16 tops out at 65504, bf16 at ~3.39e38: a sum beyond rounds to inf and would make images NaN."""
+    linear = nn.Linear(16, 8).to(dtype)
+    other = nn.Linear(16, 8).to(dtype)
+    pristine, other_pristine = linear.weight.detach().clone(), other.weight.detach().clone()
+    tame = Delta(torch.full((8, 1), 0.1), torch.full((1, 16), 0.1), 1.0)
+    huge = Delta(torch.full((8,), size).diag()[:, :1], torch.ones(1, 16), 1.0)  # one row past the limit
+    fuser = WeightFuser()
+    plan = {
+        other.weight: [ScaledDelta("a", tame, 1.0)],
+        linear.weight: [ScaledDelta("a", tame, 1.0), ScaledDelta("b", huge, 1.0)],
+    }
+    with pytest.raises(UnrepresentableWeight) as raised:
+        fuser.apply(plan)
+    assert raised.value.param is linear.weight and raised.value.orders == ("b",)
+    assert torch.equal(linear.weight.detach(), pristine) and torch.equal(
+        other.weight.detach(), other_pristine
+    )
+    assert fuser.fused_count == 0 and not fuser.state.content
+
+
 def test_lora_scale_zero_gives_the_base_image_and_fetches_nothing(engine: Engine) -> None:
     base = image_bytes(engine)
     unreachable = "http://127.0.0.1:9/never.safetensors"
@@ -405,7 +429,7 @@ def test_full_size_kohya_files_go_through_diffusers_and_agree_with_the_layout_ta
         parsed = formats.read_lora(lf.to_bytes(kohya), "replicate_weights", index, "FLUX.1 [dev]")
     assert "splitting by layout" not in caplog.text
     assert len(parsed.deltas) == 3 + 4
-    table = formats._deltas_from_groups(formats._group(kohya, "x"), index, "x")
+    table = formats._deltas_from_groups(formats._group(kohya, "x"), index, "x", {})
     for module, delta in table.items():
         torch.testing.assert_close(
             parsed.deltas[module].matrix(torch.device("cpu")), delta.matrix(torch.device("cpu")), msg=module

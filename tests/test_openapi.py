@@ -191,6 +191,18 @@ def test_what_a_schema_cannot_say_is_still_checked_by_the_predictor(schema_serve
     assert "height" in result["error"], result["error"]
 
 
+def test_an_unknown_input_never_reaches_the_predictor_with_the_schema(schema_server: CogServer) -> None:
+    """With the schema, coglet 0.23 drops inputs it does not declare before the worker sees them (it keeps
+    Replicate's API lenient, cog#2943) and names them in its own log: the prediction is the one without
+    them, so no Python error reaches the user. (Without the schema the predictor refuses them by name:
+    tests/test_hostile_requests.py.)"""
+    plain = schema_server.predict(prompt="a fox", **FAST)
+    with_unknown = schema_server.predict(prompt="a fox", foo=1, **FAST)
+    assert with_unknown["status"] == "succeeded", with_unknown.get("error")
+    assert with_unknown["output"] == plain["output"]
+    assert "Stripped unknown input fields" in schema_server.log_path.read_text()
+
+
 def test_an_explicit_null_is_turned_away(schema_server: CogServer) -> None:
     # Cog's `nullable` means "may be left out": a null sent for an optional input fails its type check.
     result = schema_server.predict(

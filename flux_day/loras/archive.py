@@ -16,6 +16,14 @@ from typing import BinaryIO
 from flux_day.errors import InputError
 
 LORA_MEMBER = "lora.safetensors"
+# What `tarfile.data_filter` found, in words (its exception class names mean nothing to a user).
+UNSAFE_MEMBERS: tuple[tuple[type[tarfile.FilterError], str], ...] = (
+    (tarfile.AbsolutePathError, "an absolute path"),
+    (tarfile.OutsideDestinationError, "a path leading outside the archive"),
+    (tarfile.AbsoluteLinkError, "a link to an absolute path"),
+    (tarfile.LinkOutsideDestinationError, "a link leading outside the archive"),
+    (tarfile.SpecialFileError, "a device or other special file"),
+)
 
 
 def is_safetensors(head: bytes) -> bool:
@@ -39,9 +47,12 @@ def extract_lora(source: Path | BinaryIO, target: BinaryIO, input_name: str, max
             try:
                 tarfile.data_filter(member, "/nonexistent-extraction-root")
             except tarfile.FilterError as error:
+                why = next(
+                    (why for kind, why in UNSAFE_MEMBERS if isinstance(error, kind)), "not a plain file"
+                )
                 raise InputError(
-                    f"{input_name}: the archive's {member.name!r} is unsafe ({type(error).__name__}); "
-                    "give an archive whose LoRA is a plain file inside it."
+                    f"{input_name}: the archive's {member.name!r} is unsafe ({why}); give an archive whose "
+                    "LoRA is a plain file inside it."
                 ) from None
             if not member.isreg():
                 raise InputError(f"{input_name}: the archive's {member.name!r} is a link, not a file.")
@@ -54,8 +65,10 @@ def extract_lora(source: Path | BinaryIO, target: BinaryIO, input_name: str, max
             assert stream is not None  # a regular member always has a stream
             shutil.copyfileobj(stream, target)
             return member.name
-    except (tarfile.TarError, EOFError) as error:
-        raise InputError(f"{input_name}: the .tar archive is damaged ({type(error).__name__}).") from None
+    except (tarfile.TarError, EOFError):
+        raise InputError(
+            f"{input_name}: the .tar archive is damaged or incomplete; give an intact one."
+        ) from None
 
 
 def _lora_member(tar: tarfile.TarFile, input_name: str) -> tarfile.TarInfo:

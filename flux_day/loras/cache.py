@@ -54,6 +54,11 @@ class LoraCache:
         self.evict(keep=path)
         return path
 
+    def discard(self, path: Path) -> None:
+        """Remove a cached file that turned out not to be a usable LoRA, so it is fetched afresh."""
+        path.unlink(missing_ok=True)
+        log.info("LoRA cache: removed %s, which was refused", path.name)
+
     def lock(self, key: str) -> threading.Lock:
         """The lock held while `key` is being fetched."""
         with self._locks_guard:

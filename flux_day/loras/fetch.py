@@ -5,7 +5,9 @@ unless `FLUX_DAY_ALLOW_PRIVATE_URLS=1` (tests) or the host is one the operator c
 (`FLUX_DAY_REPLICATE_URL`, `FLUX_DAY_CIVITAI_URL`, `HF_ENDPOINT`), so a request cannot make the server
 fetch its own network. A token is sent only to the host it belongs to and is dropped on a redirect to
 another host. Bodies are cut off at `FLUX_DAY_MAX_LORA_BYTES` (declared or streamed) and at a total
-deadline. URLs are shown without their query string, which is where signed URLs keep credentials.
+deadline, and as soon as their safetensors header declares more, or they run past what it declares,
+or they trickle below `FLUX_DAY_MIN_LORA_RATE` (see `transfer`). URLs are shown without their query
+string, which is where signed URLs keep credentials.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import requests
 import urllib3
@@ -27,6 +29,8 @@ from flux_day.config import Settings
 from flux_day.errors import InputError
 from flux_day.loras.netguard import PrivateAddressError, PublicOnlyAdapter, caused_by, endpoint, is_public
 from flux_day.loras.refs import LoraRef, shown_source
+from flux_day.loras.transfer import HeaderSize, TransferRate
+from flux_day.server_log import log as server_log
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +95,10 @@ class Fetcher:
                         f"{ref.input_name}: {shown_source(url)} did not answer {ref.shown} within "
                         f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
                     ) from None
+                server_log.info("could not reach %s: %s", shown_source(url), type(error).__name__)
                 raise InputError(
-                    f"{ref.input_name}: could not reach {shown_source(url)} for {ref.shown} "
-                    f"({type(error).__name__}); check the reference and try again."
+                    f"{ref.input_name}: could not reach {shown_source(url)} for {ref.shown}; check the "
+                    "reference and try again."
                 ) from None
             if response.is_redirect and follow:
                 response.close()
@@ -118,49 +123,34 @@ class Fetcher:
 
     def download(self, ref: LoraRef, url: str, directory: Path, credential: Credential | None = None) -> Path:
         """Stream `url` into a new partial file in `directory`; the caller renames or removes it."""
-        limit = self.settings.max_lora_bytes
-        too_big = InputError(
-            f"{ref.input_name}: {ref.shown} is larger than {limit} bytes, the LoRA size limit "
-            "(FLUX_DAY_MAX_LORA_BYTES)."
-        )
         started = time.monotonic()
         with self.open(ref, url, credential) as response:
+            # Content-Length counts the bytes on the wire: compressed ones under a Content-Encoding.
             declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise too_big
+            encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
+            if declared.isdigit() and not encoded and int(declared) > self.settings.max_lora_bytes:
+                raise self._too_big(ref)
             descriptor, name = tempfile.mkstemp(dir=directory, prefix=PARTIAL_PREFIX)
             path = Path(name)
             try:
                 with os.fdopen(descriptor, "wb") as handle:
-                    written, next_report = 0, PROGRESS_EVERY_BYTES
-                    for chunk in response.iter_content(CHUNK_BYTES):
-                        written += len(chunk)
-                        if written > limit:
-                            raise too_big
-                        if time.monotonic() - started > DOWNLOAD_DEADLINE_S:
-                            raise InputError(
-                                f"{ref.input_name}: downloading {ref.shown} took longer than "
-                                f"{DOWNLOAD_DEADLINE_S} s; try again or use a faster host."
-                            )
-                        handle.write(chunk)
-                        if written >= next_report:
-                            log.info("downloading %s: %d MB so far", ref.shown, written >> 20)
-                            next_report += PROGRESS_EVERY_BYTES
-                if declared.isdigit() and written != int(declared):
+                    written = self._stream(ref, response, handle, started)
+                received = response.raw.tell()
+                if declared.isdigit() and received != int(declared):
                     raise InputError(
-                        f"{ref.input_name}: the download of {ref.shown} broke off after {written} of "
+                        f"{ref.input_name}: the download of {ref.shown} broke off after {received} of "
                         f"{declared} bytes; try again."
                     )
-            except requests.RequestException as error:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
                 path.unlink(missing_ok=True)
                 if caused_by(error, TIMEOUTS):
                     raise InputError(
                         f"{ref.input_name}: the download of {ref.shown} stalled for more than "
                         f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
                     ) from None
+                server_log.info("download of %s broke off: %s", ref.shown, type(error).__name__)
                 raise InputError(
-                    f"{ref.input_name}: the download of {ref.shown} broke off ({type(error).__name__}); "
-                    "try again."
+                    f"{ref.input_name}: the download of {ref.shown} broke off before its end; try again."
                 ) from None
             except BaseException:
                 path.unlink(missing_ok=True)
@@ -173,6 +163,54 @@ class Fetcher:
             time.monotonic() - started,
         )
         return path
+
+    def _stream(self, ref: LoraRef, response: requests.Response, handle: BinaryIO, started: float) -> int:
+        """Copy the (decoded) body into `handle` as it arrives, refusing it as soon as it is too large
+        (by its bytes, or by what its safetensors header declares), runs past its declared size, trickles
+        below the minimum rate, or passes the deadline; return the bytes written."""
+        limit = self.settings.max_lora_bytes
+        declared, rate = (
+            HeaderSize(),
+            TransferRate(self.settings.min_lora_rate, self.settings.lora_rate_window_s),
+        )
+        written, next_report = 0, PROGRESS_EVERY_BYTES
+        while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
+            written += len(chunk)
+            declared.feed(chunk)
+            if written > limit:
+                raise self._too_big(ref)
+            if max(declared.at_least, declared.total or 0) > limit:
+                raise InputError(
+                    f"{ref.input_name}: {ref.shown} is larger than {limit} bytes by its own header "
+                    f"({max(declared.at_least, declared.total or 0)} bytes), the LoRA size limit "
+                    "(FLUX_DAY_MAX_LORA_BYTES)."
+                )
+            if declared.total is not None and written > declared.total:
+                raise InputError(
+                    f"{ref.input_name}: {ref.shown} runs past the {declared.total} bytes its safetensors "
+                    "header declares; the file is damaged or not a LoRA."
+                )
+            if rate.too_slow(len(chunk)):
+                raise InputError(
+                    f"{ref.input_name}: downloading {ref.shown} slowed below {self.settings.min_lora_rate} "
+                    f"bytes/s (FLUX_DAY_MIN_LORA_RATE); the host is too slow: try again or use a faster host."
+                )
+            if time.monotonic() - started > DOWNLOAD_DEADLINE_S:
+                raise InputError(
+                    f"{ref.input_name}: downloading {ref.shown} took longer than "
+                    f"{DOWNLOAD_DEADLINE_S} s; try again or use a faster host."
+                )
+            handle.write(chunk)
+            if written >= next_report:
+                log.info("downloading %s: %d MB so far", ref.shown, written >> 20)
+                next_report += PROGRESS_EVERY_BYTES
+        return written
+
+    def _too_big(self, ref: LoraRef) -> InputError:
+        return InputError(
+            f"{ref.input_name}: {ref.shown} is larger than {self.settings.max_lora_bytes} bytes, the LoRA "
+            "size limit (FLUX_DAY_MAX_LORA_BYTES)."
+        )
 
     def _check_destination(self, ref: LoraRef, url: str) -> None:
         parts = urllib.parse.urlsplit(url)

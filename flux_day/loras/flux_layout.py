@@ -2,8 +2,8 @@
 
 BFL checkpoints and kohya LoRAs name modules as BFL does (`double_blocks.0.img_attn.qkv`,
 `single_blocks.3.linear1`), where q, k, v (and, in single blocks, the MLP input) are one fused linear;
-diffusers has a separate linear for each. diffusers 0.42.1's converters cover kohya names only for
-full-size FLUX (widths 3072/12288 are hard-coded) and BFL `diffusion_model.*.lora_A/B` names not at
+diffusers has a separate linear for each. diffusers 0.42.1's converters cover kohya and fal names only
+for full-size FLUX (widths 3072/12288 are hard-coded) and BFL `diffusion_model.*.lora_A/B` names not at
 all, so this table, built from the loaded model's own shapes, is the one place that splits fused rows.
 """
 
@@ -99,19 +99,24 @@ class Target:
 class ModuleIndex:
     """Every spelling of a module name that FLUX LoRA files use, mapped to the linears of this model.
 
-    Spellings: diffusers (`transformer.x.y`, or bare), BFL (`diffusion_model.double_blocks.0.…`), kohya
-    (`lora_unet_…`, `lora_te1_…`), LyCORIS (`lycoris_…`, `lora_transformer_…`) and ComfyUI's text encoder
-    (`text_encoders.clip_l.transformer.…`).
+    Spellings: diffusers (`transformer.x.y`, or bare), BFL (`diffusion_model.double_blocks.0.…`, or bare
+    as fal's trainers write it), kohya (`lora_unet_…`, `lora_te1_…`), OneTrainer and LyCORIS
+    (`lora_transformer_…`, `lycoris_…`) and ComfyUI's text encoder (`text_encoders.clip_l.transformer.…`);
+    any of them behind PEFT's `base_model.model.`. Every spelling is built from the loaded model's own
+    shapes, so no width is assumed.
     """
 
     def __init__(self, components: dict[str, nn.Module]) -> None:
         self.aliases: dict[str, tuple[Target, ...]] = {}
         self.weights: dict[str, nn.Parameter] = {}
+        self.biases: dict[str, nn.Parameter] = {}
         for component, model in components.items():
             for name, module in model.named_modules():
                 if not isinstance(module, nn.Linear):
                     continue
                 self.weights[f"{component}.{name}"] = module.weight
+                if module.bias is not None:
+                    self.biases[f"{component}.{name}"] = module.bias
                 whole = (Target(f"{component}.{name}", 0, module.out_features),)
                 flat = name.replace(".", "_")
                 spellings = [f"{component}.{name}"]
@@ -133,8 +138,8 @@ class ModuleIndex:
                 swap = bfl_name in SWAPPED_HALVES
                 targets = tuple(Target(f"transformer.{s.target}", s.start, s.stop, swap) for s in splits)
                 flat = bfl_name.replace(".", "_")
-                for spelling in (f"diffusion_model.{bfl_name}", f"lora_unet_{flat}", f"lycoris_{flat}"):
-                    self.aliases[spelling] = targets
+                spellings = (bfl_name, f"diffusion_model.{bfl_name}", f"lora_unet_{flat}", f"lycoris_{flat}")
+                self.aliases.update(dict.fromkeys(spellings, targets))
 
     def resolve(self, source_module: str) -> tuple[Target, ...] | None:
         """The targets of a module name as written in a LoRA file, or None when nothing matches."""

@@ -1,11 +1,15 @@
-"""Any FLUX LoRA file → one `Delta` per target linear, checked against the loaded model.
+"""Any FLUX LoRA file → one `Delta` per target linear weight (and bias), checked against the loaded model.
 
-diffusers' `FluxLoraLoaderMixin.lora_state_dict` reads PEFT/diffusers, ai-toolkit, XLabs and kohya
-files. It is called first; for BFL/kohya layouts its result is used only when it covers every module
-the file names, because diffusers 0.42.1 fails on kohya single blocks of any width but 3072, applies
-nothing for BFL `diffusion_model.*.lora_A/B` files, and drops the alpha of kohya `final_layer`
-modules. Then `flux_layout.ModuleIndex` splits the fused rows itself. LyCORIS LoKr/LoHa (no diffusers
-converter for FLUX.1) are expanded in `lycoris`. A module that matches nothing is a refusal, never a
+Files named as kohya writes them (`lora_unet_*`, `lora_te1_*`) go through diffusers'
+`FluxLoraLoaderMixin.lora_state_dict` first, and XLabs files only through it. Its result is used only
+when it covers every module the file names, because diffusers 0.42.1 fails on kohya single blocks of any
+width but 3072 and drops the alpha of kohya `final_layer` modules; then `flux_layout.ModuleIndex`
+splits the fused rows itself. Every other layout (diffusers/PEFT with or without `base_model.model.`,
+ai-toolkit, SimpleTuner, OneTrainer `lora_transformer_*`, BFL/ComfyUI `diffusion_model.*`, fal's bare
+`double_blocks.*`) is read by `ModuleIndex` directly: for those diffusers either passes the keys through
+unchanged, converts them for FLUX.1's real width only (fal, 3072 hard-coded), or maps OneTrainer's
+feed-forward and norm modules onto their block. LyCORIS LoKr/LoHa are expanded in `lycoris`, ComfyUI's
+full updates (`diff`, `diff_b`) in `full_updates`. A module that matches nothing is a refusal, never a
 LoRA silently applied in part.
 """
 
@@ -28,7 +32,10 @@ from safetensors.torch import load as load_safetensors
 
 from flux_day.errors import InputError
 from flux_day.loras.flux_layout import ModuleIndex, Target
+from flux_day.loras.full_updates import full_deltas, split_off_full_updates
 from flux_day.loras.lycoris import LYCORIS_ROLES, lycoris_delta
+from flux_day.loras.refusals import refuse_unsupported
+from flux_day.server_log import log as server_log
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +49,23 @@ LOW_RANK_ROLES = {
     ".alpha": "alpha",
 }
 ROLES = {**LOW_RANK_ROLES, **{f".{role}": role for role in LYCORIS_ROLES}}
-# Content diffusers filters out silently. An all-zero tensor changes nothing and is dropped; any other
-# value is refused by name, since dropping it would give a different image than the LoRA's author saw.
-UNSUPPORTED = {
-    "dora_scale": "DoRA magnitude vectors (dora_scale)",
-    ".diff_b": "bias updates (diff_b)",
-    ".diff": "full weight updates (diff)",
-    ".lora_B.bias": "LoRA bias updates (lora_B.bias)",
-    "lora_te2_": "the T5 text encoder (lora_te2_)",
-    "text_encoders.t5xxl.": "the T5 text encoder (t5xxl)",
-    "text_encoder_2.": "the T5 text encoder (text_encoder_2)",
-    "position_embedding": "position embeddings",
-}
-KOHYA_FAMILY = ("lora_unet_", "diffusion_model.", "lora_te_", "lora_te1_", "text_encoders.clip_l.")
+# kohya's names: the one family diffusers converts for FLUX (at FLUX.1's real widths).
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_")
 
 
 @dataclass(frozen=True)
 class Delta:
-    """One linear's update, `scale · up @ down`; `down` is None when `up` is already the full matrix."""
+    """One parameter's update, `scale · up @ down`; `down` is None when `up` is already the full update
+    (a dense weight update, or a bias update, which is a vector)."""
 
     up: torch.Tensor
     down: torch.Tensor | None
     scale: float
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """The (out, in) shape of the update, without computing it."""
-        return (self.up.shape[0], self.up.shape[1] if self.down is None else self.down.shape[1])
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the update ((out, in) for a weight, (out,) for a bias), without computing it."""
+        return tuple(self.up.shape) if self.down is None else (self.up.shape[0], self.down.shape[1])
 
     def matrix(self, device: torch.device) -> torch.Tensor:
         """The update in float32 on `device`."""
@@ -79,30 +76,53 @@ class Delta:
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """A parsed LoRA: deltas keyed by target ("transformer.…"/"text_encoder.…"), and its identity."""
+    """A parsed LoRA: weight and bias deltas keyed by target linear ("transformer.…"/"text_encoder.…"),
+    and its identity."""
 
     deltas: dict[str, Delta]
+    biases: dict[str, Delta]
     digest: str
     layout: str
     nbytes: int
+
+    @property
+    def modules(self) -> frozenset[str]:
+        """Every linear whose weight or bias this LoRA changes."""
+        return frozenset(self.deltas) | frozenset(self.biases)
 
 
 def read_lora(data: bytes, input_name: str, index: ModuleIndex, model_label: str) -> LoraWeights:
     """Parse safetensors bytes into deltas for the model `index` describes, or refuse with the input named."""
     state_dict, metadata = load_safetensors_or_refuse(data, input_name)
-    state_dict = _without_inert_content(state_dict, input_name)
+    state_dict = refuse_unsupported(state_dict, index, input_name)
+    state_dict, full = split_off_full_updates(state_dict)
     groups = _group(state_dict, input_name)
-    if not groups:
+    if not groups and not full:
         raise InputError(f"{input_name}: the file holds no LoRA weights; give a FLUX LoRA .safetensors file.")
+    both = sorted(module for module in full if "weight" in full[module] and module in groups)
+    if both:
+        raise InputError(
+            f"{input_name}: module {both[0][:80]!r} has both low-rank factors and a full weight update "
+            "(diff), which tools apply differently; give a LoRA with one of them per module."
+        )
+    modules = [*groups, *full]
     if any(role in LYCORIS_ROLES for roles in groups.values() for role in roles):
-        _refuse_unmatched(list(groups), index, input_name, model_label)
-        layout, deltas = "LyCORIS", _deltas_from_groups(groups, index, input_name)
-    elif any(module.startswith(KOHYA_FAMILY) and ".processor." not in module for module in groups):
-        layout, deltas = "kohya/BFL", _kohya_family(state_dict, groups, index, input_name, model_label)
+        _refuse_unmatched(modules, index, input_name, model_label)
+        layout, deltas = "LyCORIS", _deltas_from_groups(groups, index, input_name, {})
+    elif any(".processor." in module for module in groups):
+        layout, deltas = "XLabs", _xlabs(state_dict, index, input_name, model_label)
+    elif any(module.startswith(KOHYA_PREFIXES) for module in groups):
+        _refuse_unmatched(modules, index, input_name, model_label)
+        layout, deltas = "kohya", _kohya(state_dict, groups, index, input_name)
     else:
-        layout, deltas = "diffusers/PEFT", _peft_family(state_dict, metadata, index, input_name, model_label)
-    _check_fit(deltas, index, input_name, model_label)
-    return LoraWeights(deltas, hashlib.sha256(data).hexdigest()[:16], layout, len(data))
+        _refuse_unmatched(modules, index, input_name, model_label)
+        adapter = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+        layout, deltas = "by module name", _deltas_from_groups(groups, index, input_name, adapter)
+    full_weights, full_biases = full_deltas(full, index, input_name)
+    deltas |= {module: Delta(update, None, 1.0) for module, update in full_weights.items()}
+    biases = {module: Delta(update, None, 1.0) for module, update in full_biases.items()}
+    _check_fit(deltas, biases, index, input_name, model_label)
+    return LoraWeights(deltas, biases, hashlib.sha256(data).hexdigest()[:16], layout, len(data))
 
 
 def load_safetensors_or_refuse(
@@ -118,9 +138,10 @@ def load_safetensors_or_refuse(
                 f"{input_name}: the file is not a safetensors file but a PyTorch pickle (.pt/.ckpt/.bin), "
                 "which is never loaded because it can run code; give the LoRA as a .safetensors file."
             ) from None
-        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        # The library's reason names its own internals (HeaderTooLarge, ...): logged, not shown.
+        server_log.info("safetensors refused %s: %s", input_name, str(error).splitlines()[:1])
         raise InputError(
-            f"{input_name}: the file is not a safetensors file, or a damaged one ({reason}); give an "
+            f"{input_name}: the file is not a safetensors file, or a damaged or incomplete one; give an "
             "intact .safetensors LoRA."
         ) from None
     (header_size,) = struct.unpack("<Q", data[:8])
@@ -128,21 +149,14 @@ def load_safetensors_or_refuse(
     bad = [key for key, value in state_dict.items() if not value.is_floating_point()]
     if bad:
         raise InputError(f"{input_name}: tensor {bad[0]!r} is not floating point; this is not a LoRA file.")
+    # NaN or infinity in any factor would turn the fused weights, and every image, into NaN (black).
+    broken = next((key for key, value in state_dict.items() if not bool(value.isfinite().all())), None)
+    if broken is not None:
+        raise InputError(
+            f"{input_name}: tensor {broken[:80]!r} holds NaN or infinite values (the training diverged or "
+            "the file is damaged); use another LoRA file."
+        )
     return {key: value.to(torch.float32) for key, value in state_dict.items()}, metadata
-
-
-def _without_inert_content(state_dict: dict[str, torch.Tensor], input_name: str) -> dict[str, torch.Tensor]:
-    kept = {}
-    for key, value in state_dict.items():
-        what = next((what for marker, what in UNSUPPORTED.items() if marker in key), None)
-        if what is None:
-            kept[key] = value
-        elif bool(value.any()):
-            raise InputError(
-                f"{input_name}: this LoRA changes {what} (key {key!r}), which flux-day cannot apply; "
-                "use a LoRA without them."
-            )
-    return kept
 
 
 def _group(state_dict: dict[str, torch.Tensor], input_name: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -168,14 +182,13 @@ def _refuse_unmatched(modules: list[str], index: ModuleIndex, input_name: str, m
         )
 
 
-def _kohya_family(
+def _kohya(
     state_dict: dict[str, torch.Tensor],
     groups: dict[str, dict[str, torch.Tensor]],
     index: ModuleIndex,
     input_name: str,
-    model_label: str,
 ) -> dict[str, Delta]:
-    _refuse_unmatched(list(groups), index, input_name, model_label)
+    """kohya names: diffusers' converter when it covers every module, else the layout table."""
     expected = {target.module for module in groups for target in index.resolve(module) or ()}
     drops_alpha = any(
         "final_layer" in module and "alpha" in roles and roles["alpha"].item() != roles["down"].shape[0]
@@ -185,7 +198,7 @@ def _kohya_family(
     if not drops_alpha:
         try:
             converted, alphas = FluxLoraLoaderMixin.lora_state_dict(_copied(state_dict), return_alphas=True)
-            deltas = _deltas_from_converted(converted, alphas or {}, {}, index, input_name)
+            deltas = _deltas_from_converted(converted, alphas or {}, index, input_name)
             if set(deltas) == expected:
                 return deltas
             log.info(
@@ -194,26 +207,25 @@ def _kohya_family(
                 len(expected),
             )
         except Exception as error:  # any converter failure means: split by the layout table
-            log.info("diffusers' converter failed (%s); splitting by layout", type(error).__name__)
-    return _deltas_from_groups(groups, index, input_name)
+            log.info("diffusers' converter could not read it; splitting by layout")
+            server_log.info("diffusers' kohya converter failed: %s", type(error).__name__)
+    return _deltas_from_groups(groups, index, input_name, {})
 
 
-def _peft_family(
-    state_dict: dict[str, torch.Tensor],
-    metadata: dict[str, str],
-    index: ModuleIndex,
-    input_name: str,
-    model_label: str,
+def _xlabs(
+    state_dict: dict[str, torch.Tensor], index: ModuleIndex, input_name: str, model_label: str
 ) -> dict[str, Delta]:
+    """XLabs' `processor.qkv_lora1`-style names, converted by diffusers (which splits by thirds)."""
     try:
         converted, alphas = FluxLoraLoaderMixin.lora_state_dict(_copied(state_dict), return_alphas=True)
-    except Exception as error:  # the library's reason, shortened, reaches the user
-        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
-        raise InputError(f"{input_name}: the file cannot be read as a FLUX LoRA ({reason}).") from None
-    adapter = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except Exception:  # the library's message names its internals; ours names the layout
+        raise InputError(
+            f"{input_name}: the file looks like an XLabs LoRA but cannot be read as one; give an intact "
+            "FLUX LoRA file."
+        ) from None
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in converted if ".lora_" in key})
     _refuse_unmatched(modules, index, input_name, model_label)
-    return _deltas_from_converted(converted, alphas or {}, adapter, index, input_name)
+    return _deltas_from_converted(converted, alphas or {}, index, input_name)
 
 
 def _copied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -222,11 +234,7 @@ def _copied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _deltas_from_converted(
-    converted: dict[str, torch.Tensor],
-    alphas: dict[str, Any],
-    adapter: dict[str, Any],
-    index: ModuleIndex,
-    input_name: str,
+    converted: dict[str, torch.Tensor], alphas: dict[str, Any], index: ModuleIndex, input_name: str
 ) -> dict[str, Delta]:
     """Deltas from diffusers' output (`<module>.lora_A.weight` / `.lora_B.weight`, PEFT naming)."""
     deltas: dict[str, Delta] = {}
@@ -238,19 +246,16 @@ def _deltas_from_converted(
         targets = index.resolve(module)
         if up is None or targets is None:
             continue
-        scale = _peft_scale(module, targets[0].module, down.shape[0], alphas, adapter)
+        alpha = alphas.get(f"{module}.alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
         deltas.update(_split(up, down, scale, targets, input_name))
     return deltas
 
 
-def _peft_scale(
-    module: str, target: str, rank: int, alphas: dict[str, Any], adapter: dict[str, Any]
-) -> float:
-    """alpha/rank as PEFT computes it: from `.alpha` keys, else the adapter metadata diffusers saves
-    (`<component>.lora_alpha`, `alpha_pattern`, `use_rslora`), looked up by the resolved `target`."""
-    alpha = alphas.get(f"{module}.alpha")
-    if alpha is not None:
-        return float(alpha) / rank
+def _peft_scale(target: str, rank: int, adapter: dict[str, Any]) -> float:
+    """alpha/rank as PEFT computes it from the adapter metadata diffusers saves (`<component>.lora_alpha`,
+    `alpha_pattern`, `use_rslora`), looked up by the resolved `target`; 1 without metadata, as PEFT
+    files without it (ai-toolkit, `adapter_model.safetensors`) are loaded everywhere."""
     component, bare = target.split(".", 1)
     config = {
         key.removeprefix(f"{component}."): value
@@ -268,9 +273,10 @@ def _peft_scale(
 
 
 def _deltas_from_groups(
-    groups: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, input_name: str
+    groups: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, input_name: str, adapter: dict[str, Any]
 ) -> dict[str, Delta]:
-    """Deltas straight from the file's modules, split by `ModuleIndex` (kohya, BFL, LyCORIS)."""
+    """Deltas straight from the file's modules, split by `ModuleIndex`; alpha from `.alpha` keys, else
+    from PEFT's adapter metadata."""
     deltas: dict[str, Delta] = {}
     for module, roles in groups.items():
         targets = index.resolve(module) or ()
@@ -283,8 +289,11 @@ def _deltas_from_groups(
                 f"{input_name}: module {module[:80]!r} lacks its down or up matrix; the file is incomplete."
             )
         rank = roles["down"].shape[0]
-        alpha = roles["alpha"].item() if "alpha" in roles else rank
-        deltas.update(_split(roles["up"], roles["down"], alpha / rank, targets, input_name))
+        if "alpha" in roles:
+            scale = roles["alpha"].item() / rank
+        else:
+            scale = _peft_scale(targets[0].module, rank, adapter) if targets else 1.0
+        deltas.update(_split(roles["up"], roles["down"], scale, targets, input_name))
     return deltas
 
 
@@ -303,15 +312,25 @@ def _split(
     return {t.module: Delta(up[t.start : t.stop], down, scale) for t in targets}
 
 
-def _check_fit(deltas: dict[str, Delta], index: ModuleIndex, input_name: str, model_label: str) -> None:
+def _check_fit(
+    deltas: dict[str, Delta], biases: dict[str, Delta], index: ModuleIndex, input_name: str, model_label: str
+) -> None:
     for module, delta in deltas.items():
         weight = index.weights.get(module)
         rank_fits = delta.down is None or delta.up.shape[1] == delta.down.shape[0]
         if weight is None or not rank_fits or tuple(weight.shape) != delta.shape:
             wanted = "x".join(map(str, weight.shape)) if weight is not None else "?"
+            ranks = f" with ranks {delta.up.shape[1]}/{delta.down.shape[0]}" if delta.down is not None else ""
             raise InputError(
                 f"{input_name}: the LoRA's update for {module[:80]!r} does not fit {model_label} (it is "
-                f"{'x'.join(map(str, delta.shape))} with ranks {delta.up.shape[1]}/"
-                f"{delta.down.shape[0] if delta.down is not None else '-'}, the model's weight is {wanted}); "
+                f"{'x'.join(map(str, delta.shape))}{ranks}, the model's weight is {wanted}); "
+                "it is probably for another model."
+            )
+    for module, delta in biases.items():
+        bias = index.biases.get(module)
+        if bias is None or tuple(bias.shape) != delta.shape:
+            raise InputError(
+                f"{input_name}: the LoRA's bias update (diff_b) for {module[:80]!r} does not fit "
+                f"{model_label} (the module {'has no bias' if bias is None else f'has {bias.shape[0]}'}); "
                 "it is probably for another model."
             )

@@ -17,6 +17,10 @@ in place (so a compiled graph keeps its inputs). An offloaded master therefore s
 memory and only the touched layers travel to the GPU; no LoRA arithmetic runs on the host when a GPU
 serves.
 
+Bias updates (ComfyUI's `diff_b`) are dense deltas of a bias parameter and take the same path. A
+fused parameter its dtype cannot hold (a sum past fp16's 65504 or bf16's ~3.4e38 is infinite) is
+refused, restoring everything.
+
 `WeightFuser` is the one record of what is fused: `apply` returns a `FusedState` naming every weight
 that differs from pristine and what it holds; it writes only the weights whose content changes.
 """
@@ -24,6 +28,7 @@ that differs from pristine and what it holds; it writes only the weights whose c
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +46,15 @@ CHUNK_ROWS = 4096
 
 Content = tuple[tuple[str, float], ...]  # (LoRA digest, scale) pairs fused into a weight, sorted
 DIRTY: Content = (("<being written>", float("nan")),)  # a write under way: restored on any failure
+
+
+class UnrepresentableWeight(ArithmeticError):
+    """A fused parameter holds NaN or infinity: the sum is beyond what its dtype can hold."""
+
+    def __init__(self, param: nn.Parameter, orders: tuple[str, ...]) -> None:
+        super().__init__(f"a fused {param.dtype} parameter is not finite")
+        self.param = param
+        self.orders = orders  # the `order` of each delta summed into it (which LoRAs)
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,9 @@ class WeightFuser:
         self._pristine: dict[str, dict[str, torch.Tensor]] = {}  # slot name -> inner tensors
         self._content: dict[str, Content] = {}  # slots that differ from pristine, and what they hold
         self._kept: set[str] = set()  # slots whose pristine copy this fuser made (not a home copy)
+        self._absmax: dict[int, float] = {}  # id(weight) -> largest pristine magnitude (overflow bound)
+        self._scratch_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._finite: dict[str, torch.Tensor] = {}
         self.state = FusedState({}, frozenset())
 
     @property
@@ -209,6 +226,7 @@ class WeightFuser:
         scope = None if groups is None else set(groups) | {slot.group for slot in slots}
         wanted = {slot.name: _content(parts) for slot, parts in slots.items()}
         written: set[str] = set()
+        self._finite: dict[str, torch.Tensor] = {}
         try:
             for name in list(self._content):
                 if name not in wanted and (scope is None or self._slots[name].group in scope):
@@ -218,11 +236,40 @@ class WeightFuser:
                 if self._content.get(slot.name) != wanted[slot.name]:
                     self._fuse(slot, parts)
                     written.add(slot.name)
+            self._refuse_unrepresentable(slots)
         except BaseException:
             self.restore_all()
             raise
         self.state = FusedState(dict(self._content), frozenset(written))
         return self.state
+
+    def _refuse_unrepresentable(self, slots: Mapping[Slot, Sequence[ScaledDelta]]) -> None:
+        """Raise `UnrepresentableWeight` for a fused value that is not finite (it would make every
+        image NaN), naming the LoRAs that overflow it alone (else all that touch it). One host sync per
+        device, not one per weight."""
+        if not self._finite:
+            return
+        flags: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for flag in self._finite.values():
+            flags[flag.device].append(flag)
+        if all(bool(torch.stack(device_flags).all()) for device_flags in flags.values()):
+            return
+        name = next(name for name, flag in self._finite.items() if not bool(flag))
+        slot = self._slots[name]
+        parts = next(parts for candidate, parts in slots.items() if candidate.name == name)
+        master = self.pristine(slot.source) if slot.source is not None else self._pristine[name][""]
+        device = next(iter(inner_tensors(slot.param).values())).device
+        alone = {
+            part.order
+            for part in parts
+            if not bool(
+                fused_weight(master, [part], torch.empty(master.shape, dtype=master.dtype, device=device))
+                .isfinite()
+                .all()
+            )
+        }
+        named = slot.source if slot.source is not None else slot.param
+        raise UnrepresentableWeight(named, tuple(sorted(alone or {p.order for p in parts})))
 
     def restore_all(self) -> None:
         """Put every touched weight back to its pristine bytes."""
@@ -276,23 +323,54 @@ class WeightFuser:
         self._content[slot.name] = DIRTY  # recorded first: an interrupted write is restored
         with torch.no_grad():
             if slot.source is None:
-                fused_weight(self._pristine[slot.name][""], parts, slot.param.data)
+                value = fused_weight(self._pristine[slot.name][""], parts, slot.param.data)
             else:
-                self._fuse_derived(slot, parts)
+                value = self._fuse_derived(slot, parts)
+            source = slot.source if slot.source is not None else slot.param
+            if self._may_overflow(source, parts, value.dtype):
+                self._finite[slot.name] = value.isfinite().all()
         self._content[slot.name] = _content(parts)
 
-    def _fuse_derived(self, slot: Slot, parts: Sequence[ScaledDelta]) -> None:
-        """An fp8 (or other derived) weight: quantize(master pristine + LoRAs), on the slot's device."""
+    def _may_overflow(self, source: torch.Tensor, parts: Sequence[ScaledDelta], dtype: torch.dtype) -> bool:
+        """Whether `pristine + Σ deltas` could leave `dtype`'s range, by a bound from the factors' largest
+        entries (|Σ_k u_ik d_kj| <= rank · max|u| · max|d|): only then is the fused value checked
+        element by element, a pass over the weight that a switch should not pay for nothing."""
+        key = id(source)
+        if key not in self._absmax:  # once per weight: its pristine largest magnitude
+            self._absmax[key] = float(self.pristine(source).abs().max()) if source.numel() else 0.0
+        bound = self._absmax[key]
+        for part in parts:
+            up, down = part.delta.up, part.delta.down
+            factor = float(up.abs().max()) if up.numel() else 0.0
+            if down is not None:
+                factor *= float(down.abs().max()) * down.shape[0] if down.numel() else 0.0
+            bound += abs(part.scale * part.delta.scale) * factor
+        return not bound < torch.finfo(dtype).max / 2
+
+    def _fuse_derived(self, slot: Slot, parts: Sequence[ScaledDelta]) -> torch.Tensor:
+        """An fp8 (or other derived) weight: quantize(master pristine + LoRAs), on the slot's device;
+        returns the full-precision value it was made from."""
         assert slot.source is not None
         targets = inner_tensors(slot.param)
         device = next(iter(targets.values())).device
         master = self.pristine(slot.source)
-        value = fused_weight(master, parts, torch.empty(master.shape, dtype=master.dtype, device=device))
+        value = fused_weight(master, parts, self._scratch(master.shape, master.dtype, device))
         fresh = inner_tensors(slot.quantize(value)) if slot.quantize is not None else {"": value}
         if fresh.keys() != targets.keys():  # a layer the quantizer skips stays in full precision
             fresh = {"": value}
         for part, tensor in targets.items():
             tensor.copy_(fresh[part])
+        return value
+
+    def _scratch(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A layer-sized buffer, reused across layers and switches: a fresh one per layer would pay the
+        host's page faults on every switch (CUDA's caching allocator needs no help, but is given it)."""
+        numel = shape.numel()
+        buffer = self._scratch_buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._scratch_buffers[(dtype, device)] = buffer
+        return buffer[:numel].view(shape)
 
     def _restore(self, name: str) -> None:
         targets = inner_tensors(self._slots[name].param)

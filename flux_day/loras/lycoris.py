@@ -40,10 +40,10 @@ def lycoris_delta(module: str, roles: dict[str, torch.Tensor], input_name: str) 
         if any(role.startswith("lokr_") for role in roles):
             return _lokr(roles)
         return _loha(roles)
-    except (KeyError, RuntimeError) as error:
+    except (KeyError, RuntimeError):
         raise InputError(
             f"{input_name}: the LyCORIS factors of module {module[:80]!r} are incomplete or do not fit "
-            f"together ({type(error).__name__}); the file is damaged or not for FLUX.1."
+            "together; the file is damaged or not for FLUX.1."
         ) from None
 
 

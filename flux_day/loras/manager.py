@@ -29,7 +29,14 @@ from flux_day.loras.cache import LoraCache
 from flux_day.loras.fetch import PARTIAL_PREFIX, Fetcher
 from flux_day.loras.flux_layout import ModuleIndex
 from flux_day.loras.formats import LoraWeights, load_safetensors_or_refuse, read_lora
-from flux_day.loras.fuse import FusedState, PristineStore, ScaledDelta, Slot, WeightFuser
+from flux_day.loras.fuse import (
+    FusedState,
+    PristineStore,
+    ScaledDelta,
+    Slot,
+    UnrepresentableWeight,
+    WeightFuser,
+)
 from flux_day.loras.refs import LoraRef, decode_data_uri, parse_ref, shown_source
 from flux_day.loras.sources import plan_file
 from flux_day.memory_plan import CLIP
@@ -98,43 +105,50 @@ class LoraManager:
         index = self._index(model, targets.components)
         multiplier = GO_FAST_LORA_MULTIPLIER if go_fast else 1.0
         chosen = [
-            (self.weights(lora, model, targets.components), lora.scale * multiplier)
+            (lora, self.weights(lora, model, targets.components), lora.scale * multiplier)
             for lora in loras
             if lora.scale != 0
         ]
         plan: dict[Slot, list[ScaledDelta]] = defaultdict(list)
-        for weights, scale in chosen:
-            for module, delta in weights.deltas.items():
-                if module.split(".", 1)[0] in parts:
-                    plan[self._slot(module, targets, index)].append(ScaledDelta(weights.digest, delta, scale))
+        for _, weights, scale in chosen:
+            for kind, deltas in (("weight", weights.deltas), ("bias", weights.biases)):
+                for module, delta in deltas.items():
+                    if module.split(".", 1)[0] in parts:
+                        slot = self._slot(module, kind, targets, index)
+                        plan[slot].append(ScaledDelta(weights.digest, delta, scale))
         groups = [CLIP] * ("text_encoder" in parts) + [targets.group] * ("transformer" in parts)
         started = time.perf_counter()
         try:
             state = self.fuser.apply(plan, groups)
-        except BaseException:
+        except UnrepresentableWeight as error:
             self.fused_modules = frozenset()  # apply restored every weight before raising
+            raise _overflow_error(error, chosen, index, model) from None
+        except BaseException:
+            self.fused_modules = frozenset()
             raise
-        self.fused_modules = frozenset(m for weights, _ in chosen for m in weights.deltas)
+        self.fused_modules = frozenset(m for _, weights, _ in chosen for m in weights.modules)
         if state.written:
             log.info(
                 "LoRAs now %s on %s: %d weights written in %.3fs",
-                [f"{w.digest}x{s:g}" for w, s in chosen] or "none",
+                [f"{w.digest}x{s:g}" for _, w, s in chosen] or "none",
                 targets.group,
                 len(state.written),
                 time.perf_counter() - started,
             )
         return state
 
-    def _slot(self, module: str, targets: LoraTargets, index: ModuleIndex) -> Slot:
-        """The one `Slot` of `module` ("transformer.x"/"text_encoder.y") in what the request runs on."""
+    def _slot(self, module: str, kind: str, targets: LoraTargets, index: ModuleIndex) -> Slot:
+        """The one `Slot` of `module`'s weight or bias ("transformer.x"/"text_encoder.y") in what the
+        request runs on: the master's own, or the fp8 copy's, made from the master's pristine value."""
         component, bare = module.split(".", 1)
         group = targets.group if component == "transformer" else CLIP
-        name = f"{group}:{module}"
+        name = f"{group}:{module}.{kind}"
         if name not in self._slots:
-            master = index.weights[module]
+            master = (index.weights if kind == "weight" else index.biases)[module]
             if component == "transformer" and targets.transformer is not targets.master:
-                runs = targets.transformer.get_submodule(bare).weight
-                self._slots[name] = Slot(name, group, runs, source=master, quantize=targets.quantize)
+                runs = getattr(targets.transformer.get_submodule(bare), kind)
+                quantize = targets.quantize if kind == "weight" else None
+                self._slots[name] = Slot(name, group, runs, source=master, quantize=quantize)
             else:
                 self._slots[name] = Slot(name, group, master)
         return self._slots[name]
@@ -153,8 +167,13 @@ class LoraManager:
                 self._parsed.move_to_end(key)
                 return weights
         started = time.perf_counter()
-        data = self._read(lora)
-        weights = read_lora(data, lora.input_name, self._index(model, components), f"FLUX.1 [{model}]")
+        data, cached = self._read(lora)
+        try:
+            weights = read_lora(data, lora.input_name, self._index(model, components), f"FLUX.1 [{model}]")
+        except InputError:
+            if cached is not None:  # a refused file must not be served from the cache next time
+                self.cache.discard(cached)
+            raise
         log.info(
             "read %s LoRA %s for %s: %d bytes, %d target weights, in %.2fs",
             weights.layout,
@@ -175,17 +194,18 @@ class LoraManager:
             self._indexes[model] = ModuleIndex(components)
         return self._indexes[model]
 
-    def _read(self, lora: LoraRequest) -> bytes:
-        """The LoRA file's bytes (archives unpacked); downloads go through the disk cache."""
+    def _read(self, lora: LoraRequest) -> tuple[bytes, Path | None]:
+        """The LoRA file's bytes (archives unpacked), and its disk-cache file when it was downloaded."""
         # A local file is accepted only from the operator (COG_WEIGHTS), never from a request input.
         if lora.input_name == DEFAULT_LORA_INPUT and not lora.source.startswith(("data:", "http:", "https:")):
-            return _unpacked(_local_lora(Path(lora.source)).read_bytes(), lora.input_name, self.settings)
+            data = _unpacked(_local_lora(Path(lora.source)).read_bytes(), lora.input_name, self.settings)
+            return data, None
         ref = parse_ref(lora.input_name, lora.source)
         if ref.kind == "data":
-            return _unpacked(
-                decode_data_uri(ref, self.settings.max_lora_bytes), ref.input_name, self.settings
-            )
-        return self.cached_file(ref).read_bytes()
+            decoded = decode_data_uri(ref, self.settings.max_lora_bytes)
+            return _unpacked(decoded, ref.input_name, self.settings), None
+        path = self.cached_file(ref)
+        return path.read_bytes(), path
 
     def cached_file(self, ref: LoraRef) -> Path:
         """The ready .safetensors for `ref` in the disk cache, downloading it (once) when absent."""
@@ -224,6 +244,29 @@ class LoraManager:
             load_safetensors_or_refuse(partial.read_bytes(), ref.input_name)
             raise
         return partial
+
+
+def _overflow_error(
+    error: UnrepresentableWeight,
+    chosen: Sequence[tuple[LoraRequest, LoraWeights, float]],
+    index: ModuleIndex,
+    model: str,
+) -> InputError:
+    """The refusal for LoRAs whose sum overflows a weight, naming the inputs and the scales to lower."""
+    names = {id(param): name for name, param in (*index.weights.items(), *index.biases.items())}
+    module = names.get(id(error.param), "a weight")
+    inputs = [lora for lora, weights, _ in chosen if weights.digest in error.orders]
+    scales = ", ".join(SCALE_INPUTS.get(lora.input_name, "lora_scale") for lora in inputs)
+    limit = torch.finfo(error.param.dtype).max
+    return InputError(
+        f"{', '.join(lora.input_name for lora in inputs)}: fused into FLUX.1 [{model}], this LoRA pushes "
+        f"{module[:80]!r} past the largest value its {str(error.param.dtype).removeprefix('torch.')} "
+        f"weights can hold ({limit:.4g}), which would make every image black; lower {scales} or use "
+        "another LoRA."
+    )
+
+
+SCALE_INPUTS = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
 
 
 def _unversioned(source: str) -> bool:

@@ -105,8 +105,8 @@ def _hugging_face(ref: LoraRef, settings: Settings) -> FilePlan:
                 "the repo",
             ) from None
         raise _hf_error(ref, f"could not be listed (HTTP {status}); try again") from None
-    except Exception as error:  # network failures come as several library types; the reason is enough
-        raise _hf_error(ref, f"could not be listed ({type(error).__name__}); try again") from None
+    except Exception:  # network failures come as several library types; none is worth naming
+        raise _hf_error(ref, "could not be listed (the request failed); try again") from None
     files = [sibling.rfilename for sibling in info.siblings or []]
     filename = _pick_hf_file(ref, files)
     url = hf_hub_url(repo_id, filename, revision=info.sha, endpoint=settings.hf_endpoint)

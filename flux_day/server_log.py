@@ -1,0 +1,38 @@
+"""The operator's log: what a hosted user must not read goes here, never into a prediction's logs.
+
+coglet files what the worker writes to `sys.stderr` under the running prediction (its `logs`, which
+whoever sent it reads) and what reaches file descriptor 2 directly under the server's own log. Library
+class names, tracebacks and Python warnings (which name files by their path in the server's virtualenv)
+are for the operator. Until `keep_internals_out_of_predictions` runs (in the CLI, in tests) this logger
+propagates like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+log = logging.getLogger("flux_day.server")
+
+
+def keep_internals_out_of_predictions() -> None:
+    """Send `log` and Python warnings (one line each, without the file path) to the server's own log."""
+    stream = open(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - lives with the process
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    log.warning("python %s: %s", category.__name__, " ".join(str(message).split()))
