@@ -61,9 +61,9 @@ def use_in_memory_loras(engine, state_dicts: dict, reads: dict | None = None) ->
     counts = reads if reads is not None else {"cold": 0}
 
     class InMemoryLoraManager(LoraManager):
-        def _read(self, lora: LoraRequest) -> bytes:
+        def _read(self, lora: LoraRequest) -> tuple[bytes, None]:
             counts["cold"] += 1
-            return by_source[lora.source]
+            return by_source[lora.source], None
 
     engine.release_loras()
     engine.loras = InMemoryLoraManager(engine.settings, engine.loras.fuser.store)
