@@ -37,7 +37,6 @@ DOWNLOAD_DEADLINE_S = 1800  # 2 GB at ~10 Mbit/s; a body that trickles forever i
 CHUNK_BYTES = 1 << 20
 TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
 PROGRESS_EVERY_BYTES = 256 << 20
-PARTIAL_PREFIX = ".partial-"
 
 
 @dataclass(frozen=True)
@@ -116,8 +115,11 @@ class Fetcher:
                     "check the reference."
                 ) from None
 
-    def download(self, ref: LoraRef, url: str, directory: Path, credential: Credential | None = None) -> Path:
-        """Stream `url` into a new partial file in `directory`; the caller renames or removes it."""
+    def download(
+        self, ref: LoraRef, url: str, directory: Path, prefix: str, credential: Credential | None = None
+    ) -> Path:
+        """Stream `url` into a new file in `directory` whose name starts with `prefix`; the caller
+        renames or removes it. The file is removed here if the download fails or is cancelled."""
         limit = self.settings.max_lora_bytes
         too_big = InputError(
             f"{ref.input_name}: {ref.shown} is larger than {limit} bytes, the LoRA size limit "
@@ -128,7 +130,7 @@ class Fetcher:
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
                 raise too_big
-            descriptor, name = tempfile.mkstemp(dir=directory, prefix=PARTIAL_PREFIX)
+            descriptor, name = tempfile.mkstemp(dir=directory, prefix=prefix)
             path = Path(name)
             try:
                 with os.fdopen(descriptor, "wb") as handle:
