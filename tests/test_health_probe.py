@@ -1,0 +1,78 @@
+"""scripts/health_probe.py against real Cog servers: what Kubernetes' probes and preStop hook will see.
+
+coglet answers /health-check with HTTP 200 whatever its state, so the probes read the status: a ready
+server is started, ready and alive; a busy one is alive but not ready, and the preStop wait returns
+only once its prediction is done; a server whose setup failed is not alive; none at all is not alive.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.cog_server import ROOT, CogServer, free_port, server_env
+from tests.http_files import HttpFiles
+from tests.lora_files import FAST, kohya, random_lora, to_bytes
+
+
+def probe(port: int, *args: str) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "health_probe.py"), *args, "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    """A server that may fetch LoRAs from 127.0.0.1: a held LoRA download keeps it BUSY at will."""
+    env = server_env(tiny_weights, FLUX_DAY_ALLOW_PRIVATE_URLS="1")
+    with CogServer.ready(env, tmp_path_factory.mktemp("probe-logs") / "cog.log") as cog:
+        yield cog
+
+
+def test_a_ready_server_passes_every_probe(server: CogServer) -> None:
+    for check in ("started", "ready", "alive"):
+        assert probe(server.port, check) == (0, "READY")
+
+
+def test_a_busy_server_is_alive_not_ready_and_the_prestop_hook_waits_for_its_prediction(
+    server: CogServer,
+) -> None:
+    with HttpFiles() as files, ThreadPoolExecutor(2) as pool:
+        url, gate = files.gated("/held.safetensors", to_bytes(kohya(random_lora(1))))
+        prediction = pool.submit(server.predict, **FAST, replicate_weights=url)
+        deadline = time.monotonic() + 30
+        while files.hits["/held.safetensors"] == 0:
+            assert time.monotonic() < deadline, "the prediction never started"
+            time.sleep(0.02)
+        assert probe(server.port, "ready") == (1, "BUSY")
+        assert probe(server.port, "alive") == (0, "BUSY")
+        assert probe(server.port, "started") == (0, "BUSY")
+        waiting = pool.submit(probe, server.port, "idle", "--settle", "0")
+        time.sleep(1.5)
+        assert not waiting.done()  # the hook holds the pod's shutdown while the prediction runs
+        gate.set()
+        assert waiting.result(60) == (0, "READY")
+        assert prediction.done() and prediction.result()["status"] == "succeeded"
+
+
+def test_a_failed_setup_or_no_server_is_not_alive(tiny_weights: Path, tmp_path: Path) -> None:
+    env = server_env(tmp_path / "no-weights")  # offline, and nothing there: setup fails
+    server = CogServer(env, tmp_path / "cog.log")
+    try:
+        assert server.wait_until_settled()["status"] == "SETUP_FAILED"
+        assert probe(server.port, "alive") == (1, "SETUP_FAILED")
+        assert probe(server.port, "started") == (1, "SETUP_FAILED")
+    finally:
+        server.stop()
+    assert probe(free_port(), "alive") == (1, "UNREACHABLE")
+    assert probe(free_port(), "idle", "--settle", "0") == (0, "UNREACHABLE")  # nothing to wait for
