@@ -5,11 +5,12 @@ Usage: `python scripts/health_probe.py started|ready|alive|idle [--port N] [--ti
 coglet answers `/health-check` with HTTP 200 in every state (STARTING, READY, BUSY, SETUP_FAILED,
 DEFUNCT), so an `httpGet` probe cannot tell them apart; this reads the status from the body.
 
-- `started` (startupProbe): setup has finished: READY or BUSY.
+- `started` (startupProbe): setup has finished, well or not (anything but STARTING and no answer),
+  so that the liveness probe takes over at once and restarts a container whose setup failed.
 - `ready` (readinessProbe): READY. The server runs one prediction at a time and answers 409 while
   busy, so a busy replica leaves the Service's endpoints until it is free again.
 - `alive` (livenessProbe): the server answers, and its setup has not failed (SETUP_FAILED, DEFUNCT):
-  a failed setup (a weights volume not filled yet, say) restarts the container.
+  a failed setup (a weights volume not filled yet, say) restarts the container, with backoff.
 - `idle` (preStop hook): wait `--settle` seconds for the Service to stop sending requests here, then
   until no prediction runs (at most `--timeout` seconds), so the SIGTERM that follows cuts none off.
 
@@ -27,7 +28,7 @@ import time
 import urllib.request
 
 CHECKS = {
-    "started": {"READY", "BUSY"},
+    "started": {"READY", "BUSY", "SETUP_FAILED", "DEFUNCT"},
     "ready": {"READY"},
     "alive": {"STARTING", "READY", "BUSY"},
 }
