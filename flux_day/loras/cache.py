@@ -186,7 +186,7 @@ def _digest(key: str) -> str:
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname())[:40] or "host"
+    return re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:40] or "host"
 
 
 def _age_s(path: Path) -> float:
