@@ -87,6 +87,8 @@ def hold(
     with _threads_guard:
         thread_lock = _thread_locks.setdefault(str(Path(path).absolute()), threading.Lock())
     waiting = _Waiting(path, wait, deadline, on_wait)
+    # A cancel Cog raises in the instant between this acquire and the `try` below would leave the
+    # thread lock taken; callers that must never hang pass `timeout_s` (the LoRA cache does).
     if not waiting.until(lambda: thread_lock.acquire(blocking=False)):
         yield None
         return

@@ -38,6 +38,7 @@ SUFFIX = ".safetensors"
 PARTIAL_PREFIX = ".partial-"
 LOCK_PREFIX = ".lock-"
 EVICTION_LOCK = f"{LOCK_PREFIX}evict"
+EVICTION_WAIT_S = 60  # an eviction takes milliseconds: a longer wait means its holder is stuck
 # Partials named otherwise come from an older version of this code, which had no owner lock: they are
 # removed once older than any download can last (a live download writes to its partial continually).
 UNOWNED_PARTIAL_AGE_S = 2 * 3600
@@ -57,11 +58,11 @@ class LoraCache:
         return self.root / (_digest(key) + SUFFIX)
 
     @contextmanager
-    def reading(self, key: str) -> Iterator[Path | None]:
+    def reading(self, key: str, timeout_s: float | None = None) -> Iterator[Path | None]:
         """The cached file for `key`, marked as just used and kept from eviction until the block
-        ends; None when absent."""
+        ends; None when absent. An evictor holds it for an instant: `timeout_s` is a safety net."""
         path = self.path(key)
-        with filelocks.hold(path, shared=True, create=False) as held:
+        with filelocks.hold(path, shared=True, create=False, timeout_s=timeout_s) as held:
             if held is None:
                 yield None
                 return
@@ -79,7 +80,7 @@ class LoraCache:
         """The file for `key`, kept from eviction until the block ends. When absent, `fill(prefix)` writes
         it as a partial named with that prefix (in `root`): in one process only, among all that share the
         folder; the others wait for it (`on_wait` called once, `filelocks.LockTimeout` after `timeout_s`)."""
-        with self.reading(key) as path:
+        with self.reading(key, timeout_s) as path:
             if path is not None:
                 yield path
                 return
@@ -93,7 +94,7 @@ class LoraCache:
                         self._remove_partials(digest)  # their writers are gone: this process holds the key
                         self._put(key, fill(f"{PARTIAL_PREFIX}{digest}-{_host()}-{os.getpid()}-"))
                     # Read-held before the key lock goes, so no evictor comes between.
-                    path = held.enter_context(self.reading(key))
+                    path = held.enter_context(self.reading(key, timeout_s))
                 finally:
                     key_lock.unlink()
             assert path is not None  # nobody removes it while its key lock is held
@@ -112,12 +113,18 @@ class LoraCache:
     def evict(self, keep: Path) -> None:
         """Remove least recently used files until the cache fits its budget; `keep` always stays, and so
         does a file being read or fetched (by any process) until a later eviction finds it free."""
-        with filelocks.hold(self.root / EVICTION_LOCK) as evicting:  # one evictor at a time
-            assert evicting is not None
-            try:
-                self._evict(keep)
-            finally:
-                evicting.unlink()
+        try:
+            with filelocks.hold(self.root / EVICTION_LOCK, timeout_s=EVICTION_WAIT_S) as evicting:
+                assert evicting is not None  # one evictor at a time
+                try:
+                    self._evict(keep)
+                finally:
+                    evicting.unlink()
+        except filelocks.LockTimeout:
+            log.warning(
+                "LoRA cache: another process has been evicting for %d s; eviction left to later",
+                EVICTION_WAIT_S,
+            )
 
     def _evict(self, keep: Path) -> None:
         entries = []
