@@ -68,7 +68,11 @@ def commands(section: str, heading: str) -> list[list[str]]:
     ]
 
 
-@pytest.mark.parametrize(("name", "document"), documents(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("name", "document"),
+    documents(),
+    ids=[f"{name}:{doc.get('kind')}/{doc.get('metadata', {}).get('name')}" for name, doc in documents()],
+)
 def test_every_manifest_is_an_object_the_kubernetes_api_accepts(name: str, document: dict[str, Any]) -> None:
     model = MODELS.get((document.get("apiVersion"), document.get("kind")))
     assert model is not None, f"{name}: an unexpected kind {document.get('kind')}"
