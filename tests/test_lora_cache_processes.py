@@ -10,13 +10,31 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from flux_day import filelocks
 from flux_day.loras.cache import LoraCache
 from tests.cache_process import CacheProcess
 
 SIZE = 1000
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., CacheProcess]]:
+    """Start `CacheProcess`es; any still running when the test ends (a failed one) is killed."""
+    started: list[CacheProcess] = []
+
+    def start(*args: str | int | float | Path) -> CacheProcess:
+        started.append(CacheProcess(*args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.kill()
 
 
 def leftovers(root: Path) -> list[str]:
@@ -37,9 +55,11 @@ def put(cache: LoraCache, key: str) -> None:
         pass
 
 
-def test_a_key_asked_of_three_processes_at_once_is_filled_once_and_read_by_all(tmp_path: Path) -> None:
+def test_a_key_asked_of_three_processes_at_once_is_filled_once_and_read_by_all(
+    tmp_path: Path, spawn: Callable[..., CacheProcess]
+) -> None:
     root, count = tmp_path / "cache", tmp_path / "fills"
-    processes = [CacheProcess("fill", root, "new-lora", SIZE, 1.0, count) for _ in range(3)]
+    processes = [spawn("fill", root, "new-lora", SIZE, 1.0, count) for _ in range(3)]
     answers = [process.line() for process in processes]
     for process in processes:
         process.finish()
@@ -48,9 +68,11 @@ def test_a_key_asked_of_three_processes_at_once_is_filled_once_and_read_by_all(t
     assert leftovers(root) == []
 
 
-def test_a_start_leaves_a_live_fill_alone_and_clears_a_killed_one(tmp_path: Path) -> None:
+def test_a_start_leaves_a_live_fill_alone_and_clears_a_killed_one(
+    tmp_path: Path, spawn: Callable[..., CacheProcess]
+) -> None:
     root = tmp_path / "cache"
-    filling = CacheProcess("stall", root, "new-lora")
+    filling = spawn("stall", root, "new-lora")
     assert filling.line() == "writing"
     (partial,) = root.glob(".partial-*")
     LoraCache(root, budget_bytes=10**6)  # another replica starts while the download runs
@@ -61,10 +83,12 @@ def test_a_start_leaves_a_live_fill_alone_and_clears_a_killed_one(tmp_path: Path
     assert leftovers(root) == []
 
 
-def test_eviction_skips_a_file_another_process_is_reading_and_takes_it_once_free(tmp_path: Path) -> None:
+def test_eviction_skips_a_file_another_process_is_reading_and_takes_it_once_free(
+    tmp_path: Path, spawn: Callable[..., CacheProcess]
+) -> None:
     cache = LoraCache(tmp_path, budget_bytes=int(SIZE * 2.5))
     put(cache, "read")
-    reader = CacheProcess("read", tmp_path, "read")
+    reader = spawn("read", tmp_path, "read")
     assert reader.line() == "holding"
     put(cache, "b")
     put(cache, "c")  # over budget: "read" is the least recently used, but busy
@@ -76,9 +100,11 @@ def test_eviction_skips_a_file_another_process_is_reading_and_takes_it_once_free
     assert leftovers(tmp_path) == []
 
 
-def test_a_waiter_never_ends_up_holding_a_lock_file_its_holder_deleted(tmp_path: Path) -> None:
+def test_a_waiter_never_ends_up_holding_a_lock_file_its_holder_deleted(
+    tmp_path: Path, spawn: Callable[..., CacheProcess]
+) -> None:
     path = tmp_path / ".lock-x"
-    holder = CacheProcess("lock", path)
+    holder = spawn("lock", path)
     assert holder.line() == "locked"
     waiting = threading.Event()
     got: list[tuple[int, int]] = []
@@ -99,9 +125,11 @@ def test_a_waiter_never_ends_up_holding_a_lock_file_its_holder_deleted(tmp_path:
     assert pair[0] == pair[1]  # it holds the file the path names now, not the deleted one
 
 
-def test_a_busy_lock_is_not_taken_without_waiting_and_a_deadline_is_kept(tmp_path: Path) -> None:
+def test_a_busy_lock_is_not_taken_without_waiting_and_a_deadline_is_kept(
+    tmp_path: Path, spawn: Callable[..., CacheProcess]
+) -> None:
     path = tmp_path / ".lock-y"
-    holder = CacheProcess("lock", path)
+    holder = spawn("lock", path)
     assert holder.line() == "locked"
     with filelocks.hold(path, wait=False) as held:
         assert held is None
