@@ -48,6 +48,18 @@ def open_image(raw: bytes) -> Image.Image:
     return image
 
 
+def health_probe(port: int, *args: str) -> tuple[int, str]:
+    """`scripts/health_probe.py` run as Kubernetes runs it against the server on `port`: its exit
+    status and what it printed."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "health_probe.py"), *args, "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout.strip()
+
+
 def server_env(weights: Path, tmp: Path | None = None, **settings: str) -> dict[str, str]:
     """A test server's environment: these weights and never a base-weight download; `tmp` its TMPDIR
     (so a test can see what the server leaves behind); `settings` more variables (FLUX_DAY_*, tokens)."""

@@ -22,6 +22,7 @@ import io
 import json
 import re
 import tarfile
+import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class FakeService:
         self.api = HttpFiles()
         self._owns_cdn = cdn is None
         self.cdn = HttpFiles() if cdn is None else cdn
+        self.gates: dict[str, threading.Event] = {}  # CDN path → event its body waits for
 
     @property
     def base(self) -> str:
@@ -132,6 +134,7 @@ class FakeService:
                 chunks=(data,),
                 headers=(("Content-Type", "application/octet-stream"), *headers),
                 ranges=ranges,
+                gate=self.gates.get(path),
             ),
         )
         return f"{self.cdn.url(path)}?X-Amz-Expires=3600&X-Amz-Signature={_sha256(path.encode())[:24]}"
@@ -292,6 +295,12 @@ class FakeHuggingFace(FakeService):
     def lfs_path(self, data: bytes) -> str:
         """The CDN path an LFS file with these bytes is served from (for `cdn.hits`, `cdn.cut_once`)."""
         return f"/hf-lfs/{_sha256(data)}"
+
+    def hold(self, data: bytes) -> threading.Event:
+        """From now on the CDN sends the LFS file with these bytes only once the returned event is set
+        (headers at once): a download held open part-way."""
+        gate = self.gates[self.lfs_path(data)] = threading.Event()
+        return gate
 
     def tamper(self, repo_id: str, filename: str, data: bytes) -> None:
         """Serve `data` as `filename` of `repo_id` (every revision) while the listing, model_info and

@@ -11,7 +11,8 @@ header reached which host. Paths under a prefix can be answered by a function of
 (`handle`), which is how `tests.fake_services` plays Replicate, Hugging Face and CivitAI. HEAD gets
 GET's status and headers without the body, as `huggingface_hub` asks for file metadata with HEAD.
 A route can take `Range: bytes=N-` requests (206 Partial Content, as CDNs do), and `cut_once` drops
-the connection part-way through a path's next body, so resumed downloads can be tested.
+the connection part-way through a path's next body, so resumed downloads can be tested; `gated`
+holds a body open half-way until the test lets it finish.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+GATE_LIMIT_S = 60  # a gate a failed test never opened lets its download finish after this
+
 
 @dataclass(frozen=True)
 class Route:
@@ -39,10 +42,13 @@ class Route:
     headers: tuple[tuple[str, str], ...] = ()  # sent after Location and before Content-Length
     header_delay_s: float = 0.0  # slept before the status line: a host that accepts, then stalls
     ranges: bool = False  # honour `Range: bytes=start-[end]` with 206 and Content-Range
+    gate: threading.Event | None = None  # the last chunk waits for it: a download held open mid-body
 
     def body(self) -> Iterator[bytes]:
-        for chunk in self.chunks:
+        for index, chunk in enumerate(self.chunks):
             time.sleep(self.delay_s)
+            if self.gate is not None and index == len(self.chunks) - 1:
+                self.gate.wait(GATE_LIMIT_S)
             yield chunk
 
 
@@ -135,6 +141,12 @@ class HttpFiles:
         chunk = bytes(1 << 16)
         chunks = (chunk,) * (over // len(chunk)) + (bytes(over % len(chunk) + 1),)
         return self.add(path, Route(chunks=chunks, content_length=None if announce else -1))
+
+    def gated(self, path: str, data: bytes) -> tuple[str, threading.Event]:
+        """`data` whose first half is sent at once and the rest once the returned event is set."""
+        gate = threading.Event()
+        half = len(data) // 2
+        return self.add(path, Route(chunks=(data[:half], data[half:]), gate=gate)), gate
 
     def cut_once(self, path: str, after: int) -> None:
         """The next GET of `path` announces its full length, sends `after` bytes of the body and

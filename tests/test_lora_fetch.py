@@ -12,7 +12,7 @@ from flux_day.config import Settings
 from flux_day.errors import InputError
 from flux_day.loras.fetch import Fetcher
 from flux_day.loras.manager import LoraManager
-from flux_day.loras.refs import parse_ref
+from flux_day.loras.refs import LoraRef, parse_ref
 from flux_day.loras.sources import plan_file
 from tests import lora_files as lf
 from tests.fake_services import FakeServices
@@ -26,19 +26,24 @@ def manager(tmp_path: Path, **env: str) -> LoraManager:
     return LoraManager(Settings.from_env(base | env))
 
 
+def cached_bytes(loras: LoraManager, ref: LoraRef) -> bytes:
+    with loras.cached_file(ref) as path:
+        return path.read_bytes()
+
+
 def test_concurrent_requests_for_one_url_download_it_once(tmp_path: Path) -> None:
     with HttpFiles() as files:
         url = files.slow("/a.safetensors", LORA, pieces=4, delay_s=0.05)
         loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1")
-        paths: list[Path] = []
+        got: list[bytes] = []
         ref = parse_ref("replicate_weights", url)
-        threads = [threading.Thread(target=lambda: paths.append(loras.cached_file(ref))) for _ in range(3)]
+        threads = [threading.Thread(target=lambda: got.append(cached_bytes(loras, ref))) for _ in range(3)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         assert files.hits["/a.safetensors"] == 1
-        assert len(set(paths)) == 1 and paths[0].read_bytes() == LORA
+        assert got == [LORA] * 3
 
 
 def test_a_service_host_is_trusted_but_not_a_private_address_it_redirects_to(tmp_path: Path) -> None:
@@ -47,7 +52,7 @@ def test_a_service_host_is_trusted_but_not_a_private_address_it_redirects_to(tmp
         services.replicate.add_model("o", "m", LORA, version="v1")
         settings = Settings.from_env(services.env() | {"FLUX_DAY_WEIGHTS": str(tmp_path)})
         with pytest.raises(InputError, match=r"^replicate_weights: .*private network address"):
-            manager(tmp_path, **services.env()).cached_file(parse_ref("replicate_weights", "o/m/v1"))
+            cached_bytes(manager(tmp_path, **services.env()), parse_ref("replicate_weights", "o/m/v1"))
         assert list((tmp_path / "lora-cache").glob("*")) == []
         # The service itself (on 127.0.0.1, as configured) was reached: it answered the redirect.
         weights = services.replicate.base + services.replicate.weights_path("o", "m", "v1")
@@ -68,7 +73,7 @@ def test_tokens_go_to_their_own_service_and_never_to_its_cdn(
         services.civitai.add_model(7, versions=[(70, {"style.safetensors": LORA})], token="civ_SECRET")
         loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1", **services.env())
         for source in ("o/m/v1", "civitai.com/models/7"):
-            assert loras.cached_file(parse_ref("extra_lora", source)).read_bytes() == LORA
+            assert cached_bytes(loras, parse_ref("extra_lora", source)) == LORA
         for request in services.cdn.requests:
             assert request.authorization is None, request.path
         sent = [r.authorization for r in services.replicate.api.requests + services.civitai.api.requests]
@@ -93,9 +98,9 @@ def test_a_connection_that_lands_on_a_private_address_sends_nothing(
     with HttpFiles() as files:
         url = files.serve("/a.safetensors", LORA)
         with pytest.raises(InputError, match=r"^extra_lora: .*private network address"):
-            manager(tmp_path).cached_file(parse_ref("extra_lora", url))
+            cached_bytes(manager(tmp_path), parse_ref("extra_lora", url))
         assert files.hits["/a.safetensors"] == 0
-        assert manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1").cached_file(parse_ref("extra_lora", url))
+        assert cached_bytes(manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1"), parse_ref("extra_lora", url))
 
 
 @pytest.mark.parametrize("stall", ["before the answer", "during the body"])
@@ -109,8 +114,8 @@ def test_a_host_that_stalls_gets_a_timeout_message(
         else:
             url = files.slow("/a.safetensors", LORA, pieces=3, delay_s=1.0)
         with pytest.raises(InputError, match=r"^replicate_weights: .*(did not answer|stalled).*0\.2 s"):
-            manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1").cached_file(
-                parse_ref("replicate_weights", url)
+            cached_bytes(
+                manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1"), parse_ref("replicate_weights", url)
             )
         assert [p for p in (tmp_path / "cache").iterdir()] == []
 
@@ -138,13 +143,17 @@ def test_a_gzip_encoded_download_is_checked_against_its_wire_length(tmp_path: Pa
         encoded = gzip.compress(LORA)
         url = files.add("/z.safetensors", Route(chunks=(encoded,), headers=(("Content-Encoding", "gzip"),)))
         loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1")
-        assert loras.cached_file(parse_ref("replicate_weights", url)).read_bytes() == LORA
+        with loras.cached_file(parse_ref("replicate_weights", url)) as path:
+            assert path.read_bytes() == LORA
         short = files.add(
             "/short.safetensors",
             Route(
                 chunks=(encoded,), headers=(("Content-Encoding", "gzip"),), content_length=len(encoded) + 10
             ),
         )
-        with pytest.raises(InputError, match=r"^replicate_weights: the download of .* broke off"):
-            loras.cached_file(parse_ref("replicate_weights", short))
+        with (
+            pytest.raises(InputError, match=r"^replicate_weights: the download of .* broke off"),
+            loras.cached_file(parse_ref("replicate_weights", short)),
+        ):
+            pass
         assert list((tmp_path / "cache").glob(".partial-*")) == []

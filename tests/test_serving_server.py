@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests import lora_files as lf
-from tests.cog_server import CogServer, decode_output, server_env
+from tests.cog_server import CogServer, decode_output, health_probe, server_env
 from tests.upload_server import UploadServer
 
 SMALL = {
@@ -175,5 +175,8 @@ def test_a_setup_failure_says_why_in_the_setup_logs(
         assert "Traceback" not in health["setup"]["logs"].split(reason, 1)[1][:300]
         refused = server.predict(**SMALL, timeout=10)
         assert refused.get("status") != "succeeded"
+        # What Kubernetes sees (deploy/kubernetes): setup has ended, and the pod is not alive.
+        assert health_probe(server.port, "started") == (0, "SETUP_FAILED")
+        assert health_probe(server.port, "alive") == (1, "SETUP_FAILED")
     finally:
         server.stop()

@@ -15,7 +15,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -138,7 +139,7 @@ def test_a_download_into_an_empty_root_is_the_tree_the_predictor_loads(
 
     assert downloaded(root) == expected  # byte for byte, and nothing else (no decoy, no pickle)
     assert has_base_models(root) and missing_folders(root) == []
-    assert sorted(p.name for p in (root / STAGING).iterdir()) == [".lock"]  # no staging copy left
+    assert list((root / STAGING).iterdir()) == []  # no staging copy, no lock file left
     record = json.loads((root / DEV_FOLDER / SOURCE_RECORD).read_text())
     (source,) = record["sources"]
     assert source["repo_id"] == DEV.repo_id and len(source["commit"]) == 40
@@ -317,3 +318,40 @@ def test_the_script_downloads_even_when_offline_is_set_and_exits_2_with_the_reas
     assert done.returncode == 0, done.stderr
     assert f"{DEV_FOLDER}/ complete" in done.stderr
     assert downloaded(root) == expected
+
+
+def test_two_processes_on_one_root_share_the_folders_out_and_fetch_each_file_once(
+    hub: FakeHuggingFace, tiny_weights: Path, tmp_path: Path
+) -> None:
+    """As replicas starting together on an empty volume: the second leaves the first's folder alone,
+    fetches the others meanwhile, then waits for the first's."""
+    expected = serve(hub, tiny_weights)
+    held = hub.lfs_path(expected[DEV_FOLDER][TRANSFORMER_FILE])
+    gate = hub.hold(expected[DEV_FOLDER][TRANSFORMER_FILE])
+    root = tmp_path / "weights"
+    script = [sys.executable, str(REPO_ROOT / "scripts" / "download_weights.py"), "--weights", str(root)]
+    env = {**os.environ, "HF_ENDPOINT": hub.base}
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with logs[0].open("w") as first_log:
+        first = subprocess.Popen(script, env=env, stderr=first_log, stdout=subprocess.DEVNULL)
+    wait_until(lambda: hub.cdn.hits[held] == 1, "the first process fetches the dev transformer")
+    with logs[1].open("w") as second_log:
+        second = subprocess.Popen(script, env=env, stderr=second_log, stdout=subprocess.DEVNULL)
+    wait_until(lambda: missing_folders(root) == [DEV_FOLDER], "the second fetches the other folders")
+    wait_until(lambda: "waiting for it" in logs[1].read_text(), "the second waits for the dev folder")
+    gate.set()
+    assert first.wait(60) == 0 and second.wait(60) == 0, [log.read_text() for log in logs]
+
+    assert downloaded(root) == expected
+    assert list((root / STAGING).iterdir()) == []
+    assert all(hits == 1 for hits in hub.cdn.hits.values()), hub.cdn.hits
+    written = [log.read_text() for log in logs]
+    assert [written[0].count(f"{folder}/ complete") for folder in folders()] == [1, 0, 0, 0]
+    assert [written[1].count(f"{folder}/ complete") for folder in folders()] == [0, 1, 1, 1]
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)

@@ -41,7 +41,6 @@ DOWNLOAD_DEADLINE_S = 1800  # 2 GB at ~10 Mbit/s; a body that trickles forever i
 CHUNK_BYTES = 1 << 20
 TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
 PROGRESS_EVERY_BYTES = 256 << 20
-PARTIAL_PREFIX = ".partial-"
 
 
 @dataclass(frozen=True)
@@ -121,8 +120,11 @@ class Fetcher:
                     "check the reference."
                 ) from None
 
-    def download(self, ref: LoraRef, url: str, directory: Path, credential: Credential | None = None) -> Path:
-        """Stream `url` into a new partial file in `directory`; the caller renames or removes it."""
+    def download(
+        self, ref: LoraRef, url: str, directory: Path, prefix: str, credential: Credential | None = None
+    ) -> Path:
+        """Stream `url` into a new file in `directory` whose name starts with `prefix`; the caller
+        renames or removes it. The file is removed here if the download fails or is cancelled."""
         started = time.monotonic()
         with self.open(ref, url, credential) as response:
             # Content-Length counts the bytes on the wire: compressed ones under a Content-Encoding.
@@ -130,7 +132,7 @@ class Fetcher:
             encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
             if declared.isdigit() and not encoded and int(declared) > self.settings.max_lora_bytes:
                 raise self._too_big(ref)
-            descriptor, name = tempfile.mkstemp(dir=directory, prefix=PARTIAL_PREFIX)
+            descriptor, name = tempfile.mkstemp(dir=directory, prefix=prefix)
             path = Path(name)
             try:
                 with os.fdopen(descriptor, "wb") as handle:

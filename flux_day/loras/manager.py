@@ -14,7 +14,8 @@ import os
 import tempfile
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from torch import nn
 
 from flux_day.config import Settings
 from flux_day.errors import InputError
+from flux_day.filelocks import LockTimeout
 from flux_day.loras.archive import extract_lora, is_archive, is_safetensors
 from flux_day.loras.cache import LoraCache
-from flux_day.loras.fetch import PARTIAL_PREFIX, Fetcher
+from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Fetcher
 from flux_day.loras.flux_layout import ModuleIndex
 from flux_day.loras.formats import LoraWeights, load_safetensors_or_refuse, read_lora
 from flux_day.loras.fuse import (
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 GO_FAST_LORA_MULTIPLIER = 1.5  # the schema's lora_scale description promises it
 PARSED_LORAS_KEPT = 4
 UNVERSIONED_RECHECK_S = 300  # how long `owner/model` (no version) is trusted to mean the same file
+FILL_WAIT_S = DOWNLOAD_DEADLINE_S + 120  # the longest another process's download of a LoRA can take
 
 
 @dataclass(frozen=True)
@@ -204,30 +207,46 @@ class LoraManager:
         if ref.kind == "data":
             decoded = decode_data_uri(ref, self.settings.max_lora_bytes)
             return _unpacked(decoded, ref.input_name, self.settings), None
-        path = self.cached_file(ref)
-        return path.read_bytes(), path
+        with self.cached_file(ref) as path:
+            return path.read_bytes(), path
 
-    def cached_file(self, ref: LoraRef) -> Path:
-        """The ready .safetensors for `ref` in the disk cache, downloading it (once) when absent."""
+    @contextmanager
+    def cached_file(self, ref: LoraRef) -> Iterator[Path]:
+        """The ready .safetensors for `ref` in the disk cache, downloaded when absent: once among all
+        the processes sharing the cache. No process evicts it until the block ends."""
         plan = plan_file(ref, self.settings, self.fetcher)
-        with self.cache.lock(plan.key):
-            path = self.cache.get(plan.key)
-            if path is not None:
-                log.info("%s for %s: from the LoRA cache", ref.shown, ref.input_name)
-                return path
-            partial = self.fetcher.download(ref, plan.url, self.cache.root, plan.credential)
-            try:
-                partial = self._as_safetensors(ref, partial)
-                return self.cache.put(plan.key, partial)
-            finally:
-                partial.unlink(missing_ok=True)
+        found = True
 
-    def _as_safetensors(self, ref: LoraRef, partial: Path) -> Path:
+        def fetch(prefix: str) -> Path:
+            nonlocal found
+            found = False
+            partial = self.fetcher.download(ref, plan.url, self.cache.root, prefix, plan.credential)
+            try:
+                return self._as_safetensors(ref, partial, prefix)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+
+        def waiting() -> None:
+            log.info("%s for %s: another process is downloading it; waiting", ref.shown, ref.input_name)
+
+        try:
+            with self.cache.filled(plan.key, fetch, FILL_WAIT_S, waiting) as path:
+                if found:
+                    log.info("%s for %s: from the LoRA cache", ref.shown, ref.input_name)
+                yield path
+        except LockTimeout:
+            raise InputError(
+                f"{ref.input_name}: another replica has been downloading {ref.shown} into the LoRA cache "
+                f"for over {FILL_WAIT_S} s; try again later."
+            ) from None
+
+    def _as_safetensors(self, ref: LoraRef, partial: Path, prefix: str) -> Path:
         """`partial` if it is a sound safetensors file, or the LoRA unpacked from it if it is a .tar."""
         with partial.open("rb") as handle:
             head = handle.read(9)
         if not is_safetensors(head) and is_archive(partial):
-            descriptor, name = tempfile.mkstemp(dir=self.cache.root, prefix=PARTIAL_PREFIX)
+            descriptor, name = tempfile.mkstemp(dir=self.cache.root, prefix=prefix)
             try:
                 with os.fdopen(descriptor, "wb") as target:
                     member = extract_lora(partial, target, ref.input_name, self.settings.max_lora_bytes)
@@ -241,7 +260,9 @@ class LoraManager:
             with safe_open(partial, framework="pt"):
                 pass
         except Exception:  # the header check failed: say why, as parsing the bytes would
-            load_safetensors_or_refuse(partial.read_bytes(), ref.input_name)
+            data = partial.read_bytes()
+            partial.unlink()
+            load_safetensors_or_refuse(data, ref.input_name)
             raise
         return partial
 

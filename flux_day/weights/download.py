@@ -17,6 +17,11 @@ Files already finished in the staging copy survive a killed process and are not 
 are checked again); a file that was half-way through when the process died starts over, because
 huggingface_hub 2.x downloads each file to a process-unique temporary name.
 
+Several processes on one weights root (replicas sharing a volume, or the download Job beside a
+server): each folder is written by the one process holding its lock, so no two processes write one
+staging copy, a process that starts while another downloads leaves that download alone, and replicas
+starting together fetch different folders side by side (see `_claim`).
+
 Credentials: `HF_TOKEN` is read from the environment at each call and handed to each Hub call
 (`token=False` without one, so no stored login is used); the Hub client sends it to the Hub's own
 origin only, never to the CDN its files redirect to. It is never logged nor put in a message.
@@ -39,7 +44,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 import httpx2
-from filelock import FileLock
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -50,6 +54,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from flux_day import filelocks
 from flux_day.config import Settings
 from flux_day.errors import WeightsError
 from flux_day.weights.manifest import MANIFEST, Source, folders
@@ -104,10 +109,40 @@ def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) ->
             f"Cannot create {root / STAGING} to download base weights into ({error.strerror or error}); "
             "set FLUX_DAY_WEIGHTS to a folder this process can write."
         ) from error
-    # One downloader per weights root; a second waits, then finds the folders complete.
-    with FileLock(root / STAGING / ".lock"):
-        for folder in missing_folders(root, manifest):
-            _download_folder(root, folder, rows[folder], settings.hf_endpoint, token)
+    while missing := missing_folders(root, manifest):
+        with _claim(root, missing) as folder:
+            if folder in missing_folders(root, manifest):  # not completed by another process meanwhile
+                _download_folder(root, folder, rows[folder], settings.hf_endpoint, token)
+
+
+@contextmanager
+def _claim(root: Path, missing: Sequence[str]) -> Iterator[str]:
+    """Lock a missing folder that no other process is downloading, else wait for the first one's lock.
+
+    Each folder has its own lock, `.flux-day-download/<folder>.lock`, held by the one process that
+    writes its staging copy: replicas starting together on an empty volume fetch different folders side
+    by side, and one whose folders are all taken waits, then finds them complete. A staging copy left
+    by a process that died is resumed by the next holder of its lock. The locks are `flux_day.filelocks`
+    (what they assume of the filesystem is said there); a lock file exists only while it is held.
+    """
+    for folder in missing:
+        with filelocks.hold(root / STAGING / f"{folder}.lock", wait=False) as held:
+            if held is not None:
+                try:
+                    yield folder
+                finally:
+                    held.unlink()
+                return
+
+    def waiting() -> None:
+        log.info("weights: another process is downloading %s/ into %s; waiting for it", missing[0], root)
+
+    with filelocks.hold(root / STAGING / f"{missing[0]}.lock", on_wait=waiting) as held:
+        assert held is not None  # waited for
+        try:
+            yield missing[0]
+        finally:
+            held.unlink()
 
 
 def missing_folders(root: Path, manifest: Sequence[Source] = MANIFEST) -> list[str]:
