@@ -52,6 +52,7 @@ if mode in ("setup", "restart"):
             for tensor in [*module.parameters(), *module.buffers()]:
                 tensor.float().abs().max() if tensor.numel() else None
     result["touch"] = time.perf_counter() - begun
+    result["rss_touched"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # The extra work of the first go_fast request: making the fp8 copy of dev (quantizing it, or
     # reading it from the fp8 cache after a restart).
     begun = time.perf_counter()
@@ -123,9 +124,11 @@ def setup(args: argparse.Namespace) -> None:
     for name in ("setup: Engine(...)", "restart (fp8 cache on disk)"):
         row = rows[name]
         total = row["seconds"] + row["touch"]
+        touched = (row["rss_touched"] - base_rss) / unique
         print(
             f"  {name:28} touch every weight {row['touch']:6.2f} (setup + touch {total:6.2f} = "
-            f"{total / read_s:4.2f}x read)   first go_fast extra {row['first_fast']:6.2f}"
+            f"{total / read_s:4.2f}x read; RSS above import then {touched:4.2f}x bytes)   "
+            f"first go_fast extra {row['first_fast']:6.2f}"
         )
     setup_row = rows["setup: Engine(...)"]
     time_ok = setup_row["seconds"] <= 1.3 * read_s

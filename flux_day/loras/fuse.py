@@ -168,6 +168,11 @@ class PristineStore:
         self.home = home
         self.bytes = {"device": 0, "host": 0}
 
+    def adopts(self, param: torch.Tensor) -> bool:
+        """Whether `param`'s own memory can become its pristine copy (a plain tensor on the CPU, where
+        pristine copies live beside the weights anyway) instead of a copy being made."""
+        return not param.is_cuda and not hasattr(param, "__tensor_flatten__") and param.is_contiguous()
+
     def keep(self, tensor: torch.Tensor) -> torch.Tensor:
         """A copy of `tensor` that nothing else writes."""
         tensor = tensor.detach()
@@ -315,6 +320,14 @@ class WeightFuser:
             home = self.store.home(slot.param)
             if home is not None:
                 self._pristine[slot.name] = inner_tensors(home)
+            elif self.store.adopts(slot.param):
+                # The loaded tensor itself becomes the pristine copy and the weight gets fresh memory:
+                # no copy made, and on a CPU the weights read from a memory-mapped file stay there
+                # (clean pages the kernel may drop and read again) while the fused ones, written every
+                # switch, get ordinary memory (writing into the mapped file's pages is ~2x slower).
+                self._pristine[slot.name] = {"": slot.param.detach()}
+                slot.param.data = torch.empty_like(slot.param, memory_format=torch.contiguous_format)
+                self._kept.add(slot.name)
             else:
                 self._pristine[slot.name] = {
                     p: self.store.keep(t) for p, t in inner_tensors(slot.param).items()

@@ -17,6 +17,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -58,6 +59,12 @@ class LoraRequest:
     input_name: str
     source: str
     scale: float
+
+    @cached_property
+    def source_digest(self) -> str:
+        """The source's identity in the parsed-LoRA cache, hashed once per request: a data: URI is
+        megabytes, and a request asks for its LoRAs twice (CLIP's part, then the transformer's)."""
+        return hashlib.sha256(self.source.strip().encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,7 @@ class LoraManager:
 
     def weights(self, lora: LoraRequest, model: str, components: dict[str, nn.Module]) -> LoraWeights:
         """The parsed LoRA for `model`: from memory when used recently, else from the cache or the web."""
-        key = (hashlib.sha256(lora.source.strip().encode()).hexdigest(), model)
+        key = (lora.source_digest, model)
         if key in self._parsed:
             weights, parsed_at = self._parsed[key]
             if not _unversioned(lora.source) or time.monotonic() - parsed_at < UNVERSIONED_RECHECK_S:
