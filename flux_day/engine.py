@@ -37,7 +37,8 @@ from flux_day.memory_plan import (
     plan_memory,
     transformer_component,
 )
-from flux_day.models import MODELS, LoadedModels, build_pipelines, load_models, pick_device
+from flux_day.model_specs import MODELS
+from flux_day.models import LoadedModels, build_pipelines, load_models, pick_device
 from flux_day.request import GenerationRequest
 from flux_day.residency import Residency
 from flux_day.safety import SafetyFilter

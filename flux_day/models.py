@@ -1,9 +1,10 @@
-"""The two FLUX.1 models as data, and loading them so they share every component they can.
+"""Loading the FLUX.1 models (`model_specs.MODELS`) so they share every component they can.
 
 dev and schnell differ only in the transformer and the scheduler; text encoders, tokenizers and VAE
-are loaded once and shared as the same objects. img2img and inpaint pipelines are built from the
-loaded components. (Not with diffusers' `from_pipe`: it casts the shared modules to float32 in place
-unless told the dtype, which would silently turn a bf16 model into fp32.)
+are loaded once, from the folder that ships them, and shared as the same objects. img2img and
+inpaint pipelines are built from the loaded components. (Not with diffusers' `from_pipe`: it casts
+the shared modules to float32 in place unless told the dtype, which would silently turn a bf16 model
+into fp32.)
 """
 
 from __future__ import annotations
@@ -28,26 +29,11 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from flux_day.errors import WeightsError
 from flux_day.memory_plan import module_bytes
-from flux_day.weights.layout import DEV_FOLDER, SCHNELL_FOLDER, has_base_models
+from flux_day.model_specs import MODELS, SHARED_COMPONENTS, shared_spec
+from flux_day.weights.layout import has_base_models
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What distinguishes one FLUX.1 variant."""
-
-    name: str
-    folder: str
-    repo_id: str
-    max_sequence_length: int  # T5 tokens the model was trained with
-    guidance_embeds: bool  # dev is guidance-distilled; schnell takes no guidance
-
-
-MODELS: Final[dict[str, ModelSpec]] = {
-    "dev": ModelSpec("dev", DEV_FOLDER, "black-forest-labs/FLUX.1-dev", 512, True),
-    "schnell": ModelSpec("schnell", SCHNELL_FOLDER, "black-forest-labs/FLUX.1-schnell", 256, False),
-}
 
 MODE_PIPELINES: Final[dict[str, type[DiffusionPipeline]]] = {
     "img2img": FluxImg2ImgPipeline,
@@ -92,42 +78,41 @@ class LoadedModels:
 
 
 def load_models(root: Path, dtype: torch.dtype) -> LoadedModels:
-    """Load dev and schnell from `root` into CPU RAM once, sharing everything but the transformers."""
+    """Load every model of `MODELS` from `root` into CPU RAM once, sharing all but the transformers."""
     if not has_base_models(root):
         raise WeightsError(
-            f"No FLUX weights under {root} (it needs {DEV_FOLDER}/ and {SCHNELL_FOLDER}/). "
+            f"No FLUX weights under {root} (it needs {', '.join(f'{s.folder}/' for s in MODELS.values())}). "
             "Set FLUX_DAY_WEIGHTS to a weights root, or write tiny test weights with "
             "`python scripts/make_tiny_weights.py DIR`."
         )
     started = time.perf_counter()
-    folders = {"dev": root / DEV_FOLDER, "schnell": root / SCHNELL_FOLDER}
+    folders = {name: root / spec.folder for name, spec in MODELS.items()}
+    shared_folder = root / shared_spec().folder
     # One component at a time, so each gets a log line with its bytes and load time.
     loaded = {
-        name: _load_component(folders["dev"], name, model_class, dtype)
+        name: _load_component(shared_folder, name, model_class, dtype)
         for name, model_class in WEIGHTED.items()
         if name != "transformer"
     }
-    dev = FluxPipeline.from_pretrained(
-        folders["dev"], dtype=dtype, transformer=None, **loaded
-    )  # adds the tokenizers and the scheduler
+    # The pipeline adds the tokenizers; the transformer is each model's own.
+    shared = FluxPipeline.from_pretrained(shared_folder, dtype=dtype, transformer=None, **loaded)
     models = LoadedModels(
         transformers={
-            model: _load_component(folder, "transformer", FluxTransformer2DModel, dtype)
-            for model, folder in folders.items()
+            name: _load_component(folder, "transformer", FluxTransformer2DModel, dtype)
+            for name, folder in folders.items()
         },
         schedulers={
-            "dev": dev.scheduler,
-            "schnell": FlowMatchEulerDiscreteScheduler.from_pretrained(folders["schnell"] / "scheduler"),
+            name: FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+            for name, folder in folders.items()
         },
-        shared={
-            key: value for key, value in dev.components.items() if key not in {"transformer", "scheduler"}
-        },
+        shared={key: value for key, value in shared.components.items() if key in SHARED_COMPONENTS},
         sources={
-            model: sorted((folder / "transformer").glob("*.safetensors")) for model, folder in folders.items()
+            name: sorted((folder / "transformer").glob("*.safetensors")) for name, folder in folders.items()
         },
     )
     log.info(
-        "loaded dev and schnell from %s (%s) in %.1fs",
+        "loaded %s from %s (%s) in %.1fs",
+        " and ".join(MODELS),
         root,
         str(dtype).removeprefix("torch."),
         time.perf_counter() - started,

@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flux_day.errors import InputError
-from flux_day.models import MODELS
+from flux_day.model_specs import MODELS
 from flux_day.outputs import OUTPUT_FORMATS
 from flux_day.sizes import ASPECT_RATIOS, CUSTOM, MEGAPIXEL_SIDE_SCALE, aspect_ratio_size
 from flux_day.sizes import custom_size as round_custom_size

@@ -42,7 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flux_day.sizes import ASPECT_RATIOS  # noqa: E402  (pure Python: keeps --help fast)
+from flux_day.model_specs import MODELS  # noqa: E402  (pure Python: keeps --help fast)
+from flux_day.sizes import ASPECT_RATIOS  # noqa: E402
 
 
 def timed(function: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -171,12 +172,8 @@ FLUX_VAE: dict[str, Any] = {
     "use_quant_conv": False,
     "use_post_quant_conv": False,
 }
-_SHIFT_RANGE = {"base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
-FLUX_SCHEDULERS: dict[str, dict[str, Any]] = {
-    "dev": {"shift": 3.0, "use_dynamic_shifting": True, **_SHIFT_RANGE},
-    "schnell": {"shift": 1.0, "use_dynamic_shifting": False, **_SHIFT_RANGE},
-}
-DEFAULT_STEPS = {"dev": 28, "schnell": 4}
+FLUX_SCHEDULERS: dict[str, dict[str, Any]] = {name: dict(spec.scheduler) for name, spec in MODELS.items()}
+DEFAULT_STEPS = {name: spec.default_steps for name, spec in MODELS.items()}
 # Seconds per 1024x1024 image with go_fast (fp8 transformer, compiled) on an H100/H200, default steps.
 TARGETS = {"dev": 2.0, "schnell": 0.45}
 FAST_PROMPT = "a red fox in the snow"
@@ -238,7 +235,6 @@ def fast_model(
     import torchao
     from torch._dynamo.utils import counters
 
-    from flux_day.models import MODELS
     from flux_day.sizes import aspect_ratio_size
 
     dtype = full.transformer.dtype
@@ -375,7 +371,6 @@ def fast(args: argparse.Namespace) -> None:
 
     from flux_day.config import Settings
     from flux_day.engine import Engine
-    from flux_day.models import MODELS
 
     logging.getLogger("flux_day").setLevel(logging.WARNING)
     diffusers_logging.set_verbosity_error()
@@ -442,7 +437,6 @@ def fast_random_full_size(args: argparse.Namespace) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     from flux_day.fast import Fp8Transformers
-    from flux_day.models import MODELS
 
     logging.getLogger("flux_day").setLevel(logging.WARNING)
     diffusers_logging.set_verbosity_error()

@@ -219,7 +219,7 @@ def speed(run: Run, model: str) -> None:
     from diffusers import FluxPipeline
 
     from flux_day.compile import CompiledTransformers
-    from flux_day.models import MODELS
+    from flux_day.model_specs import MODELS
 
     engine, scale, proof = run.engine, run.scale, run.proof
     steps, side = scale.steps[model], scale.side

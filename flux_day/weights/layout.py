@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEV_FOLDER = "FLUX.1-dev"
-SCHNELL_FOLDER = "FLUX.1-schnell"
+from flux_day.model_specs import MODELS, shared_spec
+
+DEV_FOLDER = MODELS["dev"].folder
+SCHNELL_FOLDER = MODELS["schnell"].folder
 SAFETY_CHECKER_FOLDER = "safety-checker"
 NSFW_CLASSIFIER_FOLDER = "nsfw-classifier"
 
 
 def has_base_models(root: Path) -> bool:
-    """True when both transformers and dev's shared components are present under `root`."""
-    return (root / DEV_FOLDER / "model_index.json").is_file() and (
-        root / SCHNELL_FOLDER / "transformer" / "config.json"
-    ).is_file()
+    """True when every model's transformer and the shared components are present under `root`."""
+    return (root / shared_spec().folder / "model_index.json").is_file() and all(
+        (root / spec.folder / "transformer" / "config.json").is_file() for spec in MODELS.values()
+    )

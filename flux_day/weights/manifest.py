@@ -17,12 +17,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Final
 
-from flux_day.weights.layout import (
-    DEV_FOLDER,
-    NSFW_CLASSIFIER_FOLDER,
-    SAFETY_CHECKER_FOLDER,
-    SCHNELL_FOLDER,
-)
+from flux_day.model_specs import MODELS, SHARED_COMPONENTS, ModelSpec
+from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
 
 # Pickle-based formats: never fetched, even if a pattern matches them.
 NEVER_FETCHED: Final = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
@@ -45,46 +41,31 @@ class Source:
         )
 
 
-_DEV_SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+def model_source(spec: ModelSpec) -> Source:
+    """The row of one FLUX.1 variant (`model_specs.MODELS`): the diffusers layout only, not the
+    single-file flux1-dev.safetensors / ae.safetensors at the repo root (the same weights again, 34 GB
+    more). dev's row brings the text encoders, tokenizers and VAE both models share; schnell's only
+    what differs. FLUX.1 [dev] is gated: HF_TOKEN must belong to an account that accepted its license.
+    """
+    weighted = ("transformer", *(c for c in SHARED_COMPONENTS if spec.ships_shared and "tokenizer" not in c))
+    tokenizers = tuple(c for c in SHARED_COMPONENTS if spec.ships_shared and "tokenizer" in c)
+    index = ("model_index.json",) if spec.ships_shared else ()
+    return Source(
+        folder=spec.folder,
+        repo_id=spec.repo_id,
+        revision=spec.revision,
+        allow=(*index, "scheduler/*", *(f"{sub}/*" for sub in (*weighted, *tokenizers))),
+        required=(
+            *index,
+            "scheduler/scheduler_config.json",
+            *(f"{sub}/{name}" for sub in weighted for name in ("config.json", "*.safetensors")),
+            *(f"{sub}/tokenizer_config.json" for sub in tokenizers),
+        ),
+    )
+
 
 MANIFEST: Final[tuple[Source, ...]] = (
-    # The diffusers layout only: not the single-file flux1-dev.safetensors / ae.safetensors at the root
-    # (the same weights again, 34 GB more). Gated: HF_TOKEN must belong to an account that accepted the
-    # FLUX.1 [dev] license. "main" because no commit of it is known to us here; the commit it resolved
-    # to is recorded in the folder's `.flux-day-source.json`. Pin it here once known.
-    Source(
-        folder=DEV_FOLDER,
-        repo_id="black-forest-labs/FLUX.1-dev",
-        revision="main",
-        allow=("model_index.json", "scheduler/*", *(f"{sub}/*" for sub in _DEV_SUBFOLDERS)),
-        required=(
-            "model_index.json",
-            "scheduler/scheduler_config.json",
-            "transformer/config.json",
-            "transformer/*.safetensors",
-            "vae/config.json",
-            "vae/*.safetensors",
-            "text_encoder/config.json",
-            "text_encoder/*.safetensors",
-            "text_encoder_2/config.json",
-            "text_encoder_2/*.safetensors",
-            "tokenizer/tokenizer_config.json",
-            "tokenizer_2/tokenizer_config.json",
-        ),
-    ),
-    # Only what differs from dev: text encoders, tokenizers and VAE are dev's, shared at load time.
-    # "main" for the same reason as dev.
-    Source(
-        folder=SCHNELL_FOLDER,
-        repo_id="black-forest-labs/FLUX.1-schnell",
-        revision="main",
-        allow=("transformer/*", "scheduler/*"),
-        required=(
-            "transformer/config.json",
-            "transformer/*.safetensors",
-            "scheduler/scheduler_config.json",
-        ),
-    ),
+    *(model_source(spec) for spec in MODELS.values()),
     # CompVis' checker and its CLIP image processor (preprocessor_config.json) from one repo. Its main
     # branch has shipped the weights as pytorch_model.bin (a pickle); refs/pr/41 is the pull request
     # that adds model.safetensors, the ref other projects fetch that file from. Not a commit: the

@@ -40,6 +40,8 @@ from transformers import (
     ViTImageProcessor,
 )
 
+from flux_day.model_specs import MODELS
+
 if TYPE_CHECKING:
     from flux_day.models import LoadedModels
     from flux_day.safety import SafetyFilter
@@ -81,12 +83,6 @@ _WORDS = (
     "woman",
     "man",
 )
-
-# FLUX.1's real scheduler configs (dev shifts its timesteps with the image size; schnell does not).
-SCHEDULERS: Final[dict[str, dict[str, object]]] = {
-    "dev": {"shift": 3.0, "use_dynamic_shifting": True},
-    "schnell": {"shift": 1.0, "use_dynamic_shifting": False},
-}
 
 
 @dataclass(frozen=True)
@@ -335,7 +331,8 @@ def build_models(
             clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
             clip, t5 = text_encoders(profile, clip_tok, t5_tok)
             transformers = {
-                model: transformer(profile, guidance_embeds=model == "dev").eval() for model in SCHEDULERS
+                name: transformer(profile, guidance_embeds=spec.guidance_embeds).eval()
+                for name, spec in MODELS.items()
             }
             shared = {
                 "vae": vae(profile).eval(),
@@ -347,6 +344,6 @@ def build_models(
             checker, checker_processor, classifier, classifier_processor = safety_models(profile)
     finally:
         torch.set_default_dtype(previous)
-    schedulers = {model: FlowMatchEulerDiscreteScheduler(**config) for model, config in SCHEDULERS.items()}
+    schedulers = {name: FlowMatchEulerDiscreteScheduler(**spec.scheduler) for name, spec in MODELS.items()}
     safety = SafetyFilter.from_modules(checker, checker_processor, classifier.eval(), classifier_processor)
     return LoadedModels(transformers, schedulers, shared), safety

@@ -13,15 +13,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from flux_day.weights.layout import (
-    DEV_FOLDER,
-    NSFW_CLASSIFIER_FOLDER,
-    SAFETY_CHECKER_FOLDER,
-    SCHNELL_FOLDER,
-)
+from flux_day.model_specs import MODELS
+from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
 from flux_day.weights.random_models import (
     PROFILES,
-    SCHEDULERS,
     clip_tokenizer,
     safety_models,
     t5_tokenizer,
@@ -54,25 +49,24 @@ def write_tiny_weights(root: Path, seed: int = 0, profile: str = "tiny") -> Path
         raise ValueError("the full-size profile is built in memory (the GPU proof), never written")
     clip, t5 = text_encoders(sizes, clip_tok, t5_tok)
     dev = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS["dev"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(**MODELS["dev"].scheduler),
         vae=vae(sizes),
         text_encoder=clip,
         tokenizer=clip_tok,
         text_encoder_2=t5,
         tokenizer_2=t5_tok,
-        transformer=transformer(sizes, guidance_embeds=True),
+        transformer=transformer(sizes, guidance_embeds=MODELS["dev"].guidance_embeds),
     )
     # Real FLUX checkpoints are bf16 on disk, and so are the tiny ones, so loading converts as it must;
     # the wide tree is float32, what the CPU engine computes in, as bf16 files are for a GPU.
     dev.to(sizes.disk_dtype)
-    dev.save_pretrained(root / DEV_FOLDER)
+    dev.save_pretrained(root / MODELS["dev"].folder)
 
     # schnell ships only what differs from dev; everything else is shared at load time.
     del dev  # a wide tree's dev pipeline is GBs: free it before schnell's transformer is made
-    schnell_transformer = transformer(sizes, guidance_embeds=False).to(sizes.disk_dtype)
-    schnell_transformer.save_pretrained(root / SCHNELL_FOLDER / "transformer")
-    FlowMatchEulerDiscreteScheduler(**SCHEDULERS["schnell"]).save_pretrained(
-        root / SCHNELL_FOLDER / "scheduler"
-    )
+    schnell_transformer = transformer(sizes, MODELS["schnell"].guidance_embeds).to(sizes.disk_dtype)
+    schnell = MODELS["schnell"]
+    schnell_transformer.save_pretrained(root / schnell.folder / "transformer")
+    FlowMatchEulerDiscreteScheduler(**schnell.scheduler).save_pretrained(root / schnell.folder / "scheduler")
     _write_safety_models(root)
     return root
