@@ -20,30 +20,30 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import torch
 from torch import nn
 
+from flux_day.errors import SettingsError
 from flux_day.sizes import ASPECT_RATIOS, MEGAPIXEL_SIDE_SCALE, SIZE_STEP, aspect_ratio_size
 
 log = logging.getLogger(__name__)
 
-OFF: Final = frozenset({"", "0", "off", "false", "no"})
-ON: Final = frozenset({"1", "on", "true", "yes"})
-
 
 def compile_backend(setting: str, device: torch.device) -> str | None:
-    """`FLUX_DAY_COMPILE` as a torch.compile backend, or None for no compilation."""
+    """`Settings.compile` ("auto", "off" or a backend name) as a torch.compile backend for `device`,
+    or None for no compilation; an unknown backend fails setup naming the setting."""
     if setting == "auto":
         return "inductor" if device.type == "cuda" else None
-    if setting in OFF:
+    if setting == "off":
         return None
-    if setting in ON:
-        return "inductor"
     known = {"inductor", *torch.compiler.list_backends(exclude_tags=())}
     if setting not in known:
-        raise ValueError(f"FLUX_DAY_COMPILE={setting!r} is not auto, 0, 1 or one of {sorted(known)}")
+        raise SettingsError(
+            f"FLUX_DAY_COMPILE={setting!r} is not a torch.compile backend; set auto, 0, 1 or one of "
+            f"{', '.join(sorted(known))}."
+        )
     return setting
 
 

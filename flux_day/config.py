@@ -1,17 +1,66 @@
-"""Settings read once from the environment: the contract of DESIGN.md that outside checks rely on."""
+"""Settings read once from the environment: the contract of DESIGN.md that outside checks rely on.
+
+Every `FLUX_DAY_*` value is parsed here and nowhere else; a value that cannot be read fails setup with
+one `SettingsError` sentence naming the variable and what it takes. Credentials are not settings:
+`credentials()` reads them once per request, so a rotated token is used without a restart.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from flux_day.errors import SettingsError
 
 _GB = 1000**3
+TRUE = frozenset({"1", "true", "yes", "on"})
+FALSE = frozenset({"", "0", "false", "no", "off"})
+Value = TypeVar("Value")
 
 
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = (env.get(name) or "").strip().lower()
+    if value not in TRUE | FALSE:
+        raise SettingsError(f"{name}={value!r} is not a flag; set it to 1 or 0 (or leave it unset).")
+    return value in TRUE
+
+
+def _parsed(
+    env: Mapping[str, str], name: str, default: Value, parse: Callable[[str], Value], what: str
+) -> Value:
+    """`env[name]` read by `parse`, `default` when unset or empty; otherwise one sentence saying why not."""
+    value = (env.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        parsed = parse(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or (isinstance(parsed, int | float) and parsed < 0):
+        raise SettingsError(f"{name}={value!r} is not {what}; set {what} (or leave it unset).")
+    return parsed
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Tokens for the services LoRAs and base weights come from; each goes only to its own host."""
+
+    replicate: str | None
+    civitai: str | None
+    hugging_face: str | None
+
+
+def credentials(env: Mapping[str, str] | None = None) -> Credentials:
+    """The tokens set now (read per request, not kept in `Settings`: never logged, rotatable)."""
+    env = os.environ if env is None else env
+    return Credentials(
+        replicate=env.get("REPLICATE_API_TOKEN") or None,
+        civitai=env.get("CIVITAI_API_TOKEN") or None,
+        hugging_face=env.get("HF_TOKEN") or None,
+    )
 
 
 @dataclass(frozen=True)
@@ -30,7 +79,7 @@ class Settings:
     replicate_url: str
     civitai_url: str
     hf_endpoint: str
-    compile: str  # "auto" (CUDA: inductor; CPU: off), "0", "1", or a torch.compile backend name
+    compile: str  # "auto" (CUDA: inductor; CPU: off), "off", or a torch.compile backend name
     compile_models: tuple[str, ...]  # transformers compiled at setup: "dev-fp8", "schnell-full", ...
     compile_cache: Path  # inductor's caches, so a restarted server does not build kernels again
     fp8_cache: Path | None  # go_fast's fp8 copies, so a restarted server does not quantize again
@@ -42,21 +91,23 @@ class Settings:
         weights = Path(env.get("FLUX_DAY_WEIGHTS") or "./weights")
         device = (env.get("FLUX_DAY_DEVICE") or "auto").strip().lower()
         if device not in {"auto", "cuda", "cpu"}:
-            raise ValueError(f"FLUX_DAY_DEVICE={device!r} is not one of auto, cuda, cpu")
+            raise SettingsError(f"FLUX_DAY_DEVICE={device!r} is not a device; set auto, cuda or cpu.")
         return cls(
             weights=weights,
             device=device,
-            offline=_flag(env.get("FLUX_DAY_OFFLINE")),
+            offline=_flag(env, "FLUX_DAY_OFFLINE"),
             lora_cache=Path(env.get("FLUX_DAY_LORA_CACHE") or weights / "lora-cache"),
-            lora_cache_bytes=int(env.get("FLUX_DAY_LORA_CACHE_BYTES") or 20 * _GB),
-            max_lora_bytes=int(env.get("FLUX_DAY_MAX_LORA_BYTES") or 2 * _GB),
-            min_lora_rate=int(env.get("FLUX_DAY_MIN_LORA_RATE") or 100_000),
-            lora_rate_window_s=float(env.get("FLUX_DAY_LORA_RATE_WINDOW") or 30),
-            allow_private_urls=_flag(env.get("FLUX_DAY_ALLOW_PRIVATE_URLS")),
+            lora_cache_bytes=_parsed(env, "FLUX_DAY_LORA_CACHE_BYTES", 20 * _GB, int, "a number of bytes"),
+            max_lora_bytes=_parsed(env, "FLUX_DAY_MAX_LORA_BYTES", 2 * _GB, int, "a number of bytes"),
+            min_lora_rate=_parsed(
+                env, "FLUX_DAY_MIN_LORA_RATE", 100_000, int, "a number of bytes per second"
+            ),
+            lora_rate_window_s=_parsed(env, "FLUX_DAY_LORA_RATE_WINDOW", 30.0, float, "a number of seconds"),
+            allow_private_urls=_flag(env, "FLUX_DAY_ALLOW_PRIVATE_URLS"),
             replicate_url=(env.get("FLUX_DAY_REPLICATE_URL") or "https://replicate.com").rstrip("/"),
             civitai_url=(env.get("FLUX_DAY_CIVITAI_URL") or "https://civitai.com").rstrip("/"),
             hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
-            compile=(env.get("FLUX_DAY_COMPILE") or "auto").strip().lower(),
+            compile=_compile(env.get("FLUX_DAY_COMPILE")),
             compile_models=_compile_models(env.get("FLUX_DAY_COMPILE_MODELS")),
             compile_cache=Path(env.get("FLUX_DAY_COMPILE_CACHE") or weights / "compile-cache"),
             fp8_cache=_optional_path(env.get("FLUX_DAY_FP8_CACHE"), weights / "fp8-cache"),
@@ -67,15 +118,26 @@ TRANSFORMERS = ("dev-full", "dev-fp8", "schnell-full", "schnell-fp8")
 DEFAULT_COMPILE_MODELS = ("dev-fp8", "schnell-fp8")  # go_fast: fp8 pays only together with compilation
 
 
+def _compile(value: str | None) -> str:
+    """`FLUX_DAY_COMPILE` as "auto", "off" or a backend name ("inductor" for 1/true/yes/on); whether
+    a named backend exists is checked when compiling (`compile.compile_backend`), which needs torch."""
+    setting = (value or "auto").strip().lower()
+    if setting in FALSE:
+        return "off"
+    if setting in TRUE:
+        return "inductor"
+    return setting
+
+
 def _compile_models(value: str | None) -> tuple[str, ...]:
     if value is None or not value.strip():
         return DEFAULT_COMPILE_MODELS
     names = tuple(dict.fromkeys(name.strip().lower() for name in value.split(",") if name.strip()))
     unknown = [name for name in names if name not in TRANSFORMERS]
     if unknown:
-        raise ValueError(
-            f"FLUX_DAY_COMPILE_MODELS={value!r} names {unknown[0]!r}; use a comma-separated list of "
-            f"{', '.join(TRANSFORMERS)}"
+        raise SettingsError(
+            f"FLUX_DAY_COMPILE_MODELS={value!r} names {unknown[0]!r}; set a comma-separated list of "
+            f"{', '.join(TRANSFORMERS)}."
         )
     return names
 

@@ -15,3 +15,7 @@ class WeightsError(FluxDayError):
 
 class ContentError(FluxDayError):
     """Every output was judged unsafe: the message says to try a different prompt."""
+
+
+class SettingsError(FluxDayError):
+    """A `FLUX_DAY_*` setting cannot be read: the message names the variable and what it takes."""

@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from flux_day.compile import CompiledTransformers, compile_backend, image_tokens, seed_sizes
 from flux_day.config import Settings
 from flux_day.engine import Engine
+from flux_day.errors import SettingsError
 from flux_day.request import GenerationRequest
 from tests import lora_files as lf
 
@@ -25,11 +26,15 @@ SMALL = {"prompt": "a fox", "num_inference_steps": 1, "seed": 1}
 
 def test_the_setting_is_off_on_cpu_by_default_and_inductor_on_cuda() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert compile_backend("auto", cpu) is None and compile_backend("auto", cuda) == "inductor"
-    assert compile_backend("0", cuda) is None and compile_backend("1", cpu) == "inductor"
-    assert compile_backend("aot_eager", cpu) == "aot_eager"
-    with pytest.raises(ValueError, match="FLUX_DAY_COMPILE='fastest'"):
-        compile_backend("fastest", cpu)
+
+    def backend(value: str, device: torch.device) -> str | None:
+        return compile_backend(Settings.from_env({"FLUX_DAY_COMPILE": value}).compile, device)
+
+    assert backend("auto", cpu) is None and backend("", cuda) == "inductor"
+    assert backend("0", cuda) is None and backend("off", cuda) is None and backend("1", cpu) == "inductor"
+    assert backend("aot_eager", cpu) == "aot_eager"
+    with pytest.raises(SettingsError, match=r"^FLUX_DAY_COMPILE='fastest' is not a torch.compile backend"):
+        backend("fastest", cpu)
 
 
 def test_the_seed_sizes_are_22_and_a_dozen_token_counts() -> None:

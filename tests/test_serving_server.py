@@ -155,6 +155,7 @@ def test_without_an_upload_url_outputs_are_data_uris(cog_server: CogServer) -> N
     [
         ("offline-without-weights", "Base weights are missing under"),
         ("broken-default-lora", "COG_WEIGHTS: "),
+        ("bad-setting", "FLUX_DAY_DEVICE='gpu' is not a device; set auto, cuda or cpu."),
     ],
 )
 def test_a_setup_failure_says_why_in_the_setup_logs(
@@ -163,6 +164,8 @@ def test_a_setup_failure_says_why_in_the_setup_logs(
     env = server_env(tiny_weights, tmp_path)
     if case == "offline-without-weights":
         env["FLUX_DAY_WEIGHTS"] = str(tmp_path / "empty")
+    elif case == "bad-setting":
+        env["FLUX_DAY_DEVICE"] = "gpu"
     else:
         (tmp_path / "junk.safetensors").write_bytes(b"not a LoRA")
         env["COG_WEIGHTS"] = str(tmp_path / "junk.safetensors")

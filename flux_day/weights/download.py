@@ -55,7 +55,7 @@ from huggingface_hub.errors import (
 )
 
 from flux_day import filelocks
-from flux_day.config import Settings
+from flux_day.config import Settings, credentials
 from flux_day.errors import WeightsError
 from flux_day.weights.manifest import MANIFEST, Source, folders
 
@@ -100,7 +100,7 @@ def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) ->
         return
     if settings.offline:
         raise WeightsError(offline_message(root, missing))
-    token = os.environ.get("HF_TOKEN") or False
+    token = credentials().hugging_face or False
     rows = folders(tuple(manifest))
     try:
         (root / STAGING).mkdir(parents=True, exist_ok=True)
