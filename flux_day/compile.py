@@ -89,7 +89,8 @@ class CompiledTransformers:
             transformer.forward = self._router(transformer)
             self.transformers.append(transformer)
         # One static graph per (transformer, token count) under one code object, plus slack for a
-        # graph dynamo splits; the dynamic graphs live under their own.
+        # graph dynamo splits; the dynamic graphs live under their own. (Dynamo's config: torch 2.13
+        # has no public setting for these limits; `torch.compiler.config` holds none.)
         limit = len(self.static_tokens) * max(1, len(self.transformers)) + 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(

@@ -361,7 +361,7 @@ def fast_model(
         print(f"peak GPU memory allocated while timing: {peak:.1f} GiB")
     del pipes, runs
     if args.compile:
-        torch._dynamo.reset()  # free the compiled graphs before the next model
+        torch.compiler.reset()  # free the compiled graphs before the next model
 
 
 def fast(args: argparse.Namespace) -> None:

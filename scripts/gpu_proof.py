@@ -16,7 +16,7 @@ skipped (and said so) when the time budget would run out:
    token counts; 989 TFLOP/s bf16, 1,979 fp8 dense on H100/H200);
 3. img2img and inpaint with go_fast at 0.25 MP;
 4. a full-coverage rank-16 LoRA switch, warm and cold, full precision and go_fast;
-5. compile time per size, and again after `torch._dynamo.reset()` with inductor's caches warm (what
+5. compile time per size, and again after `torch.compiler.reset()` with inductor's caches warm (what
    a restarted server pays);
 6. the same engine planned for an 80 GB card (the process capped to 80 GiB): plan, LoRA switches,
    schnell visiting;
@@ -282,7 +282,7 @@ def speed(run: Run, model: str) -> None:
     )
     report("go_fast (fp8 + compile)", timed(generate(True), scale.repeats, run.sync), "fp8")
     if model == "dev":
-        torch._dynamo.reset()
+        torch.compiler.reset()
         begun = time.perf_counter()
         generate(True)()
         proof.row(
