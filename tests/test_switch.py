@@ -15,7 +15,7 @@ from torch import nn
 import flux_day.fast
 from flux_day.config import Settings
 from flux_day.engine import Card, Engine
-from flux_day.loras import fuse
+from flux_day.loras import delta_math, fuse
 from flux_day.loras.formats import Delta
 from flux_day.loras.fuse import PristineStore, ScaledDelta, Slot, WeightFuser, inner_tensors
 from flux_day.memory_plan import module_bytes, plan_memory, pristine_site
@@ -59,7 +59,7 @@ def test_a_switch_writes_each_weight_whose_content_changes_once_and_nothing_else
 def test_the_one_pass_fuse_is_the_float32_math_rounded_once_in_chunks_too(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fuse, "CHUNK_ROWS", 3)  # 8 rows: chunks of 3, 3 and 2
+    monkeypatch.setattr(delta_math, "CHUNK_ROWS", 3)  # 8 rows: chunks of 3, 3 and 2
     linear = nn.Linear(16, 8).to(dtype)
     pristine = linear.weight.detach().clone()
     a, b = delta(1), delta(2, rank=3)
@@ -104,7 +104,10 @@ def test_an_fp8_slot_is_quantize_of_the_master_pristine_plus_the_lora_and_never_
     copy.weight.data.copy_(before_master)
     WeightFuser().apply({copy.weight: [ScaledDelta("a", lora, 1.5)]})
     torch.testing.assert_close(
-        copy.weight.double(), before_master.double() + 0.75 * (lora.up.double() @ lora.down.double())
+        copy.weight.double(),
+        before_master.double() + 0.75 * (lora.up.double() @ lora.down.double()),
+        rtol=0,
+        atol=1e-5,
     )
     expected = inner_tensors(quantized_weight(copy.weight.detach(), config))
     now = inner_tensors(fp8.weight)

@@ -35,14 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flux_day.loras.formats import Delta
-from flux_day.memory_plan import MemoryPlan, pristine_site
+from flux_day.loras.delta_math import ScaledDelta, fused_weight, inner_tensors
+from flux_day.loras.pristine import PristineStore
 
 log = logging.getLogger(__name__)
-
-# Rows of a non-float32 weight fused per step through a float32 scratch: the math stays in float32 with
-# one rounding at the end, and the scratch stays at 4096 rows (48 MB at FLUX's widest input, 15360).
-CHUNK_ROWS = 4096
 
 Content = tuple[tuple[str, float], ...]  # (LoRA digest, scale) pairs fused into a weight, sorted
 DIRTY: Content = (("<being written>", float("nan")),)  # a write under way: restored on any failure
@@ -55,24 +51,6 @@ class UnrepresentableWeight(ArithmeticError):
         super().__init__(f"a fused {param.dtype} parameter is not finite")
         self.param = param
         self.orders = orders  # the `order` of each delta summed into it (which LoRAs)
-
-
-@dataclass(frozen=True)
-class ScaledDelta:
-    """One LoRA's delta for one weight, and the user's scale for that LoRA."""
-
-    order: str  # sort key that makes the sum independent of which input named the LoRA
-    delta: Delta
-    scale: float
-
-
-def inner_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The plain tensors a tensor subclass (a torchao fp8 weight: `qdata`, `scale`) is made of, or the
-    weight itself under the key ""."""
-    if hasattr(weight, "__tensor_flatten__"):
-        names, _ = weight.__tensor_flatten__()
-        return {name: getattr(weight, name) for name in names}
-    return {"": weight}
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,54 +68,6 @@ class Slot:
     quantize: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
 
-def fused_weight(pristine: torch.Tensor, parts: Sequence[ScaledDelta], out: torch.Tensor) -> torch.Tensor:
-    """Write `pristine + Σ part.scale · delta` into `out` (on `out`'s device, in `out`'s dtype): one
-    `addmm` for every low-rank delta at once; dense deltas (LyCORIS) are added after it.
-
-    `pristine` may live elsewhere (pinned host memory): it is brought over once. Float32 weights are
-    written directly; others go through a float32 scratch of `CHUNK_ROWS` rows, so the sum is
-    computed in float32 and rounded once.
-    """
-    device = out.device
-    ordered = sorted(parts, key=lambda part: (part.order, part.scale))
-    low_rank = [part for part in ordered if part.delta.down is not None]
-    dense = [part for part in ordered if part.delta.down is None]
-    source = pristine.to(device, non_blocking=True)
-    ups = downs = None
-    if low_rank:
-        # The scales go on the small `up` factors, never on an out x in product.
-        ups = torch.cat(
-            [p.delta.up.to(device, torch.float32) * (p.scale * p.delta.scale) for p in low_rank], dim=1
-        )
-        downs = torch.cat([p.delta.down.to(device, torch.float32) for p in low_rank], dim=0)
-    if out.dtype == torch.float32:
-        _fused_rows(source, ups, downs, dense, slice(None), out)
-        return out
-    for start in range(0, out.shape[0], CHUNK_ROWS):
-        rows = slice(start, start + CHUNK_ROWS)
-        scratch = torch.empty(source[rows].shape, dtype=torch.float32, device=device)
-        out[rows].copy_(_fused_rows(source[rows].to(torch.float32), ups, downs, dense, rows, scratch))
-    return out
-
-
-def _fused_rows(
-    source: torch.Tensor,
-    ups: torch.Tensor | None,
-    downs: torch.Tensor | None,
-    dense: Sequence[ScaledDelta],
-    rows: slice,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """`out = source + ups[rows] @ downs + Σ dense[rows]`, all float32, written once into `out`."""
-    if ups is not None and downs is not None:
-        torch.addmm(source, ups[rows], downs, out=out)
-    else:
-        out.copy_(source)
-    for part in dense:
-        out.add_(part.delta.up[rows].to(out.device, torch.float32), alpha=part.scale * part.delta.scale)
-    return out
-
-
 @dataclass(frozen=True)
 class FusedState:
     """What is fused now: each weight that differs from pristine (by slot name) and the LoRAs it holds,
@@ -149,46 +79,6 @@ class FusedState:
     @property
     def modules(self) -> frozenset[str]:
         return frozenset(self.content)
-
-
-class PristineStore:
-    """Where pristine copies live: on the weight's GPU while the memory plan's room for them lasts,
-    else in pinned host memory (restores then read them over PCIe; no arithmetic runs on the host).
-
-    `home` names a pristine copy that already exists elsewhere (an offloaded module's host copy,
-    which the residency keeps pristine), so no second copy is made for it.
-    """
-
-    def __init__(
-        self,
-        plan: MemoryPlan | None = None,
-        home: Callable[[torch.Tensor], torch.Tensor | None] = lambda tensor: None,
-    ) -> None:
-        self.plan = plan
-        self.home = home
-        self.bytes = {"device": 0, "host": 0}
-
-    def adopts(self, param: torch.Tensor) -> bool:
-        """Whether `param`'s own memory can become its pristine copy (a plain tensor on the CPU, where
-        pristine copies live beside the weights anyway) instead of a copy being made."""
-        return not param.is_cuda and not hasattr(param, "__tensor_flatten__") and param.is_contiguous()
-
-    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy of `tensor` that nothing else writes."""
-        tensor = tensor.detach()
-        nbytes = tensor.numel() * tensor.element_size()
-        if not tensor.is_cuda or self.plan is None:
-            site = "device"
-        else:
-            site = pristine_site(self.plan, self.bytes["device"], nbytes)
-        self.bytes[site] += nbytes
-        if site == "device":
-            return tensor.clone()
-        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
-
-    @property
-    def total(self) -> int:
-        return self.bytes["device"] + self.bytes["host"]
 
 
 class WeightFuser:

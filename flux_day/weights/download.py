@@ -1,5 +1,8 @@
 """Fetching the manifest's base weights from the Hugging Face Hub into the weights layout, verified.
 
+(About 320 lines: listing, locking, staging and moving a folder into place are one transaction; the
+checksums and the Hub's errors live beside it, in `checksums` and `hub_errors`.)
+
 `ensure_weights(settings)` leaves every folder of the manifest complete under `settings.weights`, or
 raises `WeightsError` saying what is wrong and how to fix it. A folder that is already there (all its
 `required` files present) is left alone and costs no request; with `settings.offline` a missing one is
@@ -29,11 +32,9 @@ origin only, never to the CDN its files redirect to. It is never logged nor put 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import time
@@ -43,20 +44,13 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-import httpx2
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 
 from flux_day import filelocks
 from flux_day.config import Settings, credentials
 from flux_day.errors import WeightsError
+from flux_day.weights.checksums import mismatch
+from flux_day.weights.hub_errors import RUN_AGAIN, hub_errors
 from flux_day.weights.manifest import MANIFEST, Source, folders
 
 log = logging.getLogger(__name__)
@@ -64,9 +58,6 @@ log = logging.getLogger(__name__)
 STAGING = ".flux-day-download"  # under the weights root: same filesystem, so the final rename is atomic
 SOURCE_RECORD = ".flux-day-source.json"  # written into each downloaded folder: repo, commit, checksums
 _HUB_CACHE = ".cache"  # huggingface_hub's bookkeeping inside a local_dir; not moved into place
-_CHUNK = 8 << 20
-_RUN_AGAIN = "run `python scripts/download_weights.py` again to resume"
-_SIGNED_QUERY = re.compile(r"(https?://[^\s?]+)\?[^\s)]*")
 
 
 @dataclass(frozen=True)
@@ -203,7 +194,7 @@ def _download_folder(
 
 def _plan(source: Source, endpoint: str, token: str | bool) -> Plan:
     """Resolve `source` on the Hub: its commit, and the files it fetches with their checksums."""
-    with _hub_errors(source, endpoint, token):
+    with hub_errors(source, endpoint, token):
         info = HfApi(endpoint=endpoint).model_info(
             source.repo_id, revision=source.revision, files_metadata=True, token=token
         )
@@ -246,7 +237,7 @@ def _download_file(plan: Plan, remote: RemoteFile, staging: Path, endpoint: str,
     the bytes downloaded."""
     local = staging.joinpath(*remote.path.split("/"))
     already_there = local.is_file()
-    with _hub_errors(plan.source, endpoint, token, remote.path):
+    with hub_errors(plan.source, endpoint, token, remote.path):
         hf_hub_download(
             plan.source.repo_id,
             remote.path,
@@ -261,18 +252,8 @@ def _download_file(plan: Plan, remote: RemoteFile, staging: Path, endpoint: str,
 
 def _verify(local: Path, remote: RemoteFile, plan: Plan) -> None:
     """Check `local` against the Hub's checksum; delete it and raise `WeightsError` if it differs."""
-    size = local.stat().st_size
-    if remote.size is not None and size != remote.size:
-        problem = f"it has {size} bytes, the Hub says {remote.size}"
-    elif remote.sha256:
-        actual = _sha256(local)
-        problem = "" if actual == remote.sha256 else f"sha256 {actual}, the Hub says {remote.sha256}"
-    elif remote.blob_id:
-        actual = _git_blob_sha1(local, size)
-        problem = "" if actual == remote.blob_id else f"git blob id {actual}, the Hub says {remote.blob_id}"
-    elif remote.size is not None:
-        problem = ""  # the Hub gave a size and no checksum: the size matched
-    else:
+    problem = mismatch(local, remote.size, remote.sha256, remote.blob_id)
+    if problem is None:
         local.unlink()
         raise WeightsError(
             f"The Hub reported no size or checksum for {remote.path} in {plan.source.repo_id}@{plan.commit}, "
@@ -282,25 +263,8 @@ def _verify(local: Path, remote: RemoteFile, plan: Plan) -> None:
         local.unlink()
         raise WeightsError(
             f"{plan.source.folder}/{remote.path} downloaded from {plan.source.repo_id}@{plan.commit} failed "
-            f"its checksum ({problem}); the file was deleted: {_RUN_AGAIN}."
+            f"its checksum ({problem}); the file was deleted: {RUN_AGAIN}."
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _git_blob_sha1(path: Path, size: int) -> str:
-    """The id git (and the Hub) gives a file's contents: sha1 of `blob <size>\\0` + the bytes."""
-    digest = hashlib.sha1(b"blob %d\0" % size)
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _prune(staging: Path, keep: set[str]) -> None:
@@ -347,53 +311,6 @@ def _move_into_place(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
-
-
-@contextmanager
-def _hub_errors(source: Source, endpoint: str, token: str | bool, path: str | None = None) -> Iterator[None]:
-    """Turn what the Hub client raises into a `WeightsError` that names the repo and the fix."""
-    what = f"{path} of {source.repo_id}" if path else f"the file list of {source.repo_id}"
-    where = f"{endpoint}/{source.repo_id}"
-    try:
-        yield
-    except GatedRepoError as error:
-        fix = (
-            f"the account of HF_TOKEN has no access: accept its license at {where}"
-            if token
-            else f"accept its license at {where} and set HF_TOKEN to a token of that account"
-        )
-        raise WeightsError(f"{source.repo_id} is gated: {fix}, then {_RUN_AGAIN}.") from error
-    except RepositoryNotFoundError as error:
-        raise WeightsError(
-            f"{endpoint} answered that {source.repo_id} does not exist or is private ({_token_fix(token)})."
-        ) from error
-    except RevisionNotFoundError as error:
-        raise WeightsError(
-            f"{source.repo_id} has no revision {source.revision!r} at {endpoint}; the manifest "
-            "(flux_day/weights/manifest.py) names it."
-        ) from error
-    except RemoteEntryNotFoundError as error:
-        raise WeightsError(f"{what} is listed but cannot be fetched (not found); {_RUN_AGAIN}.") from error
-    except OfflineModeIsEnabled as error:
-        raise WeightsError(
-            f"HF_HUB_OFFLINE is set, so {what} cannot be downloaded; unset it and {_RUN_AGAIN}."
-        ) from error
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            raise WeightsError(
-                f"{endpoint} refused {what} with HTTP {status} ({_token_fix(token)})."
-            ) from error
-        raise WeightsError(f"{endpoint} answered HTTP {status} for {what}; {_RUN_AGAIN}.") from error
-    except (httpx2.HTTPError, OSError) as error:
-        reason = _SIGNED_QUERY.sub(r"\1?…", str(error))  # CDN links are signed: keep the signature out
-        raise WeightsError(
-            f"Downloading {what} from {endpoint} failed ({type(error).__name__}: {reason}); {_RUN_AGAIN}."
-        ) from error
-
-
-def _token_fix(token: str | bool) -> str:
-    return "HF_TOKEN cannot read it" if token else "no HF_TOKEN was set; set one that can read it"
 
 
 def _human(size: int) -> str:

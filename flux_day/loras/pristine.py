@@ -1,0 +1,54 @@
+"""Where the pristine copies that undo a LoRA fuse live (a decision of the memory plan).
+
+On the GPU a copy stays on the device while the plan's room for pristine copies lasts, else it goes to
+pinned host memory (a restore then reads it over PCIe: no arithmetic runs on the host). On the CPU a
+weight's own memory becomes its pristine copy, and the fused weight gets fresh memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from flux_day.memory_plan import MemoryPlan, pristine_site
+
+
+class PristineStore:
+    """Where pristine copies live: on the weight's GPU while the memory plan's room for them lasts,
+    else in pinned host memory (restores then read them over PCIe; no arithmetic runs on the host).
+
+    `home` names a pristine copy that already exists elsewhere (an offloaded module's host copy,
+    which the residency keeps pristine), so no second copy is made for it.
+    """
+
+    def __init__(
+        self,
+        plan: MemoryPlan | None = None,
+        home: Callable[[torch.Tensor], torch.Tensor | None] = lambda tensor: None,
+    ) -> None:
+        self.plan = plan
+        self.home = home
+        self.bytes = {"device": 0, "host": 0}
+
+    def adopts(self, param: torch.Tensor) -> bool:
+        """Whether `param`'s own memory can become its pristine copy (a plain tensor on the CPU, where
+        pristine copies live beside the weights anyway) instead of a copy being made."""
+        return not param.is_cuda and not hasattr(param, "__tensor_flatten__") and param.is_contiguous()
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` that nothing else writes."""
+        tensor = tensor.detach()
+        nbytes = tensor.numel() * tensor.element_size()
+        if not tensor.is_cuda or self.plan is None:
+            site = "device"
+        else:
+            site = pristine_site(self.plan, self.bytes["device"], nbytes)
+        self.bytes[site] += nbytes
+        if site == "device":
+            return tensor.clone()
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+
+    @property
+    def total(self) -> int:
+        return self.bytes["device"] + self.bytes["host"]
