@@ -1,4 +1,4 @@
-"""Which loaded components live on the GPU and which wait in CPU RAM: a pure decision on byte counts.
+"""Which loaded components live on the GPU and which wait in host memory: a pure decision on bytes.
 
 Nothing here touches a device: the engine measures its modules with `module_bytes` (and the fp8
 copies it has not made yet with their expected size), asks `plan_memory` for a `MemoryPlan`, logs
@@ -6,6 +6,32 @@ copies it has not made yet with their expected size), asks `plan_memory` for a `
 move (`visit`) and where a LoRA's pristine copy goes (`pristine_site`) live here too, so the
 simulator (`memory_sim`) and the engine follow the same ones. Keeping the decision pure keeps it
 testable for any card without one.
+
+The GPU budget is `device_bytes - reserve_bytes`. Offloaded components share one swap slot, as big
+as the largest of them: the engine keeps at most one offloaded component on the GPU at a time
+(bring it in, run, send it back before the next one comes; keeping the last one until another is
+needed is fine), so peak use is resident + slot + reserve <= device, always.
+
+Rule 1, servability first: a component that fits the budget alone must stay runnable, so one goes
+resident only if the largest other non-resident runnable component still fits beside it. A server
+that can run every model slowly beats one that runs half of them fast; e.g. a full-precision
+transformer kept swappable is what lets go_fast=False still mean the original weights.
+
+Rule 2, then by how much each byte saves, walking `priorities` greedily (unknown names go last):
+CLIP, the VAE and the safety models (small, every request), the T5 (every request; last of the
+shared, it is large and runs once per request where a transformer runs every step), then dev's
+full-precision transformer (the default request: dev, go_fast off, must never wait for a move),
+dev's fp8 copy, then schnell's. An offloaded master is never written: go_fast LoRAs are computed
+from its pristine host copy on the GPU, layer by layer, into the fp8 copy that runs.
+
+Whatever GPU room is left after the resident set, the slot and the reserve is for LoRAs' pristine
+copies (`pristine_bytes`); copies beyond it go to pinned host memory.
+
+So (cards as torch reports them, 10 GiB reserve): 141 GB holds everything resident with ~57 GB
+for pristine copies; 80 GB keeps the encoders, VAE, dev in full precision and dev's fp8 copy
+resident and swaps schnell's two transformers through one 23.8 GB slot; 48 GB keeps the encoders
+and VAE and swaps every transformer; 24 GB keeps CLIP, the VAE and the safety models, swaps T5 and
+the fp8 transformers through one 11.9 GB slot, and the full-precision ones are cpu-only.
 """
 
 from __future__ import annotations
@@ -123,36 +149,9 @@ def plan_memory(
     reserve_bytes: int = DEFAULT_RESERVE,
     priorities: Sequence[str] = DEFAULT_PRIORITY,
 ) -> MemoryPlan:
-    """Place each component `resident` (on the GPU), `offloaded` (CPU RAM, swapped in when a request
-    needs it) or `cpu-only` (CPU RAM; bigger than the GPU can ever take beside the reserve). Nothing is
-    ever dropped: every component is held somewhere.
-
-    The GPU budget is `device_bytes - reserve_bytes`. Offloaded components share one swap slot, as big
-    as the largest of them: the engine keeps at most one offloaded component on the GPU at a time
-    (bring it in, run, send it back before the next one comes; keeping the last one until another is
-    needed is fine), so peak use is resident + slot + reserve <= device, always.
-
-    Rule 1, servability first: a component that fits the budget alone must stay runnable, so one goes
-    resident only if the largest other non-resident runnable component still fits beside it. A server
-    that can run every model slowly beats one that runs half of them fast; e.g. a bf16 transformer kept
-    swappable is what lets go_fast=False still mean the original bf16 weights.
-
-    Rule 2, then by how much each byte saves, walking `priorities` greedily (unknown names go last):
-    CLIP, the VAE and the safety models (small, every request), the T5 (every request; last of the
-    shared, it is large and runs once per request where a transformer runs every step), then dev's
-    full-precision transformer (the default request: dev, go_fast off, must never wait for a move),
-    dev's fp8 copy, then schnell's. An offloaded master is never written: go_fast LoRAs are computed
-    from its pristine host copy on the GPU, layer by layer, into the fp8 copy that runs.
-
-    Whatever GPU room is left after the resident set, the slot and the reserve is for LoRAs' pristine
-    copies (`pristine_bytes`); copies beyond it go to pinned host memory.
-
-    So (cards as torch reports them, 10 GiB reserve): 141 GB holds everything resident with ~57 GB
-    for pristine copies; 80 GB keeps the encoders, VAE, dev in full precision and dev's fp8 copy
-    resident and swaps schnell's two transformers through one 23.8 GB slot; 48 GB keeps the encoders
-    and VAE and swaps every transformer; 24 GB keeps CLIP, the VAE and the safety models, swaps T5 and
-    the fp8 transformers through one 11.9 GB slot, and the full-precision ones are cpu-only.
-    """
+    """Place each component `resident` (on the GPU), `offloaded` (host memory, brought in when a
+    request needs it) or `cpu-only` (bigger than the GPU can ever take beside the reserve), by the
+    rules of this module's docstring. Nothing is ever dropped: every component is held somewhere."""
     if any(size < 0 for size in components.values()):
         raise ValueError(f"component sizes must be >= 0: {dict(components)}")
     order = [n for n in dict.fromkeys(priorities) if n in components]

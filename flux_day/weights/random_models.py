@@ -19,72 +19,30 @@ Same profile and seed, same values.
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
-    ViTConfig,
-    ViTForImageClassification,
-    ViTImageProcessor,
 )
 
 from flux_day.model_specs import MODELS
+from flux_day.weights.random_safety import safety_models
+from flux_day.weights.random_tokenizers import clip_tokenizer, t5_tokenizer
 
 if TYPE_CHECKING:
     from flux_day.models import LoadedModels
     from flux_day.safety import SafetyFilter
 
+
 # Words the tokenizers know as whole pieces; everything else falls back to characters.
-_WORDS = (
-    "a",
-    "photo",
-    "of",
-    "the",
-    "an",
-    "in",
-    "on",
-    "with",
-    "and",
-    "red",
-    "blue",
-    "green",
-    "fox",
-    "cat",
-    "dog",
-    "tree",
-    "snow",
-    "city",
-    "night",
-    "day",
-    "portrait",
-    "painting",
-    "style",
-    "mountain",
-    "river",
-    "sky",
-    "sun",
-    "light",
-    "dark",
-    "house",
-    "car",
-    "person",
-    "woman",
-    "man",
-)
-
-
 @dataclass(frozen=True)
 class TreeProfile:
     """The sizes that distinguish one random tree from another (the architecture is always FLUX.1's)."""
@@ -139,38 +97,6 @@ PROFILES: Final[dict[str, TreeProfile]] = {
         safety="full",
     ),
 }
-
-
-def clip_tokenizer() -> CLIPTokenizer:
-    """A byte-level BPE like CLIP's: every byte as a piece (and with `</w>`), plus whole words."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_chars = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for piece in byte_chars + [c + "</w>" for c in byte_chars]:
-        vocab.setdefault(piece, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in _WORDS:
-        # Merge left to right: ("f", "o"), ("fo", "x</w>") builds "fox</w>" from its characters.
-        current = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            nxt = ch + ("</w>" if i == len(word) - 1 else "")
-            merge = (current, nxt)
-            current += nxt
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(current, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def t5_tokenizer() -> T5Tokenizer:
-    """A Unigram tokenizer like T5's sentencepiece: whole words first, then single characters."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(f"▁{w}", -3.0) for w in _WORDS]
-    pieces += [(c, -8.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def transformer_config(profile: TreeProfile, guidance_embeds: bool) -> dict[str, object]:
@@ -247,73 +173,6 @@ def text_encoders(
     return clip, t5
 
 
-def safety_models(
-    profile: TreeProfile,
-) -> tuple[StableDiffusionSafetyChecker, CLIPImageProcessor, ViTForImageClassification, ViTImageProcessor]:
-    """Stand-ins for the CompVis checker and Falconsai classifier that pass ordinary images.
-
-    The checker flags when cosine similarity exceeds a concept's threshold; thresholds of 1.0 are
-    never exceeded. The classifier's bias favours `normal`. Tests lower these to make them flag.
-    """
-    if profile.safety == "full":  # CLIP ViT-L/14 and ViT-base/16 at 224 pixels, as the real ones
-        vision = {
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_attention_heads": 16,
-            "num_hidden_layers": 24,
-            "image_size": 224,
-            "patch_size": 14,
-        }
-        classifier_vision = {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_attention_heads": 12,
-            "num_hidden_layers": 12,
-            "image_size": 224,
-            "patch_size": 16,
-        }
-        projection, pixels = 768, 224
-    else:
-        vision = {
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        }
-        classifier_vision, projection, pixels = vision, 32, 32
-    text = {
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "vocab_size": 100,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-    }
-    checker = StableDiffusionSafetyChecker(
-        CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
-    )
-    with torch.no_grad():
-        checker.concept_embeds_weights.fill_(1.0)
-        checker.special_care_embeds_weights.fill_(1.0)
-    checker_processor = CLIPImageProcessor(
-        size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels}
-    )
-    classifier = ViTForImageClassification(
-        ViTConfig(
-            **classifier_vision,
-            num_labels=2,
-            id2label={0: "normal", 1: "nsfw"},
-            label2id={"normal": 0, "nsfw": 1},
-        )
-    )
-    with torch.no_grad():
-        classifier.classifier.bias.copy_(torch.tensor([10.0, -10.0]))
-    return checker, checker_processor, classifier, ViTImageProcessor(size={"height": pixels, "width": pixels})
-
-
 def build_models(
     profile: TreeProfile, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> tuple[LoadedModels, SafetyFilter]:
@@ -341,7 +200,9 @@ def build_models(
                 "tokenizer": clip_tok,
                 "tokenizer_2": t5_tok,
             }
-            checker, checker_processor, classifier, classifier_processor = safety_models(profile)
+            checker, checker_processor, classifier, classifier_processor = safety_models(
+                profile.safety == "full"
+            )
     finally:
         torch.set_default_dtype(previous)
     schedulers = {name: FlowMatchEulerDiscreteScheduler(**spec.scheduler) for name, spec in MODELS.items()}

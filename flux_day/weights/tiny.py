@@ -15,19 +15,13 @@ from transformers.utils import logging as transformers_logging
 
 from flux_day.model_specs import MODELS
 from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
-from flux_day.weights.random_models import (
-    PROFILES,
-    clip_tokenizer,
-    safety_models,
-    t5_tokenizer,
-    text_encoders,
-    transformer,
-    vae,
-)
+from flux_day.weights.random_models import PROFILES, text_encoders, transformer, vae
+from flux_day.weights.random_safety import safety_models
+from flux_day.weights.random_tokenizers import clip_tokenizer, t5_tokenizer
 
 
 def _write_safety_models(root: Path) -> None:
-    checker, checker_processor, classifier, classifier_processor = safety_models(PROFILES["tiny"])
+    checker, checker_processor, classifier, classifier_processor = safety_models(full=False)
     checker.save_pretrained(root / SAFETY_CHECKER_FOLDER)
     checker_processor.save_pretrained(root / SAFETY_CHECKER_FOLDER)
     classifier.save_pretrained(root / NSFW_CLASSIFIER_FOLDER)
