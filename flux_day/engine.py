@@ -20,7 +20,7 @@ from torch import nn
 
 from flux_day.compile import CompiledTransformers, compile_backend, seed_sizes
 from flux_day.config import Settings
-from flux_day.errors import InputError, WeightsError
+from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.fast import Fp8Cache, Fp8Transformers
 from flux_day.loras.fuse import PristineStore
 from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest, LoraTargets
@@ -217,7 +217,7 @@ class Engine:
             log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
         transformer = transformer_component(request.model, fp8)
         if self.plan[transformer] == "cpu-only":
-            raise InputError(
+            raise CapacityError(
                 f"go_fast: {transformer} does not fit this GPU (see the memory plan in the setup log); "
                 f"set go_fast={'false' if fp8 else 'true'}."
             )
