@@ -17,7 +17,7 @@ from flux_day.errors import InputError, WeightsError
 from flux_day.loras import fuse
 from flux_day.loras.formats import Delta
 from flux_day.loras.fuse import ScaledDelta, UnrepresentableWeight, WeightFuser
-from flux_day.loras.manager import LoraRequest
+from flux_day.loras.refs import LoraRequest
 from flux_day.request import GenerationRequest
 from tests import lora_files as lf
 
@@ -38,7 +38,7 @@ def no_loras_after(engine: Engine):
 def activate(engine: Engine, *loras: tuple[str, bytes | str, float], model: str = "dev", go_fast=False):
     """Fuse (input name, file bytes or reference, scale) LoRAs the way a request does."""
     requests = [
-        LoraRequest(name, lf.data_uri(src) if isinstance(src, bytes) else src, scale)
+        LoraRequest.parse(name, lf.data_uri(src) if isinstance(src, bytes) else src, scale)
         for name, src, scale in loras
     ]
     engine.loras.activate(model, engine.lora_targets(model), requests, go_fast)
@@ -59,7 +59,8 @@ def linear_weights(engine: Engine) -> dict[str, torch.Tensor]:
 
 def image_bytes(engine: Engine, **inputs) -> bytes:
     buffer = io.BytesIO()
-    engine.generate(GenerationRequest.from_inputs(prompt="a fox", **SMALL, **inputs))[0].save(buffer, "PNG")
+    request = GenerationRequest.from_inputs(prompt="a fox", **SMALL, **inputs)
+    engine.generate(request.with_default_lora(engine.default_lora))[0].save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -426,10 +427,10 @@ def test_full_size_kohya_files_go_through_diffusers_and_agree_with_the_layout_ta
         kohya[f"lora_unet_{name}.lora_up.weight"] = torch.randn(rows, 2, generator=g)
         kohya[f"lora_unet_{name}.alpha"] = torch.tensor(1.0)
     with caplog.at_level("INFO", logger="flux_day.loras.formats"):
-        parsed = formats.read_lora(lf.to_bytes(kohya), "replicate_weights", index, "FLUX.1 [dev]")
+        parsed = formats.read_lora(lf.to_bytes(kohya), index, "FLUX.1 [dev]")
     assert "splitting by layout" not in caplog.text
     assert len(parsed.deltas) == 3 + 4
-    table = formats._deltas_from_groups(formats._group(kohya, "x"), index, "x", {})
+    table = formats._deltas_from_groups(formats._group(kohya), index, {})
     for module, delta in table.items():
         torch.testing.assert_close(
             parsed.deltas[module].matrix(torch.device("cpu")), delta.matrix(torch.device("cpu")), msg=module
