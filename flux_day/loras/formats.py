@@ -15,26 +15,23 @@ LoRA silently applied in part.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
-import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
 from flux_day.errors import LoraError
 from flux_day.loras.flux_layout import ModuleIndex, Target
 from flux_day.loras.full_updates import full_deltas, split_off_full_updates
 from flux_day.loras.lycoris import LYCORIS_ROLES, lycoris_delta
 from flux_day.loras.refusals import refuse_unsupported
+from flux_day.loras.safetensors_file import LoraSource, load_lora_file, lora_file_identity
 from flux_day.server_log import log as server_log
 
 log = logging.getLogger(__name__)
@@ -91,9 +88,10 @@ class LoraWeights:
         return frozenset(self.deltas) | frozenset(self.biases)
 
 
-def read_lora(data: bytes, index: ModuleIndex, model_label: str) -> LoraWeights:
-    """Parse safetensors bytes into deltas for the model `index` describes, or refuse them saying why."""
-    state_dict, metadata = load_safetensors_or_refuse(data)
+def read_lora(source: LoraSource, index: ModuleIndex, model_label: str) -> LoraWeights:
+    """Parse a safetensors LoRA (bytes or a file) into deltas for the model `index` describes, or refuse
+    it saying why."""
+    state_dict, metadata = load_lora_file(source)
     state_dict = refuse_unsupported(state_dict, index)
     state_dict, full = split_off_full_updates(state_dict)
     groups = _group(state_dict)
@@ -122,39 +120,8 @@ def read_lora(data: bytes, index: ModuleIndex, model_label: str) -> LoraWeights:
     deltas |= {module: Delta(update, None, 1.0) for module, update in full_weights.items()}
     biases = {module: Delta(update, None, 1.0) for module, update in full_biases.items()}
     _check_fit(deltas, biases, index, model_label)
-    return LoraWeights(deltas, biases, hashlib.sha256(data).hexdigest()[:16], layout, len(data))
-
-
-def load_safetensors_or_refuse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors only: a pickle is never opened, because unpickling downloaded data runs its code."""
-    try:
-        state_dict = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        # Only for the message: the bytes are never handed to anything that unpickles.
-        if data[:2] == b"PK" or data[:2] in {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}:
-            raise LoraError(
-                "the file is not a safetensors file but a PyTorch pickle (.pt/.ckpt/.bin), "
-                "which is never loaded because it can run code; give the LoRA as a .safetensors file."
-            ) from None
-        # The library's reason names its own internals (HeaderTooLarge, ...): logged, not shown.
-        server_log.info("safetensors refused a LoRA file: %s", str(error).splitlines()[:1])
-        raise LoraError(
-            "the file is not a safetensors file, or a damaged or incomplete one; give an "
-            "intact .safetensors LoRA."
-        ) from None
-    (header_size,) = struct.unpack("<Q", data[:8])
-    metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
-    bad = [key for key, value in state_dict.items() if not value.is_floating_point()]
-    if bad:
-        raise LoraError(f"tensor {bad[0]!r} is not floating point; this is not a LoRA file.")
-    # NaN or infinity in any factor would turn the fused weights, and every image, into NaN (black).
-    broken = next((key for key, value in state_dict.items() if not bool(value.isfinite().all())), None)
-    if broken is not None:
-        raise LoraError(
-            f"tensor {broken[:80]!r} holds NaN or infinite values (the training diverged or "
-            "the file is damaged); use another LoRA file."
-        )
-    return {key: value.to(torch.float32) for key, value in state_dict.items()}, metadata
+    digest, nbytes = lora_file_identity(source)
+    return LoraWeights(deltas, biases, digest, layout, nbytes)
 
 
 def _group(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

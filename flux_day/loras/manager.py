@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from flux_day.config import Settings
@@ -29,7 +28,7 @@ from flux_day.loras.archive import extract_lora, is_archive, is_safetensors
 from flux_day.loras.cache import LoraCache
 from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Fetcher
 from flux_day.loras.flux_layout import ModuleIndex
-from flux_day.loras.formats import LoraWeights, load_safetensors_or_refuse, read_lora
+from flux_day.loras.formats import LoraWeights, read_lora
 from flux_day.loras.fuse import (
     FusedState,
     PristineStore,
@@ -39,6 +38,7 @@ from flux_day.loras.fuse import (
     WeightFuser,
 )
 from flux_day.loras.refs import LoraRef, LoraRequest, decode_data_uri
+from flux_day.loras.safetensors_file import LoraSource, check_lora_file
 from flux_day.loras.sources import plan_file
 from flux_day.memory_plan import CLIP
 
@@ -185,9 +185,9 @@ class LoraManager:
         return self._indexes[model]
 
     @contextmanager
-    def _lora_file(self, ref: LoraRef) -> Iterator[bytes]:
-        """The LoRA file's bytes (archives unpacked), from the disk cache when downloaded. A cached file
-        the block refuses is discarded, so it is fetched afresh."""
+    def _lora_file(self, ref: LoraRef) -> Iterator[LoraSource]:
+        """The LoRA file of `ref` (archives unpacked): a data: URI's bytes, or a path, read-held in the
+        disk cache for the block. A cached file the block refuses is discarded, so it is fetched afresh."""
         if ref.kind == "local":  # only the operator's default LoRA is ever local
             yield _local_lora(Path(ref.location), self.settings)
             return
@@ -197,7 +197,7 @@ class LoraManager:
         cached: Path | None = None
         try:
             with self.cached_file(ref) as cached:
-                yield cached.read_bytes()
+                yield cached
         except LoraError:
             if cached is not None:  # refused once read; the cache's read lock is released by now
                 self.cache.discard(cached)
@@ -250,12 +250,9 @@ class LoraManager:
             partial.unlink()
             partial = Path(name)
         try:
-            with safe_open(partial, framework="pt"):
-                pass
-        except Exception:  # the header check failed: say why, as parsing the bytes would
-            data = partial.read_bytes()
-            partial.unlink()
-            load_safetensors_or_refuse(data)
+            check_lora_file(partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)
             raise
         return partial
 
@@ -288,15 +285,21 @@ def _unversioned(ref: LoraRef) -> bool:
     return ref.kind in {"replicate", "huggingface", "civitai"} and not ref.version
 
 
-def _local_lora(path: Path, settings: Settings) -> bytes:
-    """An operator's LoRA file (or the one LoRA in a folder, as `cog` passes weights), unpacked when it
-    is a .tar archive."""
+def _local_lora(path: Path, settings: Settings) -> LoraSource:
+    """An operator's LoRA file (or the one LoRA in a folder, as `cog` passes weights): its path, or the
+    LoRA unpacked from it when it is a .tar archive."""
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.tar"))
         path = files[0] if len(files) == 1 else path
     if not path.is_file():
         raise LoraError(f"{path} is not a file; point it at a .safetensors LoRA.")
-    return _unpacked(path.read_bytes(), settings)
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if is_safetensors(head) or not is_archive(path):
+        return path
+    target = io.BytesIO()
+    extract_lora(path, target, settings.max_lora_bytes)
+    return target.getvalue()
 
 
 def _unpacked(data: bytes, settings: Settings) -> bytes:
