@@ -8,6 +8,7 @@ written outside the cache whatever the archive says.
 
 from __future__ import annotations
 
+import io
 import shutil
 import tarfile
 from pathlib import Path, PurePosixPath
@@ -37,6 +38,21 @@ def is_archive(path_or_file: Path | BinaryIO) -> bool:
         return tarfile.is_tarfile(path_or_file)
     except OSError:
         return False
+
+
+def unpacked(source: Path | bytes, max_bytes: int) -> Path | bytes:
+    """`source` itself, or the LoRA inside it (in memory) when it is a .tar archive: for a data: URI or
+    the operator's own file, which are not in the LoRA cache."""
+    if isinstance(source, bytes):
+        head, archive = source[:9], io.BytesIO(source)
+    else:
+        with source.open("rb") as handle:
+            head, archive = handle.read(9), source
+    if is_safetensors(head) or not is_archive(archive):
+        return source
+    target = io.BytesIO()
+    extract_lora(archive, target, max_bytes)
+    return target.getvalue()
 
 
 def extract_lora(source: Path | BinaryIO, target: BinaryIO, max_bytes: int) -> str:

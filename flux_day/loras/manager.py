@@ -7,7 +7,6 @@ Everything that can fail (download, parse, fit) happens before any weight is tou
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tempfile
@@ -24,7 +23,7 @@ from torch import nn
 from flux_day.config import Settings
 from flux_day.errors import InputError, LoraError
 from flux_day.filelocks import LockTimeout
-from flux_day.loras.archive import extract_lora, is_archive, is_safetensors
+from flux_day.loras.archive import extract_lora, is_archive, is_safetensors, unpacked
 from flux_day.loras.cache import LoraCache
 from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Fetcher
 from flux_day.loras.flux_layout import ModuleIndex
@@ -189,10 +188,10 @@ class LoraManager:
         """The LoRA file of `ref` (archives unpacked): a data: URI's bytes, or a path, read-held in the
         disk cache for the block. A cached file the block refuses is discarded, so it is fetched afresh."""
         if ref.kind == "local":  # only the operator's default LoRA is ever local
-            yield _local_lora(Path(ref.location), self.settings)
+            yield unpacked(_local_lora(Path(ref.location)), self.settings.max_lora_bytes)
             return
         if ref.kind == "data":
-            yield _unpacked(decode_data_uri(ref, self.settings.max_lora_bytes), self.settings)
+            yield unpacked(decode_data_uri(ref, self.settings.max_lora_bytes), self.settings.max_lora_bytes)
             return
         cached: Path | None = None
         try:
@@ -285,27 +284,11 @@ def _unversioned(ref: LoraRef) -> bool:
     return ref.kind in {"replicate", "huggingface", "civitai"} and not ref.version
 
 
-def _local_lora(path: Path, settings: Settings) -> LoraSource:
-    """An operator's LoRA file (or the one LoRA in a folder, as `cog` passes weights): its path, or the
-    LoRA unpacked from it when it is a .tar archive."""
+def _local_lora(path: Path) -> Path:
+    """An operator's LoRA path: a file, or a folder holding one LoRA file (as `cog` passes weights)."""
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.tar"))
         path = files[0] if len(files) == 1 else path
     if not path.is_file():
         raise LoraError(f"{path} is not a file; point it at a .safetensors LoRA.")
-    with path.open("rb") as handle:
-        head = handle.read(9)
-    if is_safetensors(head) or not is_archive(path):
-        return path
-    target = io.BytesIO()
-    extract_lora(path, target, settings.max_lora_bytes)
-    return target.getvalue()
-
-
-def _unpacked(data: bytes, settings: Settings) -> bytes:
-    """`data` itself, or the LoRA inside it when it is a .tar archive (in memory: data is small)."""
-    if is_safetensors(data[:9]) or not is_archive(io.BytesIO(data)):
-        return data
-    target = io.BytesIO()
-    extract_lora(io.BytesIO(data), target, settings.max_lora_bytes)
-    return target.getvalue()
+    return path
