@@ -182,7 +182,7 @@ class Predictor(BaseRunner):
                 lora_scale=lora_scale,
                 extra_lora=extra_lora,
                 extra_lora_scale=extra_lora_scale,
-            )
+            ).with_default_lora(self.engine.default_lora)
             metrics: dict[str, float] = {}
             images = self.engine.generate(request, metrics)
             for key, value in metrics.items():

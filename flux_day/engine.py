@@ -20,11 +20,11 @@ from torch import nn
 
 from flux_day.compile import CompiledTransformers, compile_backend, seed_sizes
 from flux_day.config import Settings
-from flux_day.errors import InputError, WeightsError
+from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.fast import Fp8Cache, Fp8Transformers
 from flux_day.loras.fuse import PristineStore
-from flux_day.loras.manager import DEFAULT_LORA_INPUT, LoraManager, LoraRequest, LoraTargets
-from flux_day.loras.refs import parse_ref
+from flux_day.loras.manager import LoraManager, LoraTargets
+from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
 from flux_day.memory_plan import (
     CLIP,
     DEFAULT_RESERVE,
@@ -100,13 +100,14 @@ class Engine:
         )
         self.loras = LoraManager(settings, PristineStore(self.plan, self.residency.home))
         self.residency.on_leave = self.loras.fuser.forget
-        self.default_lora = default_lora or None
+        self.default_lora = default_lora or None  # requests add it: `GenerationRequest.with_default_lora`
         self.steps_done = 0  # denoising steps of the current request so far
         self.compiled = self._compile(progress)
         if self.default_lora:
             # Read it now, so a broken default fails setup rather than every prediction.
             try:
-                self.loras.weights(self._default_lora(1.0), "dev", self._targets("dev", fp8=False).components)
+                default = LoraRequest.operator_default(self.default_lora, 1.0)
+                self.loras.weights(default, "dev", self._targets("dev", fp8=False).components)
             except InputError as error:
                 raise WeightsError(str(error)) from None
 
@@ -218,11 +219,11 @@ class Engine:
             log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
         transformer = transformer_component(request.model, fp8)
         if self.plan[transformer] == "cpu-only":
-            raise InputError(
+            raise CapacityError(
                 f"go_fast: {transformer} does not fit this GPU (see the memory plan in the setup log); "
                 f"set go_fast={'false' if fp8 else 'true'}."
             )
-        loras = self.lora_requests(request)
+        loras = request.loras
         self.steps_done = 0
         try:
             images = self._run(request, loras, fp8, transformer, metrics)
@@ -266,7 +267,7 @@ class Engine:
     def _run(
         self,
         request: GenerationRequest,
-        loras: list[LoraRequest],
+        loras: tuple[LoraRequest, ...],
         fp8: bool,
         transformer: str,
         metrics: dict[str, float],
@@ -306,10 +307,10 @@ class Engine:
         self.loras.release()
 
     @staticmethod
-    def _shown(loras: list[LoraRequest]) -> list[str] | str:
+    def _shown(loras: tuple[LoraRequest, ...]) -> list[str] | str:
         """LoRAs as a log may show them: no query strings, tokens or data URI bodies."""
         shown = [
-            f"{lora.input_name}={parse_ref(lora.input_name, lora.source).shown}x{lora.scale:g}"
+            f"{lora.input_name}={lora.ref.shown}x{lora.scale:g}"
             for lora in loras
             if lora.input_name != DEFAULT_LORA_INPUT
         ]
@@ -338,16 +339,6 @@ class Engine:
         """diffusers' per-step hook: counts steps, so a cancel's log line says where it stopped."""
         self.steps_done += 1
         return tensors
-
-    def lora_requests(self, request: GenerationRequest) -> list[LoraRequest]:
-        """The LoRAs `request` asks for; the default LoRA stands in when replicate_weights is empty."""
-        loras = [LoraRequest(c.input_name, c.source, c.scale) for c in request.loras]
-        if self.default_lora and not any(c.input_name == "replicate_weights" for c in request.loras):
-            loras.insert(0, self._default_lora(request.lora_scale))
-        return loras
-
-    def _default_lora(self, scale: float) -> LoraRequest:
-        return LoraRequest(DEFAULT_LORA_INPUT, self.default_lora or "", scale)
 
     def lora_components(self, model: str) -> dict[str, nn.Module]:
         """The modules LoRA files name: this model's full-precision transformer and CLIP's encoder."""

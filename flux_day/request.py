@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flux_day.errors import InputError
+from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
 from flux_day.model_specs import MODELS
 from flux_day.outputs import OUTPUT_FORMATS
 from flux_day.sizes import ASPECT_RATIOS, CUSTOM, MEGAPIXEL_SIDE_SCALE, aspect_ratio_size
@@ -128,15 +129,6 @@ def _open_image(name: str, path: Any, mode: str) -> Image.Image:
 
 
 @dataclass(frozen=True)
-class LoraChoice:
-    """A LoRA named by the request (source as given) and the scale it is fused at."""
-
-    input_name: str
-    source: str
-    scale: float
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     """A checked request: what to generate, how, and how to save it."""
 
@@ -156,7 +148,7 @@ class GenerationRequest:
     output_quality: int
     disable_safety_checker: bool
     go_fast: bool
-    loras: tuple[LoraChoice, ...]
+    loras: tuple[LoraRequest, ...]  # parsed: a malformed reference never gets past `from_inputs`
     lora_scale: float  # also the scale of the default LoRA (COG_WEIGHTS) when replicate_weights is empty
     custom_size: bool  # aspect_ratio=custom: the schema promises these run in bf16, even with go_fast
 
@@ -164,6 +156,16 @@ class GenerationRequest:
     def seeds(self) -> list[int]:
         """Output i uses seed + i, so any one image can be reproduced alone."""
         return [self.seed + i for i in range(self.num_outputs)]
+
+    def with_default_lora(self, source: str | None) -> GenerationRequest:
+        """This request with the operator's default LoRA (`COG_WEIGHTS`, or `setup(weights=...)`) first,
+        at `lora_scale`, when `replicate_weights` is empty: how a trained model ships its style.
+        The default is the operator's, not an input, so it is not part of the schema's `from_inputs`."""
+        names = {lora.input_name for lora in self.loras}
+        if not source or names & {"replicate_weights", DEFAULT_LORA_INPUT}:
+            return self
+        default = LoraRequest.operator_default(source, self.lora_scale)
+        return replace(self, loras=(default, *self.loras))
 
     @classmethod
     def from_inputs(
@@ -210,7 +212,7 @@ class GenerationRequest:
         guidance = _bounded("guidance_scale", guidance_scale)
         output_format = _choice("output_format", output_format)
         quality = _bounded("output_quality", output_quality)
-        loras = _lora_choices(replicate_weights, lora_scale, extra_lora, extra_lora_scale)
+        loras = _lora_requests(replicate_weights, lora_scale, extra_lora, extra_lora_scale)
 
         if mask is not None and image is None:
             raise InputError(
@@ -291,9 +293,10 @@ def _fit_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
     return mask.resize(image.size, Image.Resampling.NEAREST)
 
 
-def _lora_choices(
+def _lora_requests(
     replicate_weights: Any, lora_scale: Any, extra_lora: Any, extra_lora_scale: Any
-) -> tuple[LoraChoice, ...]:
+) -> tuple[LoraRequest, ...]:
+    """The LoRAs the request names, each reference parsed now (a malformed one is refused by name)."""
     named = (
         (
             "replicate_weights",
@@ -306,4 +309,4 @@ def _lora_choices(
             _bounded("extra_lora_scale", extra_lora_scale),
         ),
     )
-    return tuple(LoraChoice(name, source, scale) for name, source, scale in named if source)
+    return tuple(LoraRequest.parse(name, source, scale) for name, source, scale in named if source)

@@ -53,7 +53,9 @@ def lora_state_dict(linears: dict, rank: int, seed: int) -> dict:
 def use_in_memory_loras(engine, state_dicts: dict, reads: dict | None = None) -> dict:
     """Give `engine` a LoRA manager whose transfer is a dict lookup (a cache miss then costs exactly
     what `activate` does once the bytes have arrived), and return a request per LoRA label."""
-    from flux_day.loras.manager import LoraManager, LoraRequest
+    from contextlib import contextmanager
+
+    from flux_day.loras.manager import LoraManager, LoraRef, LoraRequest
     from tests.lora_files import data_uri, to_bytes
 
     blobs = {label: to_bytes(state) for label, state in state_dicts.items()}
@@ -61,14 +63,17 @@ def use_in_memory_loras(engine, state_dicts: dict, reads: dict | None = None) ->
     counts = reads if reads is not None else {"cold": 0}
 
     class InMemoryLoraManager(LoraManager):
-        def _read(self, lora: LoraRequest) -> tuple[bytes, None]:
+        @contextmanager
+        def _lora_file(self, ref: LoraRef):
             counts["cold"] += 1
-            return by_source[lora.source], None
+            yield by_source[ref.location]
 
     engine.release_loras()
     engine.loras = InMemoryLoraManager(engine.settings, engine.loras.fuser.store)
     engine.residency.on_leave = engine.loras.fuser.forget
-    return {label: [LoraRequest("replicate_weights", data_uri(blob), 1.0)] for label, blob in blobs.items()}
+    return {
+        label: [LoraRequest.parse("replicate_weights", data_uri(blob), 1.0)] for label, blob in blobs.items()
+    }
 
 
 def _table(title: str, rows: dict[str, list[float]], memory: dict[str, str], baseline: str) -> None:

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from flux_day.config import Settings
-from flux_day.engine import Engine
-from flux_day.errors import WeightsError
+from flux_day.engine import Card, Engine
+from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.models import build_pipelines, load_models
 from flux_day.request import GenerationRequest
 
@@ -105,3 +105,16 @@ def test_missing_weights_offline_fail_setup_naming_the_folder_and_the_fix(tmp_pa
     settings = Settings.from_env({"FLUX_DAY_WEIGHTS": str(tmp_path / "empty"), "FLUX_DAY_OFFLINE": "1"})
     with pytest.raises(WeightsError, match=r"missing under .*empty.*FLUX\.1-dev/.*download_weights\.py"):
         Engine(settings)
+
+
+def test_a_transformer_the_gpu_cannot_hold_is_refused_as_capacity_not_input(tiny_weights: Path) -> None:
+    """A plan for a card too small for anything (every component cpu-only) refuses the request by its
+    go_fast setting; the request itself is valid, so the refusal is not an InputError."""
+    settings = Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"})
+    engine = Engine(settings, card=Card(total_bytes=1, reserve_bytes=0))
+    with pytest.raises(CapacityError) as raised:
+        engine.generate(GenerationRequest.from_inputs(prompt="a fox", go_fast=True))
+    assert str(raised.value) == (
+        "go_fast: dev-fp8 does not fit this GPU (see the memory plan in the setup log); set go_fast=false."
+    )
+    assert not isinstance(raised.value, InputError)

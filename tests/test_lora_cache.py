@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_day.errors import InputError
+from flux_day.errors import InputError, LoraError
 from flux_day.loras.archive import extract_lora
 from flux_day.loras.cache import LoraCache
 
@@ -116,7 +116,8 @@ def tar_bytes(members: dict[str, bytes], links: dict[str, tuple[str, bytes]] | N
 
 def extracted(data: bytes, max_bytes: int = 10**6) -> tuple[str, bytes]:
     target = io.BytesIO()
-    name = extract_lora(io.BytesIO(data), target, "replicate_weights", max_bytes)
+    with LoraError.for_input("replicate_weights"):
+        name = extract_lora(io.BytesIO(data), target, max_bytes)
     return name, target.getvalue()
 
 

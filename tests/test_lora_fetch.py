@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flux_day.config import Settings
-from flux_day.errors import InputError
+from flux_day.errors import InputError, LoraError
 from flux_day.loras.fetch import Fetcher
 from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRef, parse_ref
@@ -26,8 +26,9 @@ def manager(tmp_path: Path, **env: str) -> LoraManager:
     return LoraManager(Settings.from_env(base | env))
 
 
-def cached_bytes(loras: LoraManager, ref: LoraRef) -> bytes:
-    with loras.cached_file(ref) as path:
+def cached_bytes(loras: LoraManager, ref: LoraRef, input_name: str = "replicate_weights") -> bytes:
+    """The cached file of `ref` as read for `input_name` (which the manager's errors name)."""
+    with LoraError.for_input(input_name), loras.cached_file(ref) as path:
         return path.read_bytes()
 
 
@@ -36,7 +37,7 @@ def test_concurrent_requests_for_one_url_download_it_once(tmp_path: Path) -> Non
         url = files.slow("/a.safetensors", LORA, pieces=4, delay_s=0.05)
         loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1")
         got: list[bytes] = []
-        ref = parse_ref("replicate_weights", url)
+        ref = parse_ref(url)
         threads = [threading.Thread(target=lambda: got.append(cached_bytes(loras, ref))) for _ in range(3)]
         for thread in threads:
             thread.start()
@@ -52,13 +53,11 @@ def test_a_service_host_is_trusted_but_not_a_private_address_it_redirects_to(tmp
         services.replicate.add_model("o", "m", LORA, version="v1")
         settings = Settings.from_env(services.env() | {"FLUX_DAY_WEIGHTS": str(tmp_path)})
         with pytest.raises(InputError, match=r"^replicate_weights: .*private network address"):
-            cached_bytes(manager(tmp_path, **services.env()), parse_ref("replicate_weights", "o/m/v1"))
+            cached_bytes(manager(tmp_path, **services.env()), parse_ref("o/m/v1"))
         assert list((tmp_path / "lora-cache").glob("*")) == []
         # The service itself (on 127.0.0.1, as configured) was reached: it answered the redirect.
         weights = services.replicate.base + services.replicate.weights_path("o", "m", "v1")
-        with Fetcher(settings).open(
-            parse_ref("replicate_weights", "o/m/v1"), weights, follow=False
-        ) as answer:
+        with Fetcher(settings).open(parse_ref("o/m/v1"), weights, follow=False) as answer:
             assert answer.is_redirect
         assert services.replicate.api.hits[services.replicate.weights_path("o", "m", "v1")] == 2
 
@@ -73,7 +72,7 @@ def test_tokens_go_to_their_own_service_and_never_to_its_cdn(
         services.civitai.add_model(7, versions=[(70, {"style.safetensors": LORA})], token="civ_SECRET")
         loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1", **services.env())
         for source in ("o/m/v1", "civitai.com/models/7"):
-            assert cached_bytes(loras, parse_ref("extra_lora", source)) == LORA
+            assert cached_bytes(loras, parse_ref(source), "extra_lora") == LORA
         for request in services.cdn.requests:
             assert request.authorization is None, request.path
         sent = [r.authorization for r in services.replicate.api.requests + services.civitai.api.requests]
@@ -85,7 +84,7 @@ def test_hugging_face_files_are_pinned_to_the_listed_commit(tmp_path: Path) -> N
     with FakeServices() as services:
         commit = services.hf.add_repo("o/r", {"README.md": b"hi", "my_lora.safetensors": LORA})
         settings = Settings.from_env(services.env() | {"FLUX_DAY_WEIGHTS": str(tmp_path)})
-        plan = plan_file(parse_ref("replicate_weights", "huggingface.co/o/r"), settings, Fetcher(settings))
+        plan = plan_file(parse_ref("huggingface.co/o/r"), settings, Fetcher(settings))
         assert f"/resolve/{commit}/my_lora.safetensors" in plan.url
         assert plan.key == f"huggingface:o/r@{commit}/my_lora.safetensors"
 
@@ -98,9 +97,9 @@ def test_a_connection_that_lands_on_a_private_address_sends_nothing(
     with HttpFiles() as files:
         url = files.serve("/a.safetensors", LORA)
         with pytest.raises(InputError, match=r"^extra_lora: .*private network address"):
-            cached_bytes(manager(tmp_path), parse_ref("extra_lora", url))
+            cached_bytes(manager(tmp_path), parse_ref(url), "extra_lora")
         assert files.hits["/a.safetensors"] == 0
-        assert cached_bytes(manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1"), parse_ref("extra_lora", url))
+        assert cached_bytes(manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1"), parse_ref(url), "extra_lora")
 
 
 @pytest.mark.parametrize("stall", ["before the answer", "during the body"])
@@ -114,9 +113,7 @@ def test_a_host_that_stalls_gets_a_timeout_message(
         else:
             url = files.slow("/a.safetensors", LORA, pieces=3, delay_s=1.0)
         with pytest.raises(InputError, match=r"^replicate_weights: .*(did not answer|stalled).*0\.2 s"):
-            cached_bytes(
-                manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1"), parse_ref("replicate_weights", url)
-            )
+            cached_bytes(manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1"), parse_ref(url))
         assert [p for p in (tmp_path / "cache").iterdir()] == []
 
 
@@ -143,7 +140,7 @@ def test_a_gzip_encoded_download_is_checked_against_its_wire_length(tmp_path: Pa
         encoded = gzip.compress(LORA)
         url = files.add("/z.safetensors", Route(chunks=(encoded,), headers=(("Content-Encoding", "gzip"),)))
         loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1")
-        with loras.cached_file(parse_ref("replicate_weights", url)) as path:
+        with loras.cached_file(parse_ref(url)) as path:
             assert path.read_bytes() == LORA
         short = files.add(
             "/short.safetensors",
@@ -153,7 +150,8 @@ def test_a_gzip_encoded_download_is_checked_against_its_wire_length(tmp_path: Pa
         )
         with (
             pytest.raises(InputError, match=r"^replicate_weights: the download of .* broke off"),
-            loras.cached_file(parse_ref("replicate_weights", short)),
+            LoraError.for_input("replicate_weights"),
+            loras.cached_file(parse_ref(short)),
         ):
             pass
         assert list((tmp_path / "cache").glob(".partial-*")) == []

@@ -20,7 +20,8 @@ from flux_day.config import Settings
 from flux_day.errors import InputError
 from flux_day.loras import formats
 from flux_day.loras.flux_layout import ModuleIndex
-from flux_day.loras.manager import LoraManager, LoraRequest, LoraTargets
+from flux_day.loras.manager import LoraManager, LoraTargets
+from flux_day.loras.refs import LoraRequest
 from flux_day.weights.layout import DEV_FOLDER
 from flux_day.weights.tiny import write_tiny_weights
 from tests import lora_layouts as ll
@@ -60,7 +61,7 @@ def parameters(components: Components) -> dict[str, torch.Tensor]:
 
 def activate(deep: tuple[LoraManager, Components], *loras: tuple[str, bytes, float]) -> None:
     manager, components = deep
-    requests = [LoraRequest(name, data_uri(data), scale) for name, data, scale in loras]
+    requests = [LoraRequest.parse(name, data_uri(data), scale) for name, data, scale in loras]
     transformer = components["transformer"]
     targets = LoraTargets("dev-full", transformer, transformer, components["text_encoder"])
     manager.activate("dev", targets, requests)
@@ -242,7 +243,7 @@ def test_fal_files_at_flux_real_width_agree_with_diffusers_converter() -> None:
         fal[f"base_model.model.{name}.lora_B.weight"] = torch.randn(
             ll.bfl_out_features(full, name), 1, generator=g
         )
-    ours = formats.read_lora(to_bytes(fal), "replicate_weights", index, "FLUX.1 [dev]")
+    ours = formats.read_lora(to_bytes(fal), index, "FLUX.1 [dev]")
     theirs = _convert_fal_kontext_lora_to_diffusers({key: value.clone() for key, value in fal.items()})
     assert {key.removesuffix(".lora_A.weight") for key in theirs if key.endswith("lora_A.weight")} == set(
         ours.deltas

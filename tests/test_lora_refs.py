@@ -7,9 +7,9 @@ import base64
 import pytest
 
 from flux_day.config import Settings
-from flux_day.errors import InputError
+from flux_day.errors import InputError, LoraError
 from flux_day.loras.fetch import Fetcher
-from flux_day.loras.refs import decode_data_uri, parse_ref, shown_source
+from flux_day.loras.refs import LoraRequest, decode_data_uri, parse_ref, shown_source
 
 
 def test_urls_are_shown_without_credentials_query_or_fragment() -> None:
@@ -24,7 +24,7 @@ def test_urls_are_shown_without_credentials_query_or_fragment() -> None:
 )
 def test_unknown_reference_shapes_are_refused_listing_the_forms(source: str) -> None:
     with pytest.raises(InputError, match=r"^extra_lora: .* is not a LoRA reference; give a Replicate model"):
-        parse_ref("extra_lora", source)
+        LoraRequest.parse("extra_lora", source, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_unknown_reference_shapes_are_refused_listing_the_forms(source: str) -> 
     ],
 )
 def test_every_form_the_schema_promises_is_recognised(source, kind, parts, shown) -> None:
-    ref = parse_ref("replicate_weights", source)
+    ref = parse_ref(source)
     assert (ref.kind, (ref.owner, ref.name, ref.version, ref.path)) == (kind, parts)
     if shown is not None:
         assert ref.shown == shown
@@ -89,23 +89,30 @@ def test_every_form_the_schema_promises_is_recognised(source, kind, parts, shown
 def test_data_uris_decode_base64_with_line_breaks_and_percent_encoding() -> None:
     payload = base64.b64encode(b"\x00safetensors bytes\xff").decode()
     wrapped = payload[:8] + "\n" + payload[8:].replace("+", "%2B")
-    ref = parse_ref("replicate_weights", f"data:application/octet-stream;base64,{wrapped}")
+    ref = parse_ref(f"data:application/octet-stream;base64,{wrapped}")
     assert decode_data_uri(ref, 1000) == b"\x00safetensors bytes\xff"
 
 
 def test_data_uris_over_the_size_limit_or_malformed_are_refused() -> None:
-    big = parse_ref("replicate_weights", "data:;base64," + base64.b64encode(b"x" * 3000).decode())
+    def decoded(source: str) -> bytes:
+        with LoraError.for_input("replicate_weights"):
+            return decode_data_uri(parse_ref(source), 2000)
+
+    big = "data:;base64," + base64.b64encode(b"x" * 3000).decode()
     with pytest.raises(InputError, match=r"^replicate_weights: .*more than 2000 bytes"):
-        decode_data_uri(big, 2000)
+        decoded(big)
     with pytest.raises(InputError, match=r"^replicate_weights: .*not valid base64"):
-        decode_data_uri(parse_ref("replicate_weights", "data:;base64,@@@@"), 2000)
+        decoded("data:;base64,@@@@")
     with pytest.raises(InputError, match=r"^replicate_weights: .*malformed"):
-        decode_data_uri(parse_ref("replicate_weights", "data:no-comma"), 2000)
+        decoded("data:no-comma")
 
 
 def test_private_addresses_are_refused_unless_allowed() -> None:
     settings = Settings.from_env({})
     for url in ("http://127.0.0.1:9/a.safetensors?sig=SECRET", "http://10.0.0.1/a", "http://[::1]/a"):
-        with pytest.raises(InputError, match=r"^replicate_weights: .*private network address") as error:
-            Fetcher(settings).open(parse_ref("replicate_weights", url), url)
+        with (
+            pytest.raises(InputError, match=r"^replicate_weights: .*private network address") as error,
+            LoraError.for_input("replicate_weights"),
+        ):
+            Fetcher(settings).open(parse_ref(url), url)
         assert "SECRET" not in str(error.value)

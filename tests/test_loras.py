@@ -17,9 +17,11 @@ from flux_day.errors import InputError, WeightsError
 from flux_day.loras import fuse
 from flux_day.loras.formats import Delta
 from flux_day.loras.fuse import ScaledDelta, UnrepresentableWeight, WeightFuser
-from flux_day.loras.manager import LoraRequest
+from flux_day.loras.manager import LoraManager
+from flux_day.loras.refs import LoraRequest
 from flux_day.request import GenerationRequest
 from tests import lora_files as lf
+from tests.http_files import HttpFiles
 
 SMALL = {"num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 7}
 
@@ -38,7 +40,7 @@ def no_loras_after(engine: Engine):
 def activate(engine: Engine, *loras: tuple[str, bytes | str, float], model: str = "dev", go_fast=False):
     """Fuse (input name, file bytes or reference, scale) LoRAs the way a request does."""
     requests = [
-        LoraRequest(name, lf.data_uri(src) if isinstance(src, bytes) else src, scale)
+        LoraRequest.parse(name, lf.data_uri(src) if isinstance(src, bytes) else src, scale)
         for name, src, scale in loras
     ]
     engine.loras.activate(model, engine.lora_targets(model), requests, go_fast)
@@ -59,7 +61,8 @@ def linear_weights(engine: Engine) -> dict[str, torch.Tensor]:
 
 def image_bytes(engine: Engine, **inputs) -> bytes:
     buffer = io.BytesIO()
-    engine.generate(GenerationRequest.from_inputs(prompt="a fox", **SMALL, **inputs))[0].save(buffer, "PNG")
+    request = GenerationRequest.from_inputs(prompt="a fox", **SMALL, **inputs)
+    engine.generate(request.with_default_lora(engine.default_lora))[0].save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -426,11 +429,36 @@ def test_full_size_kohya_files_go_through_diffusers_and_agree_with_the_layout_ta
         kohya[f"lora_unet_{name}.lora_up.weight"] = torch.randn(rows, 2, generator=g)
         kohya[f"lora_unet_{name}.alpha"] = torch.tensor(1.0)
     with caplog.at_level("INFO", logger="flux_day.loras.formats"):
-        parsed = formats.read_lora(lf.to_bytes(kohya), "replicate_weights", index, "FLUX.1 [dev]")
+        parsed = formats.read_lora(lf.to_bytes(kohya), index, "FLUX.1 [dev]")
     assert "splitting by layout" not in caplog.text
     assert len(parsed.deltas) == 3 + 4
-    table = formats._deltas_from_groups(formats._group(kohya, "x"), index, "x", {})
+    table = formats._deltas_from_groups(formats._group(kohya), index, {})
     for module, delta in table.items():
         torch.testing.assert_close(
             parsed.deltas[module].matrix(torch.device("cpu")), delta.matrix(torch.device("cpu")), msg=module
         )
+
+
+def test_a_downloaded_lora_is_parsed_from_its_cache_file_as_its_bytes_are(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached file is read through safetensors from its path (a LoRA may be 2 GB), never into
+    Python bytes first, and gives what the same file's bytes give: tensors, PEFT metadata, digest."""
+    data = lf.to_bytes(*lf.peft(lf.random_lora(40, rank=4, alpha=2.0)))  # alpha/rank from the metadata
+    settings = Settings.from_env({"FLUX_DAY_WEIGHTS": str(tmp_path), "FLUX_DAY_ALLOW_PRIVATE_URLS": "1"})
+    manager, components = LoraManager(settings), engine.lora_components("dev")
+    from_bytes = manager.weights(LoraRequest.parse("extra_lora", lf.data_uri(data), 1), "dev", components)
+
+    def read_whole(path: Path) -> bytes:
+        raise AssertionError(f"{path.name} was read into memory whole")
+
+    monkeypatch.setattr(Path, "read_bytes", read_whole)
+    with HttpFiles() as files:
+        url = files.serve("/peft.safetensors", data)
+        from_file = manager.weights(LoraRequest.parse("replicate_weights", url, 1), "dev", components)
+    assert (from_file.digest, from_file.nbytes) == (from_bytes.digest, len(data))
+    assert from_file.deltas.keys() == from_bytes.deltas.keys() and from_file.deltas
+    for module, delta in from_file.deltas.items():
+        expected = from_bytes.deltas[module]
+        assert delta.scale == expected.scale == 0.5, module
+        assert torch.equal(delta.up, expected.up) and torch.equal(delta.down, expected.down), module

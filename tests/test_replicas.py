@@ -90,7 +90,7 @@ def image(server: CogServer, **inputs: Any) -> bytes:
 
 
 def cache_file(fleet: Fleet, url: str) -> Path:
-    return LoraCache(fleet.cache, BUDGET).path(parse_ref("replicate_weights", url).identity)
+    return LoraCache(fleet.cache, BUDGET).path(parse_ref(url).identity)
 
 
 def partials(fleet: Fleet) -> list[Path]:
@@ -184,7 +184,7 @@ def test_eviction_under_a_small_budget_never_breaks_a_reader(
     assert image(first, replicate_weights=urls["D"]) == expected["D"]
     held = cache_file(fleet, urls["D"])
     # Another process reads D (as a replica mid-read would): new LoRAs evict around it.
-    with LoraCache(fleet.cache, BUDGET).reading(parse_ref("replicate_weights", urls["D"]).identity) as path:
+    with LoraCache(fleet.cache, BUDGET).reading(parse_ref(urls["D"]).identity) as path:
         assert path == held
         assert image(second, replicate_weights=urls["E"]) == expected["E"]
         assert image(third, replicate_weights=urls["F"]) == expected["F"]

@@ -1,4 +1,4 @@
-"""Input checks that need no model: types, combinations and image files."""
+"""Input checks that need no model: types, combinations, image files and LoRA references."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flux_day.errors import InputError
+from flux_day.errors import InputError, LoraError
+from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
+from flux_day.serving import declared_inputs_only
+from predict import Predictor
 
 
 def test_defaults_are_txt2img_dev_1024_square() -> None:
@@ -75,3 +78,69 @@ def test_decompression_bombs_are_refused(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)
     with pytest.raises(InputError, match=r"image: the image has too many pixels"):
         GenerationRequest.from_inputs(prompt="x", image=tmp_path / "big.png")
+
+
+@pytest.mark.parametrize("name", ["replicate_weights", "extra_lora"])
+def test_a_malformed_lora_reference_is_refused_by_the_request_naming_its_input(name: str) -> None:
+    with pytest.raises(LoraError, match=rf"^{name}: 'not a lora' is not a LoRA reference; give a Replicate"):
+        GenerationRequest.from_inputs(prompt="x", **{name: "not a lora"})
+    scale = "lora_scale" if name == "replicate_weights" else "extra_lora_scale"
+    with pytest.raises(LoraError, match=rf"^{name}: '/etc/passwd' is not a LoRA reference"):  # even at 0
+        GenerationRequest.from_inputs(prompt="x", **{name: "/etc/passwd", scale: 0})
+
+
+def test_lora_references_are_carried_parsed_with_their_scales() -> None:
+    request = GenerationRequest.from_inputs(
+        prompt="x",
+        replicate_weights=" fofr/flux-pixar-cars ",
+        lora_scale=0.5,
+        extra_lora="civitai.com/models/7",
+    )
+    assert [(lora.input_name, lora.ref.kind, lora.ref.shown, lora.scale) for lora in request.loras] == [
+        ("replicate_weights", "replicate", "fofr/flux-pixar-cars", 0.5),
+        ("extra_lora", "civitai", "civitai.com/models/7", 1.0),
+    ]
+
+
+def test_the_operators_default_lora_stands_in_only_when_replicate_weights_is_empty(tmp_path: Path) -> None:
+    default = str(tmp_path / "trained")  # a local path: accepted from the operator, never from an input
+    plain = GenerationRequest.from_inputs(prompt="x", lora_scale=0.7, extra_lora="o/extra")
+    styled = plain.with_default_lora(default)
+    assert [(lora.input_name, lora.ref.kind, lora.scale) for lora in styled.loras] == [
+        ("COG_WEIGHTS", "local", 0.7),
+        ("extra_lora", "replicate", 1.0),
+    ]
+    assert styled.with_default_lora(default) is styled  # never added twice
+    given = GenerationRequest.from_inputs(prompt="x", replicate_weights="o/m")
+    assert given.with_default_lora(default) is given
+    assert plain.with_default_lora(None) is plain
+    with pytest.raises(LoraError, match=r"^replicate_weights: "):
+        GenerationRequest.from_inputs(prompt="x", replicate_weights=default)
+
+
+class RecordingEngine:
+    """Stands in for `Engine`: records the requests it is asked to generate, and generates nothing."""
+
+    def __init__(self, default_lora: str | None = None) -> None:
+        self.default_lora = default_lora
+        self.requests: list[GenerationRequest] = []
+
+    def generate(self, request: GenerationRequest, metrics: dict | None = None) -> list[Image.Image]:
+        self.requests.append(request)
+        return []
+
+
+def test_a_malformed_lora_reference_fails_the_prediction_before_the_engine_is_called(tmp_path: Path) -> None:
+    predictor = Predictor()
+    predictor.engine = RecordingEngine(default_lora="https://example.com/trained.tar")
+    predictor.outputs = OutputStore(tmp_path)
+    run = declared_inputs_only(predictor.run)  # fills omitted inputs with their defaults, as setup does
+    with pytest.raises(LoraError, match=r"^extra_lora: 'lora' is not a LoRA reference"):
+        run(prompt="a fox", extra_lora="lora")
+    assert predictor.engine.requests == []
+    assert run(prompt="a fox", extra_lora="o/m", extra_lora_scale=0.4) == []
+    (request,) = predictor.engine.requests
+    assert [(lora.input_name, lora.ref.shown, lora.scale) for lora in request.loras] == [
+        ("COG_WEIGHTS", "https://example.com/trained.tar", 1.0),
+        ("extra_lora", "o/m", 0.4),
+    ]

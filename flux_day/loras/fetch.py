@@ -26,7 +26,7 @@ import requests
 import urllib3
 
 from flux_day.config import Settings
-from flux_day.errors import InputError
+from flux_day.errors import LoraError
 from flux_day.loras.netguard import PrivateAddressError, PublicOnlyAdapter, caused_by, endpoint, is_public
 from flux_day.loras.refs import LoraRef, shown_source
 from flux_day.loras.transfer import HeaderSize, TransferRate
@@ -90,14 +90,13 @@ class Fetcher:
                 if caused_by(error, (PrivateAddressError,)):
                     raise self._private(ref, url) from None
                 if caused_by(error, TIMEOUTS):
-                    raise InputError(
-                        f"{ref.input_name}: {shown_source(url)} did not answer {ref.shown} within "
+                    raise LoraError(
+                        f"{shown_source(url)} did not answer {ref.shown} within "
                         f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
                     ) from None
                 server_log.info("could not reach %s: %s", shown_source(url), type(error).__name__)
-                raise InputError(
-                    f"{ref.input_name}: could not reach {shown_source(url)} for {ref.shown}; check the "
-                    "reference and try again."
+                raise LoraError(
+                    f"could not reach {shown_source(url)} for {ref.shown}; check the reference and try again."
                 ) from None
             if response.is_redirect and follow:
                 response.close()
@@ -105,9 +104,9 @@ class Fetcher:
                 continue
             if response.status_code != 200 and not (response.is_redirect and not follow):
                 response.close()
-                raise InputError(f"{ref.input_name}: {_status_message(response.status_code, ref, url)}")
+                raise LoraError(_status_message(response.status_code, ref, url))
             return response
-        raise InputError(f"{ref.input_name}: {ref.shown} redirects more than {MAX_REDIRECTS} times.")
+        raise LoraError(f"{ref.shown} redirects more than {MAX_REDIRECTS} times.")
 
     def json(self, ref: LoraRef, url: str, credential: Credential | None = None) -> Any:
         """The JSON body at `url` (a service API), or an error naming the input."""
@@ -115,9 +114,8 @@ class Fetcher:
             try:
                 return response.json()
             except ValueError:
-                raise InputError(
-                    f"{ref.input_name}: {shown_source(url)} did not answer with JSON for {ref.shown}; "
-                    "check the reference."
+                raise LoraError(
+                    f"{shown_source(url)} did not answer with JSON for {ref.shown}; check the reference."
                 ) from None
 
     def download(
@@ -139,31 +137,23 @@ class Fetcher:
                     written = self._stream(ref, response, handle, started)
                 received = response.raw.tell()
                 if declared.isdigit() and received != int(declared):
-                    raise InputError(
-                        f"{ref.input_name}: the download of {ref.shown} broke off after {received} of "
+                    raise LoraError(
+                        f"the download of {ref.shown} broke off after {received} of "
                         f"{declared} bytes; try again."
                     )
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
                 path.unlink(missing_ok=True)
                 if caused_by(error, TIMEOUTS):
-                    raise InputError(
-                        f"{ref.input_name}: the download of {ref.shown} stalled for more than "
+                    raise LoraError(
+                        f"the download of {ref.shown} stalled for more than "
                         f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
                     ) from None
                 server_log.info("download of %s broke off: %s", ref.shown, type(error).__name__)
-                raise InputError(
-                    f"{ref.input_name}: the download of {ref.shown} broke off before its end; try again."
-                ) from None
+                raise LoraError(f"the download of {ref.shown} broke off before its end; try again.") from None
             except BaseException:
                 path.unlink(missing_ok=True)
                 raise
-        log.info(
-            "downloaded %s for %s: %d bytes in %.1fs",
-            ref.shown,
-            ref.input_name,
-            written,
-            time.monotonic() - started,
-        )
+        log.info("downloaded %s: %d bytes in %.1fs", ref.shown, written, time.monotonic() - started)
         return path
 
     def _stream(self, ref: LoraRef, response: requests.Response, handle: BinaryIO, started: float) -> int:
@@ -182,24 +172,24 @@ class Fetcher:
             if written > limit:
                 raise self._too_big(ref)
             if max(declared.at_least, declared.total or 0) > limit:
-                raise InputError(
-                    f"{ref.input_name}: {ref.shown} is larger than {limit} bytes by its own header "
+                raise LoraError(
+                    f"{ref.shown} is larger than {limit} bytes by its own header "
                     f"({max(declared.at_least, declared.total or 0)} bytes), the LoRA size limit "
                     "(FLUX_DAY_MAX_LORA_BYTES)."
                 )
             if declared.total is not None and written > declared.total:
-                raise InputError(
-                    f"{ref.input_name}: {ref.shown} runs past the {declared.total} bytes its safetensors "
+                raise LoraError(
+                    f"{ref.shown} runs past the {declared.total} bytes its safetensors "
                     "header declares; the file is damaged or not a LoRA."
                 )
             if rate.too_slow(len(chunk)):
-                raise InputError(
-                    f"{ref.input_name}: downloading {ref.shown} slowed below {self.settings.min_lora_rate} "
+                raise LoraError(
+                    f"downloading {ref.shown} slowed below {self.settings.min_lora_rate} "
                     f"bytes/s (FLUX_DAY_MIN_LORA_RATE); the host is too slow: try again or use a faster host."
                 )
             if time.monotonic() - started > DOWNLOAD_DEADLINE_S:
-                raise InputError(
-                    f"{ref.input_name}: downloading {ref.shown} took longer than "
+                raise LoraError(
+                    f"downloading {ref.shown} took longer than "
                     f"{DOWNLOAD_DEADLINE_S} s; try again or use a faster host."
                 )
             handle.write(chunk)
@@ -208,32 +198,28 @@ class Fetcher:
                 next_report += PROGRESS_EVERY_BYTES
         return written
 
-    def _too_big(self, ref: LoraRef) -> InputError:
-        return InputError(
-            f"{ref.input_name}: {ref.shown} is larger than {self.settings.max_lora_bytes} bytes, the LoRA "
+    def _too_big(self, ref: LoraRef) -> LoraError:
+        return LoraError(
+            f"{ref.shown} is larger than {self.settings.max_lora_bytes} bytes, the LoRA "
             "size limit (FLUX_DAY_MAX_LORA_BYTES)."
         )
 
     def _check_destination(self, ref: LoraRef, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise InputError(f"{ref.input_name}: {shown_source(url)} is not an http(s) URL.")
+            raise LoraError(f"{shown_source(url)} is not an http(s) URL.")
         if self.settings.allow_private_urls or endpoint(parts) in self.trusted:
             return
         try:
             infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
         except OSError:
-            raise InputError(
-                f"{ref.input_name}: the host of {shown_source(url)} cannot be resolved."
-            ) from None
+            raise LoraError(f"the host of {shown_source(url)} cannot be resolved.") from None
         if not all(is_public(str(info[4][0])) for info in infos):
             raise self._private(ref, url)
 
     @staticmethod
-    def _private(ref: LoraRef, url: str) -> InputError:
-        return InputError(
-            f"{ref.input_name}: {shown_source(url)} points to a private network address; give a public URL."
-        )
+    def _private(ref: LoraRef, url: str) -> LoraError:
+        return LoraError(f"{shown_source(url)} points to a private network address; give a public URL.")
 
 
 def _status_message(status: int, ref: LoraRef, url: str) -> str:

@@ -15,26 +15,23 @@ LoRA silently applied in part.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
-import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
-from flux_day.errors import InputError
+from flux_day.errors import LoraError
 from flux_day.loras.flux_layout import ModuleIndex, Target
 from flux_day.loras.full_updates import full_deltas, split_off_full_updates
 from flux_day.loras.lycoris import LYCORIS_ROLES, lycoris_delta
 from flux_day.loras.refusals import refuse_unsupported
+from flux_day.loras.safetensors_file import LoraSource, load_lora_file, lora_file_identity
 from flux_day.server_log import log as server_log
 
 log = logging.getLogger(__name__)
@@ -91,92 +88,60 @@ class LoraWeights:
         return frozenset(self.deltas) | frozenset(self.biases)
 
 
-def read_lora(data: bytes, input_name: str, index: ModuleIndex, model_label: str) -> LoraWeights:
-    """Parse safetensors bytes into deltas for the model `index` describes, or refuse with the input named."""
-    state_dict, metadata = load_safetensors_or_refuse(data, input_name)
-    state_dict = refuse_unsupported(state_dict, index, input_name)
+def read_lora(source: LoraSource, index: ModuleIndex, model_label: str) -> LoraWeights:
+    """Parse a safetensors LoRA (bytes or a file) into deltas for the model `index` describes, or refuse
+    it saying why."""
+    state_dict, metadata = load_lora_file(source)
+    state_dict = refuse_unsupported(state_dict, index)
     state_dict, full = split_off_full_updates(state_dict)
-    groups = _group(state_dict, input_name)
+    groups = _group(state_dict)
     if not groups and not full:
-        raise InputError(f"{input_name}: the file holds no LoRA weights; give a FLUX LoRA .safetensors file.")
+        raise LoraError("the file holds no LoRA weights; give a FLUX LoRA .safetensors file.")
     both = sorted(module for module in full if "weight" in full[module] and module in groups)
     if both:
-        raise InputError(
-            f"{input_name}: module {both[0][:80]!r} has both low-rank factors and a full weight update "
+        raise LoraError(
+            f"module {both[0][:80]!r} has both low-rank factors and a full weight update "
             "(diff), which tools apply differently; give a LoRA with one of them per module."
         )
     modules = [*groups, *full]
     if any(role in LYCORIS_ROLES for roles in groups.values() for role in roles):
-        _refuse_unmatched(modules, index, input_name, model_label)
-        layout, deltas = "LyCORIS", _deltas_from_groups(groups, index, input_name, {})
+        _refuse_unmatched(modules, index, model_label)
+        layout, deltas = "LyCORIS", _deltas_from_groups(groups, index, {})
     elif any(".processor." in module for module in groups):
-        layout, deltas = "XLabs", _xlabs(state_dict, index, input_name, model_label)
+        layout, deltas = "XLabs", _xlabs(state_dict, index, model_label)
     elif any(module.startswith(KOHYA_PREFIXES) for module in groups):
-        _refuse_unmatched(modules, index, input_name, model_label)
-        layout, deltas = "kohya", _kohya(state_dict, groups, index, input_name)
+        _refuse_unmatched(modules, index, model_label)
+        layout, deltas = "kohya", _kohya(state_dict, groups, index)
     else:
-        _refuse_unmatched(modules, index, input_name, model_label)
+        _refuse_unmatched(modules, index, model_label)
         adapter = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-        layout, deltas = "by module name", _deltas_from_groups(groups, index, input_name, adapter)
-    full_weights, full_biases = full_deltas(full, index, input_name)
+        layout, deltas = "by module name", _deltas_from_groups(groups, index, adapter)
+    full_weights, full_biases = full_deltas(full, index)
     deltas |= {module: Delta(update, None, 1.0) for module, update in full_weights.items()}
     biases = {module: Delta(update, None, 1.0) for module, update in full_biases.items()}
-    _check_fit(deltas, biases, index, input_name, model_label)
-    return LoraWeights(deltas, biases, hashlib.sha256(data).hexdigest()[:16], layout, len(data))
+    _check_fit(deltas, biases, index, model_label)
+    digest, nbytes = lora_file_identity(source)
+    return LoraWeights(deltas, biases, digest, layout, nbytes)
 
 
-def load_safetensors_or_refuse(
-    data: bytes, input_name: str
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors only: a pickle is never opened, because unpickling downloaded data runs its code."""
-    try:
-        state_dict = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        # Only for the message: the bytes are never handed to anything that unpickles.
-        if data[:2] == b"PK" or data[:2] in {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}:
-            raise InputError(
-                f"{input_name}: the file is not a safetensors file but a PyTorch pickle (.pt/.ckpt/.bin), "
-                "which is never loaded because it can run code; give the LoRA as a .safetensors file."
-            ) from None
-        # The library's reason names its own internals (HeaderTooLarge, ...): logged, not shown.
-        server_log.info("safetensors refused %s: %s", input_name, str(error).splitlines()[:1])
-        raise InputError(
-            f"{input_name}: the file is not a safetensors file, or a damaged or incomplete one; give an "
-            "intact .safetensors LoRA."
-        ) from None
-    (header_size,) = struct.unpack("<Q", data[:8])
-    metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
-    bad = [key for key, value in state_dict.items() if not value.is_floating_point()]
-    if bad:
-        raise InputError(f"{input_name}: tensor {bad[0]!r} is not floating point; this is not a LoRA file.")
-    # NaN or infinity in any factor would turn the fused weights, and every image, into NaN (black).
-    broken = next((key for key, value in state_dict.items() if not bool(value.isfinite().all())), None)
-    if broken is not None:
-        raise InputError(
-            f"{input_name}: tensor {broken[:80]!r} holds NaN or infinite values (the training diverged or "
-            "the file is damaged); use another LoRA file."
-        )
-    return {key: value.to(torch.float32) for key, value in state_dict.items()}, metadata
-
-
-def _group(state_dict: dict[str, torch.Tensor], input_name: str) -> dict[str, dict[str, torch.Tensor]]:
+def _group(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in state_dict.items():
         suffix = next((s for s in ROLES if key.endswith(s)), None)
         if suffix is None:
-            raise InputError(
-                f"{input_name}: key {key[:80]!r} is not part of a LoRA (expected lora_A/lora_B, "
+            raise LoraError(
+                f"key {key[:80]!r} is not part of a LoRA (expected lora_A/lora_B, "
                 "lora_down/lora_up, alpha or LyCORIS factors); give a FLUX LoRA file."
             )
         groups[key.removesuffix(suffix)][ROLES[suffix]] = value
     return dict(groups)
 
 
-def _refuse_unmatched(modules: list[str], index: ModuleIndex, input_name: str, model_label: str) -> None:
+def _refuse_unmatched(modules: list[str], index: ModuleIndex, model_label: str) -> None:
     unmatched = [module for module in modules if index.resolve(module) is None]
     if unmatched:
-        raise InputError(
-            f"{input_name}: {len(modules) - len(unmatched)} of {len(modules)} modules in this LoRA match a "
+        raise LoraError(
+            f"{len(modules) - len(unmatched)} of {len(modules)} modules in this LoRA match a "
             f"module of {model_label} (first unmatched: {unmatched[0][:80]!r}); it is probably for another "
             "model, and is refused rather than applied in part."
         )
@@ -186,7 +151,6 @@ def _kohya(
     state_dict: dict[str, torch.Tensor],
     groups: dict[str, dict[str, torch.Tensor]],
     index: ModuleIndex,
-    input_name: str,
 ) -> dict[str, Delta]:
     """kohya names: diffusers' converter when it covers every module, else the layout table."""
     expected = {target.module for module in groups for target in index.resolve(module) or ()}
@@ -198,7 +162,7 @@ def _kohya(
     if not drops_alpha:
         try:
             converted, alphas = FluxLoraLoaderMixin.lora_state_dict(_copied(state_dict), return_alphas=True)
-            deltas = _deltas_from_converted(converted, alphas or {}, index, input_name)
+            deltas = _deltas_from_converted(converted, alphas or {}, index)
             if set(deltas) == expected:
                 return deltas
             log.info(
@@ -209,23 +173,20 @@ def _kohya(
         except Exception as error:  # any converter failure means: split by the layout table
             log.info("diffusers' converter could not read it; splitting by layout")
             server_log.info("diffusers' kohya converter failed: %s", type(error).__name__)
-    return _deltas_from_groups(groups, index, input_name, {})
+    return _deltas_from_groups(groups, index, {})
 
 
-def _xlabs(
-    state_dict: dict[str, torch.Tensor], index: ModuleIndex, input_name: str, model_label: str
-) -> dict[str, Delta]:
+def _xlabs(state_dict: dict[str, torch.Tensor], index: ModuleIndex, model_label: str) -> dict[str, Delta]:
     """XLabs' `processor.qkv_lora1`-style names, converted by diffusers (which splits by thirds)."""
     try:
         converted, alphas = FluxLoraLoaderMixin.lora_state_dict(_copied(state_dict), return_alphas=True)
     except Exception:  # the library's message names its internals; ours names the layout
-        raise InputError(
-            f"{input_name}: the file looks like an XLabs LoRA but cannot be read as one; give an intact "
-            "FLUX LoRA file."
+        raise LoraError(
+            "the file looks like an XLabs LoRA but cannot be read as one; give an intact FLUX LoRA file."
         ) from None
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in converted if ".lora_" in key})
-    _refuse_unmatched(modules, index, input_name, model_label)
-    return _deltas_from_converted(converted, alphas or {}, index, input_name)
+    _refuse_unmatched(modules, index, model_label)
+    return _deltas_from_converted(converted, alphas or {}, index)
 
 
 def _copied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -234,7 +195,7 @@ def _copied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _deltas_from_converted(
-    converted: dict[str, torch.Tensor], alphas: dict[str, Any], index: ModuleIndex, input_name: str
+    converted: dict[str, torch.Tensor], alphas: dict[str, Any], index: ModuleIndex
 ) -> dict[str, Delta]:
     """Deltas from diffusers' output (`<module>.lora_A.weight` / `.lora_B.weight`, PEFT naming)."""
     deltas: dict[str, Delta] = {}
@@ -248,7 +209,7 @@ def _deltas_from_converted(
             continue
         alpha = alphas.get(f"{module}.alpha")
         scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-        deltas.update(_split(up, down, scale, targets, input_name))
+        deltas.update(_split(up, down, scale, targets))
     return deltas
 
 
@@ -273,7 +234,7 @@ def _peft_scale(target: str, rank: int, adapter: dict[str, Any]) -> float:
 
 
 def _deltas_from_groups(
-    groups: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, input_name: str, adapter: dict[str, Any]
+    groups: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, adapter: dict[str, Any]
 ) -> dict[str, Delta]:
     """Deltas straight from the file's modules, split by `ModuleIndex`; alpha from `.alpha` keys, else
     from PEFT's adapter metadata."""
@@ -281,29 +242,27 @@ def _deltas_from_groups(
     for module, roles in groups.items():
         targets = index.resolve(module) or ()
         if any(role in LYCORIS_ROLES for role in roles):
-            dense = lycoris_delta(module, roles, input_name)
-            deltas.update(_split(dense, None, 1.0, targets, input_name))
+            dense = lycoris_delta(module, roles)
+            deltas.update(_split(dense, None, 1.0, targets))
             continue
         if "down" not in roles or "up" not in roles:
-            raise InputError(
-                f"{input_name}: module {module[:80]!r} lacks its down or up matrix; the file is incomplete."
-            )
+            raise LoraError(f"module {module[:80]!r} lacks its down or up matrix; the file is incomplete.")
         rank = roles["down"].shape[0]
         if "alpha" in roles:
             scale = roles["alpha"].item() / rank
         else:
             scale = _peft_scale(targets[0].module, rank, adapter) if targets else 1.0
-        deltas.update(_split(roles["up"], roles["down"], scale, targets, input_name))
+        deltas.update(_split(roles["up"], roles["down"], scale, targets))
     return deltas
 
 
 def _split(
-    up: torch.Tensor, down: torch.Tensor | None, scale: float, targets: tuple[Target, ...], input_name: str
+    up: torch.Tensor, down: torch.Tensor | None, scale: float, targets: tuple[Target, ...]
 ) -> dict[str, Delta]:
     """One delta per target: the rows of `up` that are that target's output (halves swapped if needed)."""
     if up.shape[0] != targets[-1].stop:
-        raise InputError(
-            f"{input_name}: the LoRA's update for {targets[0].module[:80]!r} has {up.shape[0]} output rows "
+        raise LoraError(
+            f"the LoRA's update for {targets[0].module[:80]!r} has {up.shape[0]} output rows "
             f"where the model has {targets[-1].stop}; it is probably for another model."
         )
     if targets[0].swap_halves:
@@ -313,7 +272,7 @@ def _split(
 
 
 def _check_fit(
-    deltas: dict[str, Delta], biases: dict[str, Delta], index: ModuleIndex, input_name: str, model_label: str
+    deltas: dict[str, Delta], biases: dict[str, Delta], index: ModuleIndex, model_label: str
 ) -> None:
     for module, delta in deltas.items():
         weight = index.weights.get(module)
@@ -321,16 +280,16 @@ def _check_fit(
         if weight is None or not rank_fits or tuple(weight.shape) != delta.shape:
             wanted = "x".join(map(str, weight.shape)) if weight is not None else "?"
             ranks = f" with ranks {delta.up.shape[1]}/{delta.down.shape[0]}" if delta.down is not None else ""
-            raise InputError(
-                f"{input_name}: the LoRA's update for {module[:80]!r} does not fit {model_label} (it is "
+            raise LoraError(
+                f"the LoRA's update for {module[:80]!r} does not fit {model_label} (it is "
                 f"{'x'.join(map(str, delta.shape))}{ranks}, the model's weight is {wanted}); "
                 "it is probably for another model."
             )
     for module, delta in biases.items():
         bias = index.biases.get(module)
         if bias is None or tuple(bias.shape) != delta.shape:
-            raise InputError(
-                f"{input_name}: the LoRA's bias update (diff_b) for {module[:80]!r} does not fit "
+            raise LoraError(
+                f"the LoRA's bias update (diff_b) for {module[:80]!r} does not fit "
                 f"{model_label} (the module {'has no bias' if bias is None else f'has {bias.shape[0]}'}); "
                 "it is probably for another model."
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_day.errors import InputError
+from flux_day.errors import LoraError
 from flux_day.loras.flux_layout import ModuleIndex, Target
 
 FULL_UPDATE_SUFFIXES = {".diff_b": "bias", ".diff": "weight"}  # ".diff_b" first: ".diff" is its prefix
@@ -31,7 +31,7 @@ def split_off_full_updates(
 
 
 def full_deltas(
-    full: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, input_name: str
+    full: dict[str, dict[str, torch.Tensor]], index: ModuleIndex
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """({target: weight update}, {target: bias update}), split over the targets of each module."""
     weights: dict[str, torch.Tensor] = {}
@@ -41,8 +41,8 @@ def full_deltas(
         for kind, update in updates.items():
             wanted_ndim = 2 if kind == "weight" else 1
             if update.ndim != wanted_ndim or update.shape[0] != targets[-1].stop:
-                raise InputError(
-                    f"{input_name}: the {kind} update of {module[:80]!r} has shape "
+                raise LoraError(
+                    f"the {kind} update of {module[:80]!r} has shape "
                     f"{'x'.join(map(str, update.shape))}, which does not fit the model's "
                     f"{targets[-1].stop} outputs; it is probably for another model."
                 )

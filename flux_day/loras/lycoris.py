@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_day.errors import InputError
+from flux_day.errors import LoraError
 
 LYCORIS_ROLES = (
     "lokr_w1",
@@ -29,11 +29,11 @@ LYCORIS_ROLES = (
 )
 
 
-def lycoris_delta(module: str, roles: dict[str, torch.Tensor], input_name: str) -> torch.Tensor:
+def lycoris_delta(module: str, roles: dict[str, torch.Tensor]) -> torch.Tensor:
     """The float32 update `roles` (a LoKr or LoHa module's tensors, plus `alpha`) encodes."""
     if any(role in roles for role in ("lokr_t2", "hada_t1", "hada_t2")):
-        raise InputError(
-            f"{input_name}: module {module[:80]!r} uses Tucker-decomposed LyCORIS factors, which FLUX's "
+        raise LoraError(
+            f"module {module[:80]!r} uses Tucker-decomposed LyCORIS factors, which FLUX's "
             "linear layers cannot take; give a LoRA, LoKr or LoHa trained for FLUX.1."
         )
     try:
@@ -41,8 +41,8 @@ def lycoris_delta(module: str, roles: dict[str, torch.Tensor], input_name: str) 
             return _lokr(roles)
         return _loha(roles)
     except (KeyError, RuntimeError):
-        raise InputError(
-            f"{input_name}: the LyCORIS factors of module {module[:80]!r} are incomplete or do not fit "
+        raise LoraError(
+            f"the LyCORIS factors of module {module[:80]!r} are incomplete or do not fit "
             "together; the file is damaged or not for FLUX.1."
         ) from None
 

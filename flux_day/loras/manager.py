@@ -7,8 +7,6 @@ Everything that can fail (download, parse, fit) happens before any weight is tou
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
 import tempfile
@@ -17,21 +15,19 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from flux_day.config import Settings
-from flux_day.errors import InputError
+from flux_day.errors import InputError, LoraError
 from flux_day.filelocks import LockTimeout
-from flux_day.loras.archive import extract_lora, is_archive, is_safetensors
+from flux_day.loras.archive import extract_lora, is_archive, is_safetensors, unpacked
 from flux_day.loras.cache import LoraCache
 from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Fetcher
 from flux_day.loras.flux_layout import ModuleIndex
-from flux_day.loras.formats import LoraWeights, load_safetensors_or_refuse, read_lora
+from flux_day.loras.formats import LoraWeights, read_lora
 from flux_day.loras.fuse import (
     FusedState,
     PristineStore,
@@ -40,7 +36,8 @@ from flux_day.loras.fuse import (
     UnrepresentableWeight,
     WeightFuser,
 )
-from flux_day.loras.refs import LoraRef, decode_data_uri, parse_ref, shown_source
+from flux_day.loras.refs import LoraRef, LoraRequest, decode_data_uri
+from flux_day.loras.safetensors_file import LoraSource, check_lora_file
 from flux_day.loras.sources import plan_file
 from flux_day.memory_plan import CLIP
 
@@ -50,21 +47,6 @@ GO_FAST_LORA_MULTIPLIER = 1.5  # the schema's lora_scale description promises it
 PARSED_LORAS_KEPT = 4
 UNVERSIONED_RECHECK_S = 300  # how long `owner/model` (no version) is trusted to mean the same file
 FILL_WAIT_S = DOWNLOAD_DEADLINE_S + 120  # the longest another process's download of a LoRA can take
-
-
-@dataclass(frozen=True)
-class LoraRequest:
-    """One LoRA to fuse: the input it came from (for errors), the reference, and the scale."""
-
-    input_name: str
-    source: str
-    scale: float
-
-    @cached_property
-    def source_digest(self) -> str:
-        """The source's identity in the parsed-LoRA cache, hashed once per request: a data: URI is
-        megabytes, and a request asks for its LoRAs twice (CLIP's part, then the transformer's)."""
-        return hashlib.sha256(self.source.strip().encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -169,27 +151,24 @@ class LoraManager:
         self.fused_modules = frozenset()
 
     def weights(self, lora: LoraRequest, model: str, components: dict[str, nn.Module]) -> LoraWeights:
-        """The parsed LoRA for `model`: from memory when used recently, else from the cache or the web."""
+        """The parsed LoRA for `model`: from memory when used recently, else from the cache or the web.
+        Its errors are `LoraError`s named for `lora.input_name`, here, once."""
         key = (lora.source_digest, model)
         if key in self._parsed:
             weights, parsed_at = self._parsed[key]
-            if not _unversioned(lora.source) or time.monotonic() - parsed_at < UNVERSIONED_RECHECK_S:
+            if not _unversioned(lora.ref) or time.monotonic() - parsed_at < UNVERSIONED_RECHECK_S:
                 self._parsed.move_to_end(key)
                 return weights
         started = time.perf_counter()
-        data, cached = self._read(lora)
-        try:
-            weights = read_lora(data, lora.input_name, self._index(model, components), f"FLUX.1 [{model}]")
-        except InputError:
-            if cached is not None:  # a refused file must not be served from the cache next time
-                self.cache.discard(cached)
-            raise
+        index = self._index(model, components)
+        with LoraError.for_input(lora.input_name), self._lora_file(lora.ref) as source:
+            weights = read_lora(source, index, f"FLUX.1 [{model}]")
         log.info(
             "read %s LoRA %s for %s: %d bytes, %d target weights, in %.2fs",
             weights.layout,
-            shown_source(lora.source),
+            lora.ref.shown,
             lora.input_name,
-            len(data),
+            weights.nbytes,
             len(weights.deltas),
             time.perf_counter() - started,
         )
@@ -204,18 +183,24 @@ class LoraManager:
             self._indexes[model] = ModuleIndex(components)
         return self._indexes[model]
 
-    def _read(self, lora: LoraRequest) -> tuple[bytes, Path | None]:
-        """The LoRA file's bytes (archives unpacked), and its disk-cache file when it was downloaded."""
-        # A local file is accepted only from the operator (COG_WEIGHTS), never from a request input.
-        if lora.input_name == DEFAULT_LORA_INPUT and not lora.source.startswith(("data:", "http:", "https:")):
-            data = _unpacked(_local_lora(Path(lora.source)).read_bytes(), lora.input_name, self.settings)
-            return data, None
-        ref = parse_ref(lora.input_name, lora.source)
+    @contextmanager
+    def _lora_file(self, ref: LoraRef) -> Iterator[LoraSource]:
+        """The LoRA file of `ref` (archives unpacked): a data: URI's bytes, or a path, read-held in the
+        disk cache for the block. A cached file the block refuses is discarded, so it is fetched afresh."""
+        if ref.kind == "local":  # only the operator's default LoRA is ever local
+            yield unpacked(_local_lora(Path(ref.location)), self.settings.max_lora_bytes)
+            return
         if ref.kind == "data":
-            decoded = decode_data_uri(ref, self.settings.max_lora_bytes)
-            return _unpacked(decoded, ref.input_name, self.settings), None
-        with self.cached_file(ref) as path:
-            return path.read_bytes(), path
+            yield unpacked(decode_data_uri(ref, self.settings.max_lora_bytes), self.settings.max_lora_bytes)
+            return
+        cached: Path | None = None
+        try:
+            with self.cached_file(ref) as cached:
+                yield cached
+        except LoraError:
+            if cached is not None:  # refused once read; the cache's read lock is released by now
+                self.cache.discard(cached)
+            raise
 
     @contextmanager
     def cached_file(self, ref: LoraRef) -> Iterator[Path]:
@@ -235,16 +220,16 @@ class LoraManager:
                 raise
 
         def waiting() -> None:
-            log.info("%s for %s: another process is downloading it; waiting", ref.shown, ref.input_name)
+            log.info("%s: another process is downloading it; waiting", ref.shown)
 
         try:
             with self.cache.filled(plan.key, fetch, FILL_WAIT_S, waiting) as path:
                 if found:
-                    log.info("%s for %s: from the LoRA cache", ref.shown, ref.input_name)
+                    log.info("%s: from the LoRA cache", ref.shown)
                 yield path
         except LockTimeout:
-            raise InputError(
-                f"{ref.input_name}: another replica has been downloading {ref.shown} into the LoRA cache "
+            raise LoraError(
+                f"another replica has been downloading {ref.shown} into the LoRA cache "
                 f"for over {FILL_WAIT_S} s; try again later."
             ) from None
 
@@ -256,20 +241,17 @@ class LoraManager:
             descriptor, name = tempfile.mkstemp(dir=self.cache.root, prefix=prefix)
             try:
                 with os.fdopen(descriptor, "wb") as target:
-                    member = extract_lora(partial, target, ref.input_name, self.settings.max_lora_bytes)
+                    member = extract_lora(partial, target, self.settings.max_lora_bytes)
             except BaseException:
                 Path(name).unlink(missing_ok=True)
                 raise
-            log.info("%s for %s: took %s from the archive", ref.shown, ref.input_name, member)
+            log.info("%s: took %s from the archive", ref.shown, member)
             partial.unlink()
             partial = Path(name)
         try:
-            with safe_open(partial, framework="pt"):
-                pass
-        except Exception:  # the header check failed: say why, as parsing the bytes would
-            data = partial.read_bytes()
-            partial.unlink()
-            load_safetensors_or_refuse(data, ref.input_name)
+            check_lora_file(partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)
             raise
         return partial
 
@@ -297,12 +279,8 @@ def _overflow_error(
 SCALE_INPUTS = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
 
 
-def _unversioned(source: str) -> bool:
-    """Whether `source` names whatever a service currently serves (no version or revision given)."""
-    try:
-        ref = parse_ref("", source)
-    except InputError:
-        return False
+def _unversioned(ref: LoraRef) -> bool:
+    """Whether `ref` names whatever a service currently serves (no version or revision given)."""
     return ref.kind in {"replicate", "huggingface", "civitai"} and not ref.version
 
 
@@ -312,17 +290,5 @@ def _local_lora(path: Path) -> Path:
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.tar"))
         path = files[0] if len(files) == 1 else path
     if not path.is_file():
-        raise InputError(f"{DEFAULT_LORA_INPUT}: {path} is not a file; point it at a .safetensors LoRA.")
+        raise LoraError(f"{path} is not a file; point it at a .safetensors LoRA.")
     return path
-
-
-def _unpacked(data: bytes, input_name: str, settings: Settings) -> bytes:
-    """`data` itself, or the LoRA inside it when it is a .tar archive (in memory: data is small)."""
-    if is_safetensors(data[:9]) or not is_archive(io.BytesIO(data)):
-        return data
-    target = io.BytesIO()
-    extract_lora(io.BytesIO(data), target, input_name, settings.max_lora_bytes)
-    return target.getvalue()
-
-
-DEFAULT_LORA_INPUT = "COG_WEIGHTS"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_day.errors import InputError
+from flux_day.errors import LoraError
 from flux_day.loras.flux_layout import ModuleIndex
 
 # Key marker -> what it is. An all-zero tensor changes nothing and is dropped; any other is refused.
@@ -30,31 +30,29 @@ INPUT_PROJECTIONS = ("img_in", "x_embedder")
 MODULE_PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "lora_unet_", "lora_transformer_")
 
 
-def refuse_unsupported(
-    state_dict: dict[str, torch.Tensor], index: ModuleIndex, input_name: str
-) -> dict[str, torch.Tensor]:
+def refuse_unsupported(state_dict: dict[str, torch.Tensor], index: ModuleIndex) -> dict[str, torch.Tensor]:
     """`state_dict` without inert (all-zero) content flux-day cannot apply; anything live is refused."""
     dora = next((key for key in state_dict if any(marker in key for marker in DORA_MARKERS)), None)
     if dora is not None:
-        raise InputError(
-            f"{input_name}: this is a DoRA (weight-decomposed LoRA, key {dora[:80]!r}), which flux-day does "
+        raise LoraError(
+            f"this is a DoRA (weight-decomposed LoRA, key {dora[:80]!r}), which flux-day does "
             "not apply; export it as a plain LoRA (without DoRA) and try again."
         )
-    _refuse_control_lora(state_dict, index, input_name)
+    _refuse_control_lora(state_dict, index)
     kept = {}
     for key, value in state_dict.items():
         what = next((what for marker, what in UNSUPPORTED.items() if marker in key), None)
         if what is None:
             kept[key] = value
         elif bool(value.any()):
-            raise InputError(
-                f"{input_name}: this LoRA changes {what} (key {key[:80]!r}), which flux-day cannot apply; "
+            raise LoraError(
+                f"this LoRA changes {what} (key {key[:80]!r}), which flux-day cannot apply; "
                 "use a LoRA without them."
             )
     return kept
 
 
-def _refuse_control_lora(state_dict: dict[str, torch.Tensor], index: ModuleIndex, input_name: str) -> None:
+def _refuse_control_lora(state_dict: dict[str, torch.Tensor], index: ModuleIndex) -> None:
     """BFL's Canny/Depth LoRAs widen the input projection for a control image: refused by name."""
     x_embedder = index.weights.get("transformer.x_embedder")
     channels = x_embedder.shape[1] if x_embedder is not None else None
@@ -62,8 +60,8 @@ def _refuse_control_lora(state_dict: dict[str, torch.Tensor], index: ModuleIndex
     widened = [width for width in widths if width != channels]
     if (widened and channels is not None) or any(key.endswith(CONTROL_NORMS) for key in state_dict):
         detail = f" (its input takes {widened[0]} channels, FLUX.1's {channels})" if widened else ""
-        raise InputError(
-            f"{input_name}: this is a FLUX.1 Control LoRA (Canny or Depth){detail}: it needs a control "
+        raise LoraError(
+            f"this is a FLUX.1 Control LoRA (Canny or Depth){detail}: it needs a control "
             "image fed in as extra input channels, which flux-day does not run; use a LoRA made for "
             "plain FLUX.1 [dev] or [schnell]."
         )

@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
 )
 
 from flux_day.config import Settings
-from flux_day.errors import InputError
+from flux_day.errors import LoraError
 from flux_day.loras.fetch import Credential, Fetcher
 from flux_day.loras.refs import LoraRef
 
@@ -135,8 +135,8 @@ def _pick_hf_file(ref: LoraRef, files: list[str]) -> str:
     )
 
 
-def _hf_error(ref: LoraRef, problem: str) -> InputError:
-    return InputError(f"{ref.input_name}: the Hugging Face repo {ref.shown} {problem}.")
+def _hf_error(ref: LoraRef, problem: str) -> LoraError:
+    return LoraError(f"the Hugging Face repo {ref.shown} {problem}.")
 
 
 def _civitai(ref: LoraRef, settings: Settings, fetcher: Fetcher) -> FilePlan:
@@ -146,11 +146,11 @@ def _civitai(ref: LoraRef, settings: Settings, fetcher: Fetcher) -> FilePlan:
     if ref.version:
         versions = [v for v in versions if str(v.get("id")) == ref.version]
         if not versions:
-            raise InputError(f"{ref.input_name}: CivitAI model {ref.name} has no version {ref.version}.")
+            raise LoraError(f"CivitAI model {ref.name} has no version {ref.version}.")
     elif versions:
         versions = [max(versions, key=lambda v: str(v.get("createdAt") or ""))]
     if not versions:
-        raise InputError(f"{ref.input_name}: CivitAI model {ref.name} lists no versions to download.")
+        raise LoraError(f"CivitAI model {ref.name} lists no versions to download.")
     version = versions[0]
     files = [
         f
@@ -159,8 +159,8 @@ def _civitai(ref: LoraRef, settings: Settings, fetcher: Fetcher) -> FilePlan:
     ]
     files.sort(key=lambda f: (f.get("type") != "Model", not f.get("primary")))
     if not files:
-        raise InputError(
-            f"{ref.input_name}: CivitAI model {ref.name} version {version.get('id')} has no SafeTensor file "
+        raise LoraError(
+            f"CivitAI model {ref.name} version {version.get('id')} has no SafeTensor file "
             "(pickled files are never loaded); pick a version that offers one."
         )
     url = files[0]["downloadUrl"]
