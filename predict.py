@@ -183,8 +183,8 @@ class Predictor(BaseRunner):
                 extra_lora=extra_lora,
                 extra_lora_scale=extra_lora_scale,
             ).with_default_lora(self.engine.default_lora)
-            metrics: dict[str, float] = {}
-            images = self.engine.generate(request, metrics)
-            for key, value in metrics.items():
+            generation = self.engine.generate(request)
+            for key, value in generation.metrics.items():
                 self.record_metric(key, value)
-            return [Path(p) for p in self.outputs.save(images, request.output_format, request.output_quality)]
+            saved = self.outputs.save(generation.images, request.output_format, request.output_quality)
+            return [Path(p) for p in saved]

@@ -71,7 +71,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         name: value for name, value in vars(args).items() if name not in {"command", "weights", "tiny", "out"}
     }
     request = GenerationRequest.from_inputs(**inputs)
-    images = Engine(settings).generate(request)
+    images = Engine(settings).generate(request).images
     args.out.mkdir(parents=True, exist_ok=True)
     return [
         save_image(

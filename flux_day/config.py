@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from flux_day.components import TRANSFORMERS
 from flux_day.errors import SettingsError
 
 _GB = 1000**3
@@ -114,7 +115,6 @@ class Settings:
         )
 
 
-TRANSFORMERS = ("dev-full", "dev-fp8", "schnell-full", "schnell-fp8")
 DEFAULT_COMPILE_MODELS = ("dev-fp8", "schnell-fp8")  # go_fast: fp8 pays only together with compilation
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,24 +20,14 @@ from PIL import Image
 from torch import nn
 
 from flux_day.compile import CompiledTransformers, compile_backend, seed_sizes
+from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
 from flux_day.config import Settings
 from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.fast import Fp8Cache, Fp8Transformers
 from flux_day.loras.fuse import PristineStore
 from flux_day.loras.manager import LoraManager, LoraTargets
 from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
-from flux_day.memory_plan import (
-    CLIP,
-    DEFAULT_RESERVE,
-    SAFETY,
-    T5,
-    VAE,
-    MemoryPlan,
-    format_plan,
-    module_bytes,
-    plan_memory,
-    transformer_component,
-)
+from flux_day.memory_plan import DEFAULT_RESERVE, MemoryPlan, format_plan, module_bytes, plan_memory
 from flux_day.model_specs import MODELS
 from flux_day.models import LoadedModels, build_pipelines, load_models, pick_device
 from flux_day.request import GenerationRequest
@@ -45,6 +36,24 @@ from flux_day.safety import SafetyFilter
 from flux_day.weights.download import ensure_weights
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a request produced: its images in output order, and its metrics (timings, counts)."""
+
+    images: list[Image.Image]
+    metrics: dict[str, float]
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds the block takes to `timings[key]` (a step may run in parts)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -209,77 +218,93 @@ class Engine:
             quantize=self.fast.quantizer() if fp8 else None,
         )
 
-    def generate(
-        self, request: GenerationRequest, metrics: dict[str, float] | None = None
-    ) -> list[Image.Image]:
-        """Run `request` and return its images in output order; timings and counts go into `metrics`."""
-        metrics = {} if metrics is None else metrics
-        fp8 = request.go_fast and not request.custom_size
-        if request.go_fast and not fp8:
-            log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
-        transformer = transformer_component(request.model, fp8)
-        if self.plan[transformer] == "cpu-only":
-            raise CapacityError(
-                f"go_fast: {transformer} does not fit this GPU (see the memory plan in the setup log); "
-                f"set go_fast={'false' if fp8 else 'true'}."
-            )
-        loras = request.loras
+    def generate(self, request: GenerationRequest) -> Generation:
+        """Run `request`: its images in output order, and what it took (timings, counts)."""
+        self._check_fits(request)
+        timings: dict[str, float] = {}
         self.steps_done = 0
         try:
-            images = self._run(request, loras, fp8, transformer, metrics)
+            images = self._run(request, timings)
         except BaseException as error:
-            # Failed or cancelled (cog raises CancelationException into this thread, anywhere):
-            # whatever was fused goes, so nothing of this request reaches the next one.
-            self.release_loras()
-            log.info(
-                "request %s after %d of %d denoising steps (%s); every LoRA restored",
-                "cancelled" if not isinstance(error, Exception) else "failed",
-                self.steps_done,
-                request.num_inference_steps * request.num_outputs,
-                type(error).__name__,
-            )
+            self._abandon(request, error)
             raise
-        metrics |= {
-            "images": len(images),
-            "steps": request.num_inference_steps * request.num_outputs,
-            "megapixels": round(request.width * request.height * len(images) / 1e6, 4),
-        }
+        generation = Generation(
+            images,
+            {f"timing.{key}": value for key, value in timings.items()}
+            | {
+                "images": len(images),
+                "steps": request.num_inference_steps * request.num_outputs,
+                "megapixels": round(request.width * request.height * len(images) / 1e6, 4),
+            },
+        )
+        self._log_summary(request, generation)
+        return generation
+
+    def _run(self, request: GenerationRequest, timings: dict[str, float]) -> list[Image.Image]:
+        """The algorithm, and everything a failure or a cancel must undo: LoRAs, denoising, safety."""
+        if request.go_fast and not request.fp8:
+            log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
+        pipe = self.pipeline(request.model, request.mode, request.fp8)
+        targets = self._targets(request.model, request.fp8)
+        # Every LoRA is read (and downloaded) first, and CLIP's part fused before the prompt is
+        # encoded; the transformer's once it is on the GPU (T5 may share its slot on small cards).
+        with _timed(timings, "loras"):
+            self.loras.activate(request.model, targets, request.loras, request.fp8, ("text_encoder",))
+        prompt_embeds, pooled_prompt_embeds = self._encode(pipe, request)
+        self.residency.need([VAE, request.transformer])
+        with _timed(timings, "loras"):
+            self.loras.activate(request.model, targets, request.loras, go_fast=request.fp8)
+        with _timed(timings, "generate"):
+            images = self._denoise(pipe, request, prompt_embeds, pooled_prompt_embeds)
+        if not request.disable_safety_checker:
+            with _timed(timings, "safety"):
+                self.residency.need([SAFETY])
+                images = self.safety.filter(images)
+        return images
+
+    def _check_fits(self, request: GenerationRequest) -> None:
+        """Refuse a request whose transformer this card cannot run (the plan marks it cpu-only)."""
+        if self.plan[request.transformer] == "cpu-only":
+            raise CapacityError(
+                f"go_fast: {request.transformer} does not fit this GPU (see the memory plan in the setup "
+                f"log); set go_fast={'false' if request.fp8 else 'true'}."
+            )
+
+    def _abandon(self, request: GenerationRequest, error: BaseException) -> None:
+        """A failed or cancelled request (cog raises CancelationException into this thread, anywhere):
+        whatever was fused goes, so nothing of this request reaches the next one."""
+        self.release_loras()
+        log.info(
+            "request %s after %d of %d denoising steps (%s); every LoRA restored",
+            "cancelled" if not isinstance(error, Exception) else "failed",
+            self.steps_done,
+            request.num_inference_steps * request.num_outputs,
+            type(error).__name__,
+        )
+
+    def _log_summary(self, request: GenerationRequest, generation: Generation) -> None:
+        """One line per request: what ran, with what, and how long each part took."""
         log.info(
             "request mode=%s model=%s%s size=%dx%d steps=%d seed=%d images=%d/%d loras=%s timings=%s",
             request.mode,
             request.model,
-            " fp8" if fp8 else "",
+            " fp8" if request.fp8 else "",
             request.width,
             request.height,
             request.num_inference_steps,
             request.seed,
-            len(images),
+            len(generation.images),
             request.num_outputs,
-            self._shown(loras),
+            self._shown(request.loras),
             {
                 key.removeprefix("timing."): round(value, 3)
-                for key, value in metrics.items()
+                for key, value in generation.metrics.items()
                 if key.startswith("timing.")
             },
         )
-        return images
 
-    def _run(
-        self,
-        request: GenerationRequest,
-        loras: tuple[LoraRequest, ...],
-        fp8: bool,
-        transformer: str,
-        metrics: dict[str, float],
-    ) -> list[Image.Image]:
-        """LoRAs, denoising, safety: the steps of `generate` that a failure or a cancel must undo."""
-        started = time.perf_counter()
-        pipe = self.pipeline(request.model, request.mode, fp8)
-        targets = self._targets(request.model, fp8)
-        # Everything is parsed (and downloaded) first; CLIP's part is fused before the prompt is
-        # encoded, the transformer's once it is on the GPU (T5 may share its slot on small cards).
-        self.loras.activate(request.model, targets, loras, go_fast=fp8, parts=("text_encoder",))
-        lora_seconds = time.perf_counter() - started
+    def _encode(self, pipe: object, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's T5 and pooled CLIP embeddings, once per request."""
         self.residency.need([CLIP, T5])
         with torch.inference_mode():
             prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
@@ -288,19 +313,7 @@ class Engine:
                 device=self.device,
                 max_sequence_length=MODELS[request.model].max_sequence_length,
             )
-        self.residency.need([VAE, transformer])
-        fused = time.perf_counter()
-        self.loras.activate(request.model, targets, loras, go_fast=fp8)
-        metrics["timing.loras"] = lora_seconds + time.perf_counter() - fused
-        denoise = time.perf_counter()
-        images = self._denoise(pipe, request, prompt_embeds, pooled_prompt_embeds)
-        metrics["timing.generate"] = time.perf_counter() - denoise
-        if not request.disable_safety_checker:
-            checked = time.perf_counter()
-            self.residency.need([SAFETY])
-            images = self.safety.filter(images)
-            metrics["timing.safety"] = time.perf_counter() - checked
-        return images
+        return prompt_embeds, pooled_prompt_embeds
 
     def release_loras(self) -> None:
         """Restore every fused weight, full precision and fp8, to the base model's bytes."""

@@ -40,6 +40,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
+from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,14 +50,6 @@ Site = Literal["device", "host"]
 
 GIB: Final = 2**30
 DEFAULT_RESERVE: Final = 10 * GIB  # activations of a 1440x1440 denoise and the VAE decode
-CLIP, T5, VAE, SAFETY = "clip", "t5", "vae", "safety"
-
-
-def transformer_component(model: str, fp8: bool) -> str:
-    """The plan's name of a model's transformer: `dev-full` (the loaded precision: bf16 on a GPU,
-    float32 on a CPU) or `dev-fp8` (its go_fast copy)."""
-    return f"{model}-{'fp8' if fp8 else 'full'}"
-
 
 DEFAULT_PRIORITY: Final = (
     CLIP,

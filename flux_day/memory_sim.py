@@ -16,14 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
 from flux_day.memory_plan import (
-    CLIP,
-    SAFETY,
-    T5,
-    VAE,
     MemoryPlan,
     pristine_site,
-    transformer_component,
     visit,
 )
 

@@ -16,6 +16,7 @@ from typing import Any, Final, Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from flux_day.components import transformer_component
 from flux_day.errors import InputError
 from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
 from flux_day.model_specs import MODELS
@@ -151,6 +152,17 @@ class GenerationRequest:
     loras: tuple[LoraRequest, ...]  # parsed: a malformed reference never gets past `from_inputs`
     lora_scale: float  # also the scale of the default LoRA (COG_WEIGHTS) when replicate_weights is empty
     custom_size: bool  # aspect_ratio=custom: the schema promises these run in bf16, even with go_fast
+
+    @property
+    def fp8(self) -> bool:
+        """Whether go_fast's fp8 transformer runs this request: go_fast asked, and not a custom size
+        (the schema promises those run in full precision)."""
+        return self.go_fast and not self.custom_size
+
+    @property
+    def transformer(self) -> str:
+        """The component this request runs on (`dev-full`, `schnell-fp8`, ...)."""
+        return transformer_component(self.model, self.fp8)
 
     @property
     def seeds(self) -> list[int]:

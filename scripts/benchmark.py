@@ -369,6 +369,7 @@ def fast(args: argparse.Namespace) -> None:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
+    from flux_day.components import transformer_component
     from flux_day.config import Settings
     from flux_day.engine import Engine
 
@@ -382,9 +383,11 @@ def fast(args: argparse.Namespace) -> None:
     progress(f"loading the engine from {args.weights}")
     engine = Engine(settings)
     for model in models(args):
-        full, fp8 = engine.pipelines[model]["txt2img"], engine.fast_pipelines[model]["txt2img"]
-        # The engine's memory plan names transformers "<model>-bf16" (full precision) and "-fp8".
-        transformers = {"full": f"{model}-bf16", "fp8": f"{model}-fp8"}
+        full, fp8 = engine.pipelines[model]["txt2img"], engine.pipeline(model, "txt2img", fp8=True)
+        transformers = {
+            "full": transformer_component(model, fp8=False),
+            "fp8": transformer_component(model, fp8=True),
+        }
         cpu_only = [name for name in transformers.values() if engine.residency.plan[name] == "cpu-only"]
         if cpu_only:
             sys.exit(f"{', '.join(cpu_only)} cannot run on this GPU (the engine's memory plan: cpu-only)")
@@ -500,8 +503,9 @@ def full_size_components() -> dict[str, int]:
     measured on models built on the meta device from the full-size profile: nothing allocated."""
     import torch
 
+    from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
     from flux_day.fast import fp8_bytes
-    from flux_day.memory_plan import CLIP, SAFETY, T5, VAE, module_bytes, transformer_component
+    from flux_day.memory_plan import module_bytes
     from flux_day.weights.random_models import PROFILES, build_models
 
     models, safety = build_models(PROFILES["full"], torch.device("meta"), torch.bfloat16)

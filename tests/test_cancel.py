@@ -48,7 +48,7 @@ def request(**inputs: object) -> GenerationRequest:
 
 
 def pixels(engine: Engine, **inputs: object) -> np.ndarray:
-    return np.asarray(engine.generate(request(**inputs))[0], dtype=np.int16)
+    return np.asarray(engine.generate(request(**inputs)).images[0], dtype=np.int16)
 
 
 def weights(engine: Engine) -> dict[str, torch.Tensor]:

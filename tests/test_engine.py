@@ -57,7 +57,7 @@ def test_generation_equals_a_bare_diffusers_call(engine: Engine) -> None:
     request = GenerationRequest.from_inputs(
         prompt="a red fox", seed=42, num_inference_steps=3, megapixels="0.25", guidance_scale=3.5
     )
-    (ours,) = engine.generate(request)
+    (ours,) = engine.generate(request).images
     bare = engine.pipelines["dev"]["txt2img"](
         prompt="a red fox",
         width=512,

@@ -35,7 +35,7 @@ def engine(tiny_weights: Path) -> Engine:
 
 def pixels(engine: Engine, **inputs: object) -> np.ndarray:
     request = GenerationRequest.from_inputs(**{**SMALL, **inputs})
-    return np.asarray(engine.generate(request)[0], dtype=np.int16)
+    return np.asarray(engine.generate(request).images[0], dtype=np.int16)
 
 
 def fp8_model(engine: Engine, model: str = "dev") -> nn.Module:

@@ -62,7 +62,7 @@ def linear_weights(engine: Engine) -> dict[str, torch.Tensor]:
 def image_bytes(engine: Engine, **inputs) -> bytes:
     buffer = io.BytesIO()
     request = GenerationRequest.from_inputs(prompt="a fox", **SMALL, **inputs)
-    engine.generate(request.with_default_lora(engine.default_lora))[0].save(buffer, "PNG")
+    engine.generate(request.with_default_lora(engine.default_lora)).images[0].save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -402,10 +402,12 @@ def test_a_default_lora_from_cog_weights_applies_when_replicate_weights_is_empty
 
 
 def test_images_with_a_lora_differ_from_the_base(engine: Engine) -> None:
-    base = np.asarray(engine.generate(GenerationRequest.from_inputs(prompt="a fox", **SMALL))[0], dtype=float)
+    base = np.asarray(
+        engine.generate(GenerationRequest.from_inputs(prompt="a fox", **SMALL)).images[0], dtype=float
+    )
     lora = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(1))))
     request = GenerationRequest.from_inputs(prompt="a fox", replicate_weights=lora, **SMALL)
-    changed = np.asarray(engine.generate(request)[0], dtype=float)
+    changed = np.asarray(engine.generate(request).images[0], dtype=float)
     assert np.abs(changed - base).mean() > 1.0
 
 

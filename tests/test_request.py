@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from flux_day.engine import Generation
 from flux_day.errors import InputError, LoraError
 from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
@@ -125,9 +126,9 @@ class RecordingEngine:
         self.default_lora = default_lora
         self.requests: list[GenerationRequest] = []
 
-    def generate(self, request: GenerationRequest, metrics: dict | None = None) -> list[Image.Image]:
+    def generate(self, request: GenerationRequest) -> Generation:
         self.requests.append(request)
-        return []
+        return Generation([], {})
 
 
 def test_a_malformed_lora_reference_fails_the_prediction_before_the_engine_is_called(tmp_path: Path) -> None:

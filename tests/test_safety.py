@@ -34,7 +34,7 @@ def engine(tiny_weights: Path) -> Engine:
 
 def generate(engine: Engine, **inputs: object) -> list[np.ndarray]:
     request = GenerationRequest.from_inputs(**{**SMALL, **inputs})
-    return [np.asarray(image) for image in engine.generate(request)]
+    return [np.asarray(image) for image in engine.generate(request).images]
 
 
 @contextmanager

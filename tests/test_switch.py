@@ -136,7 +136,7 @@ def cached_settings(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def pixels(engine: Engine, **inputs: object) -> np.ndarray:
-    image = engine.generate(GenerationRequest.from_inputs(**{**SMALL, **inputs}))[0]
+    image = engine.generate(GenerationRequest.from_inputs(**{**SMALL, **inputs})).images[0]
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return np.asarray(image, dtype=np.int16)

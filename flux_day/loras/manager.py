@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flux_day.components import CLIP
 from flux_day.config import Settings
 from flux_day.errors import InputError, LoraError
 from flux_day.filelocks import LockTimeout
@@ -39,7 +40,6 @@ from flux_day.loras.fuse import (
 from flux_day.loras.refs import LoraRef, LoraRequest, decode_data_uri
 from flux_day.loras.safetensors_file import LoraSource, check_lora_file
 from flux_day.loras.sources import plan_file
-from flux_day.memory_plan import CLIP
 
 log = logging.getLogger(__name__)
 
