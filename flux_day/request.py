@@ -8,125 +8,31 @@ and what is allowed; nothing here touches model state, so a refused request chan
 from __future__ import annotations
 
 import logging
-import math
-import secrets
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from flux_day.components import transformer_component
 from flux_day.errors import InputError
+from flux_day.input_checks import (
+    bounded,
+    choice,
+    fit_mask,
+    flag,
+    open_image,
+    optional_text,
+    seed_value,
+    shown,
+)
 from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
-from flux_day.model_specs import MODELS
-from flux_day.outputs import OUTPUT_FORMATS
-from flux_day.sizes import ASPECT_RATIOS, CUSTOM, MEGAPIXEL_SIDE_SCALE, aspect_ratio_size
+from flux_day.sizes import CUSTOM, aspect_ratio_size
 from flux_day.sizes import custom_size as round_custom_size
 from flux_day.sizes import image_size as image_generation_size
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
-
-# Numeric bounds of the published schema (a test holds them equal to the seed's).
-NUMBER_BOUNDS: Final[dict[str, tuple[float, float]]] = {
-    "height": (256, 1440),
-    "width": (256, 1440),
-    "prompt_strength": (0, 1),
-    "num_outputs": (1, 4),
-    "num_inference_steps": (1, 50),
-    "guidance_scale": (0, 10),
-    "output_quality": (0, 100),
-    "lora_scale": (-1, 3),
-    "extra_lora_scale": (-1, 3),
-}
-INTEGER_INPUTS: Final = frozenset(
-    {"height", "width", "num_outputs", "num_inference_steps", "output_quality", "seed"}
-)
-CHOICES: Final[dict[str, tuple[str, ...]]] = {
-    "aspect_ratio": (*ASPECT_RATIOS, CUSTOM),
-    "model": tuple(MODELS),
-    "output_format": tuple(OUTPUT_FORMATS),
-    "megapixels": tuple(MEGAPIXEL_SIDE_SCALE),
-}
-MAX_SEED: Final = 2**63 - 1  # seed + i must stay a valid torch seed
-RANDOM_SEED_BITS: Final = 32
-MASK_ASPECT_TOLERANCE: Final = 0.02
-
-
-def _shown(value: Any) -> str:
-    """A value as it may appear in an error: short, and never a local path or object repr."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _integer(name: str, value: Any) -> int:
-    # JSON clients may send 2.0 for 2; anything else that is not a whole number is refused.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InputError(f"{name}: {_shown(value)} is not an integer; give a whole number.")
-    if isinstance(value, float) and not value.is_integer():
-        raise InputError(f"{name}: {_shown(value)} is not an integer; give a whole number.")
-    return int(value)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError(f"{name}: {_shown(value)} is not a number; give a number.")
-    return float(value)
-
-
-def _bounded(name: str, value: Any) -> Any:
-    """Check type and the schema's bounds for a numeric input; return it as int or float."""
-    low, high = NUMBER_BOUNDS[name]
-    number = _integer(name, value) if name in INTEGER_INPUTS else _number(name, value)
-    if not low <= number <= high:
-        kind = "an integer" if name in INTEGER_INPUTS else "a number"
-        raise InputError(f"{name}: {_shown(value)} is out of range; use {kind} from {low:g} to {high:g}.")
-    return number
-
-
-def _choice(name: str, value: Any) -> str:
-    allowed = CHOICES[name]
-    if value not in allowed:
-        raise InputError(
-            f"{name}: {_shown(value)} is not one of the choices; use one of {', '.join(allowed)}."
-        )
-    return value
-
-
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"{name}: {_shown(value)} is not a boolean; give true or false.")
-    return value
-
-
-def _optional_text(name: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InputError(f"{name}: {_shown(value)} is not text; give a string or leave it empty.")
-    return value.strip() or None
-
-
-def _open_image(name: str, path: Any, mode: str) -> Image.Image:
-    """Read an uploaded file as an image, upright (EXIF orientation applied), in `mode`."""
-    if not isinstance(path, str | Path):
-        raise InputError(f"{name}: {_shown(path)} is not a file; give an image URL or upload.")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            upright = ImageOps.exif_transpose(opened)
-            return upright.convert(mode)
-    except Image.DecompressionBombError:
-        raise InputError(
-            f"{name}: the image has too many pixels to read safely; give one under "
-            f"{Image.MAX_IMAGE_PIXELS} pixels."
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise InputError(
-            f"{name}: the file is not an image that can be read; give a PNG, JPEG or WebP image."
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -205,56 +111,25 @@ class GenerationRequest:
         extra_lora: Any = None,
         extra_lora_scale: Any = 1,
     ) -> GenerationRequest:
-        """Check every input of the published schema (defaults are the schema's) and combine them."""
-        if prompt is None:
-            raise InputError("prompt: missing; give a text prompt describing the image.")
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt: {_shown(prompt)} is not text; give a text prompt.")
-
-        aspect_ratio = _choice("aspect_ratio", aspect_ratio)
-        megapixels = _choice("megapixels", megapixels)
+        """Check every input of the published schema (defaults are the schema's: the signature is the
+        schema's, so a test can hold them equal) and combine them, each input checked in turn."""
+        prompt = _prompt(prompt)
+        aspect_ratio = choice("aspect_ratio", aspect_ratio)
+        megapixels = choice("megapixels", megapixels)
         sides = {
-            name: None if value is None else _bounded(name, value)
-            for name, value in (("width", width), ("height", height))
+            name: None if v is None else bounded(name, v)
+            for name, v in (("width", width), ("height", height))
         }
-        strength = _bounded("prompt_strength", prompt_strength)
-        model = _choice("model", model)
-        num_outputs = _bounded("num_outputs", num_outputs)
-        steps = _bounded("num_inference_steps", num_inference_steps)
-        guidance = _bounded("guidance_scale", guidance_scale)
-        output_format = _choice("output_format", output_format)
-        quality = _bounded("output_quality", output_quality)
+        strength = bounded("prompt_strength", prompt_strength)
+        model = choice("model", model)
+        num_outputs = bounded("num_outputs", num_outputs)
+        steps = bounded("num_inference_steps", num_inference_steps)
+        guidance = bounded("guidance_scale", guidance_scale)
+        output_format = choice("output_format", output_format)
+        quality = bounded("output_quality", output_quality)
         loras = _lora_requests(replicate_weights, lora_scale, extra_lora, extra_lora_scale)
-
-        if mask is not None and image is None:
-            raise InputError(
-                "mask: given without image; inpainting repaints `image` where the mask is white, "
-                "so give the image too (or drop the mask)."
-            )
-        source = None if image is None else _open_image("image", image, "RGB")
-        mask_image = None if mask is None else _open_image("mask", mask, "L")
-        if source is not None and mask_image is not None:
-            mask_image = _fit_mask(mask_image, source)
-
-        if source is not None:
-            # The description promises aspect_ratio, width and height are ignored with an image.
-            width_out, height_out = image_generation_size(*source.size)
-            if strength == 0:
-                raise InputError(
-                    "prompt_strength: 0 leaves no denoising steps, so the input image would come "
-                    "back unchanged; use a value above 0 (0.8 is the default)."
-                )
-        elif aspect_ratio == CUSTOM:
-            missing = [name for name, value in sides.items() if value is None]
-            if missing:
-                raise InputError(
-                    f"{' and '.join(missing)}: required when aspect_ratio is custom; give width "
-                    "and height from 256 to 1440 (rounded to the nearest multiple of 16)."
-                )
-            width_out, height_out = round_custom_size(sides["width"], sides["height"])
-        else:
-            width_out, height_out = aspect_ratio_size(aspect_ratio, megapixels)
-
+        source, mask_image = _images(image, mask)
+        width_out, height_out = _size(source, strength, aspect_ratio, megapixels, sides)
         return cls(
             prompt=prompt,
             mode="txt2img" if source is None else ("img2img" if mask_image is None else "inpaint"),
@@ -267,42 +142,64 @@ class GenerationRequest:
             num_outputs=num_outputs,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            seed=_seed(seed),
+            seed=seed_value(seed),
             output_format=output_format,
             output_quality=quality,
-            disable_safety_checker=_flag("disable_safety_checker", disable_safety_checker),
-            go_fast=_flag("go_fast", go_fast),
+            disable_safety_checker=flag("disable_safety_checker", disable_safety_checker),
+            go_fast=flag("go_fast", go_fast),
             loras=loras,
-            lora_scale=_bounded("lora_scale", lora_scale),
+            lora_scale=bounded("lora_scale", lora_scale),
             custom_size=aspect_ratio == CUSTOM,
         )
 
 
-def _seed(seed: Any) -> int:
-    if seed is None:
-        drawn = secrets.randbits(RANDOM_SEED_BITS)
-        log.info("seed not given; using random seed %d", drawn)
-        return drawn
-    value = _integer("seed", seed)
-    if not 0 <= value <= MAX_SEED:
-        raise InputError(
-            f"seed: {_shown(seed)} is out of range; use an integer from 0 to {MAX_SEED}, "
-            "or leave it empty for a random seed."
-        )
-    return value
+def _prompt(prompt: Any) -> str:
+    if prompt is None:
+        raise InputError("prompt: missing; give a text prompt describing the image.")
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt: {shown(prompt)} is not text; give a text prompt.")
+    return prompt
 
 
-def _fit_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
-    """The mask at the image's size; a mask of another shape would repaint the wrong place."""
-    if mask.size == image.size:
-        return mask
-    mask_ratio, image_ratio = mask.width / mask.height, image.width / image.height
-    if abs(mask_ratio / image_ratio - 1) > MASK_ASPECT_TOLERANCE:
+def _images(image: Any, mask: Any) -> tuple[Image.Image | None, Image.Image | None]:
+    """The input image and mask, read upright; a mask needs an image, and takes its size."""
+    if mask is not None and image is None:
         raise InputError(
-            f"mask: its size {mask.width}x{mask.height} does not have the image's aspect ratio "
-            f"({image.width}x{image.height}); give a mask of the image's shape."
+            "mask: given without image; inpainting repaints `image` where the mask is white, "
+            "so give the image too (or drop the mask)."
         )
-    return mask.resize(image.size, Image.Resampling.NEAREST)
+    source = None if image is None else open_image("image", image, "RGB")
+    mask_image = None if mask is None else open_image("mask", mask, "L")
+    if source is not None and mask_image is not None:
+        mask_image = fit_mask(mask_image, source)
+    return source, mask_image
+
+
+def _size(
+    source: Image.Image | None,
+    strength: float,
+    aspect_ratio: str,
+    megapixels: str,
+    sides: dict[str, int | None],
+) -> tuple[int, int]:
+    """(width, height) to generate: the image's (the description promises aspect_ratio, width and
+    height are ignored with one), the custom sides, or the aspect ratio's at `megapixels`."""
+    if source is not None:
+        if strength == 0:
+            raise InputError(
+                "prompt_strength: 0 leaves no denoising steps, so the input image would come "
+                "back unchanged; use a value above 0 (0.8 is the default)."
+            )
+        return image_generation_size(*source.size)
+    if aspect_ratio == CUSTOM:
+        missing = [name for name, value in sides.items() if value is None]
+        if missing:
+            raise InputError(
+                f"{' and '.join(missing)}: required when aspect_ratio is custom; give width "
+                "and height from 256 to 1440 (rounded to the nearest multiple of 16)."
+            )
+        return round_custom_size(sides["width"], sides["height"])
+    return aspect_ratio_size(aspect_ratio, megapixels)
 
 
 def _lora_requests(
@@ -312,13 +209,13 @@ def _lora_requests(
     named = (
         (
             "replicate_weights",
-            _optional_text("replicate_weights", replicate_weights),
-            _bounded("lora_scale", lora_scale),
+            optional_text("replicate_weights", replicate_weights),
+            bounded("lora_scale", lora_scale),
         ),
         (
             "extra_lora",
-            _optional_text("extra_lora", extra_lora),
-            _bounded("extra_lora_scale", extra_lora_scale),
+            optional_text("extra_lora", extra_lora),
+            bounded("extra_lora_scale", extra_lora_scale),
         ),
     )
     return tuple(LoraRequest.parse(name, source, scale) for name, source, scale in named if source)

@@ -12,7 +12,8 @@ import pytest
 from cog import _inspector
 from cog._adt import Repetition
 
-from flux_day.request import CHOICES, INTEGER_INPUTS, NUMBER_BOUNDS, GenerationRequest
+from flux_day.input_checks import CHOICES, INTEGER_INPUTS, NUMBER_BOUNDS
+from flux_day.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = Path(__file__).parent / "data" / "seed_input_schema.json"
