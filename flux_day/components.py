@@ -1,5 +1,7 @@
-"""The names of what the engine loads: one vocabulary for the engine, the memory plan and its
-simulator, the settings and the benchmarks.
+"""The names of what the engine loads: one vocabulary for the engine, plan, settings and benchmarks.
+
+The memory plan and its simulator, the settings (`FLUX_DAY_COMPILE_MODELS`) and the benchmarks all
+name components this way.
 
 A transformer is named for its model and precision: `dev-full` is dev as loaded (bf16 on a GPU,
 float32 on a CPU, so not "bf16"), `dev-fp8` its go_fast copy. The shared components have one name each.

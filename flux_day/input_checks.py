@@ -1,5 +1,7 @@
-"""Checks of single inputs against the published schema: each returns the value as it is used, or
-raises `InputError` naming the input, the value given and what is allowed.
+"""Checks of single inputs against the published schema, each refusing a bad value by name.
+
+Each returns the value as it is used, or raises `InputError` naming the input, the value given and
+what is allowed.
 
 `GenerationRequest.from_inputs` combines them; a test holds the tables equal to the seed's schema.
 """

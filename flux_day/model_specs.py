@@ -1,5 +1,7 @@
-"""The FLUX.1 variants as data: one torch-free table that loading, the weights manifest, the random
-tree builders, the request checks and the benchmarks all read (as BFL's `configs` table does).
+"""The FLUX.1 variants as data: one torch-free table every part of flux-day reads.
+
+Loading, the weights manifest, the random tree builders, the request checks and the benchmarks all
+read it (as BFL's `configs` table is read).
 
 dev and schnell differ in their transformer (dev is guidance-distilled), their scheduler (dev shifts
 its timesteps with the image size), the T5 sequence length they were trained with and the steps they

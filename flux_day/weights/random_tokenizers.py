@@ -1,5 +1,8 @@
-"""Tokenizers for the random trees, built locally (real ones cannot be downloaded here): CLIP's
-byte-level BPE and T5's Unigram, each knowing a few dozen whole words and falling back to characters."""
+"""Tokenizers for the random trees, built locally, since real ones cannot be downloaded here.
+
+CLIP's byte-level BPE and T5's Unigram, each knowing a few dozen whole words and falling back to
+characters.
+"""
 
 from __future__ import annotations
 
