@@ -56,7 +56,7 @@ def use_in_memory_loras(engine, state_dicts: dict, reads: dict | None = None) ->
     from contextlib import contextmanager
 
     from flux_day.loras.manager import LoraManager, LoraRef, LoraRequest
-    from tests.lora_files import data_uri, to_bytes
+    from tests.harness.lora_files import data_uri, to_bytes
 
     blobs = {label: to_bytes(state) for label, state in state_dicts.items()}
     by_source = {data_uri(blob): blob for blob in blobs.values()}

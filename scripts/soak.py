@@ -52,10 +52,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_day.weights.tiny import write_tiny_weights
-from tests.cog_server import CogServer, decode_output, open_image, server_env
-from tests.http_files import HttpFiles
-from tests.process_footprint import Footprint, Snapshot
-from tests.soak_requests import CLOSING, PROBES, Images, Planned, plan, serve_loras, warm_up
+from tests.harness.cog_server import CogServer, decode_output, open_image, server_env
+from tests.harness.http_files import HttpFiles
+from tests.harness.process_footprint import Footprint, Snapshot
+from tests.harness.soak_requests import CLOSING, PROBES, Images, Planned, plan, serve_loras, warm_up
 
 RSS_TARGET = 0.05
 READY_TIMEOUT_S = 30.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flux_day.weights.tiny import write_tiny_weights
-from tests.cog_server import CogServer, server_env
+from tests.harness.cog_server import CogServer, server_env
 
 
 @pytest.fixture(scope="session")

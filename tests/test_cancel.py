@@ -25,8 +25,8 @@ from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
-from tests import lora_files as lf
-from tests.test_fast import fp8_model, fp8_state
+from tests.harness import lora_files as lf
+from tests.harness.fp8_weights import fp8_model, fp8_state
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 3, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 7}
 LORA = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(11))))

@@ -19,7 +19,7 @@ from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.errors import SettingsError
 from flux_day.request import GenerationRequest
-from tests import lora_files as lf
+from tests.harness import lora_files as lf
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 1, "seed": 1}
 

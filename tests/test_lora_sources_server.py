@@ -1,5 +1,5 @@
 """Every LoRA source end to end, through the real Cog server against fake Replicate, Hugging Face and
-CivitAI (`tests.fake_services`): what a user gets for each kind of reference, who sees which token,
+CivitAI (`tests.harness.fake_services`): what a user gets for each kind of reference, who sees which token,
 what the disk cache saves, what a hostile archive can do, and what a restarted server remembers.
 
 The proof that a reference fetched the right file is the image itself: it must be exactly the image
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cog_server import ROOT, CogServer, server_env
-from tests.fake_services import REPLICATE_MEMBER, FakeServices, make_tar
-from tests.http_files import HttpFiles
-from tests.lora_files import FAST, data_uri, kohya, random_lora, to_bytes
+from tests.harness.cog_server import ROOT, CogServer, server_env
+from tests.harness.fake_services import REPLICATE_MEMBER, FakeServices, make_tar
+from tests.harness.http_files import HttpFiles
+from tests.harness.lora_files import FAST, data_uri, kohya, random_lora, to_bytes
 
 MAX_LORA_BYTES = 2_000_000
 TOKENS = {

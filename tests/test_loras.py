@@ -20,8 +20,8 @@ from flux_day.loras.fuse import ScaledDelta, UnrepresentableWeight, WeightFuser
 from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRequest
 from flux_day.request import GenerationRequest
-from tests import lora_files as lf
-from tests.http_files import HttpFiles
+from tests.harness import lora_files as lf
+from tests.harness.http_files import HttpFiles
 
 SMALL = {"num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 7}
 
@@ -54,7 +54,7 @@ def weights(engine: Engine, model: str = "dev") -> dict[str, torch.Tensor]:
 
 
 def linear_weights(engine: Engine) -> dict[str, torch.Tensor]:
-    """The dev transformer's linear weights by diffusers module name (as tests/lora_files names them)."""
+    """The dev transformer's linear weights by diffusers module name (as harness/lora_files.py names them)."""
     transformer = engine.pipelines["dev"]["txt2img"].transformer
     return {n: m.weight.detach().clone() for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
 

@@ -13,14 +13,10 @@ from cog import _inspector
 from cog._adt import Repetition
 
 from flux_day.request import CHOICES, INTEGER_INPUTS, NUMBER_BOUNDS, GenerationRequest
+from tests.harness.seed_schema import seed_schema
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED = Path(__file__).parent / "data" / "seed_input_schema.json"
 SHARED_SEED = ROOT.parent / "shared" / "seed" / "input_schema.json"
-
-
-def seed_schema() -> dict[str, Any]:
-    return json.loads(SEED.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from flux_day.loras.formats import Delta
 from flux_day.loras.fuse import PristineStore, ScaledDelta, Slot, WeightFuser, inner_tensors
 from flux_day.memory_plan import module_bytes, plan_memory, pristine_site
 from flux_day.request import GenerationRequest
-from tests import lora_files as lf
+from tests.harness import lora_files as lf
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 2, "megapixels": "0.25", "seed": 3}
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal, Self
 
-from tests.http_files import HttpFiles, Request, Route
+from tests.harness.http_files import HttpFiles, Request, Route
 
 REPLICATE_MEMBER = "output/flux_train_replicate/lora.safetensors"
 # Suffixes a Hub repo's default .gitattributes stores in LFS: those files resolve to a CDN redirect.

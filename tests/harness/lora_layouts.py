@@ -19,7 +19,7 @@ from functools import cache
 
 import torch
 
-from tests.lora_files import to_bytes
+from tests.harness.lora_files import to_bytes
 
 Expected = dict[str, torch.Tensor]  # parameter ("transformer.x.weight") -> float64 update at scale 1
 
