@@ -1,55 +1,21 @@
-"""Soak: many mixed predictions through the real Cog server on tiny weights, then what leaked.
+"""The soak's core: a Cog server on tiny weights, many mixed predictions, each judged, and what grew.
 
-Usage: `python scripts/soak.py [--count 300] [--seed 0] [--keep]`.
-
-A server that passes every test once can still fail on the thousandth request: a LoRA switch that a
-cancel interrupted, a file descriptor or temp file left per request, memory that creeps. This drives
-`--count` requests (txt2img, img2img and inpaint on dev and schnell, go_fast on and off, LoRAs switching
-between none / A / B / A+B, bad inputs and unreadable LoRAs that must fail naming the input, and cancels
-of a slow request) in a mix drawn from `--seed`, and prints one table:
-
-- unexpected failures (target 0): a status other than the request kind expects, a 5xx, a traceback or
-  "internal error" in an error, a failure that does not name its input, a wrong number of outputs, a
-  probe request whose bytes differ from its first answer (state left behind by a switch or a cancel),
-  or a server not READY again after a response;
-- RSS of the server's processes (all, and the largest) around 1/6 of the run (the median after
-  predictions 26-75 of 300) against its end (the last 50) (target: under 5% growth);
-- open file descriptors and threads of the server's processes, entries in its TMPDIR, files in
-  coglet's own per-prediction folders and in the LoRA cache, after warm-up and at the end (target: no
-  growth). coglet's folders themselves (one per prediction under /tmp/coglet/predictions, whatever
-  TMPDIR says, never removed: replicate/cog#3096) are counted for information, and this soak's are
-  removed at the end.
-
-Before the baseline a warm-up runs the largest requests and a mix of up to 150 (see `warm_up`). On
-tiny weights RSS climbs, in steps, for 100 to 250 requests (the allocator finding its high-water mark;
-`MALLOC_ARENA_MAX=2` in the environment, which the server inherits, makes it smaller) and then holds
-flat: within 1% from #100 to #1500 in a run of 1500. Measured from prediction 50 of a fresh server,
-3 of 8 runs of 300 missed the 5% target with no leak behind it. Short runs (the test's 30) measure
-mostly that climb: their RSS verdict means little.
-
-Exit status 1 when a target is not met. `tests/test_soak.py` runs the same code with 30 predictions.
+`scripts/soak.py` runs it and prints `soak_report.format_report`; `tests/test_soak.py` runs it short.
+See that script's docstring for the targets and what each measurement means.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import statistics
-import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-# Run as `python scripts/soak.py`: make `flux_day` and `tests` (the server harness) importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_day.weights.tiny import write_tiny_weights
 from tests.harness.cog_server import CogServer, decode_output, open_image, server_env
@@ -336,122 +302,3 @@ def growth_notes(start: Snapshot, end: Snapshot) -> list[str]:
     if len(end.tmp_entries) > len(start.tmp_entries):
         notes.append(f"TMPDIR now holds: {end.tmp_entries[:20]}")
     return notes
-
-
-# ------------------------------------------------------------------------------------------- printing
-
-
-def format_report(report: SoakReport) -> str:
-    """The metrics table, counts per kind and status, and every unexpected failure."""
-    lines = [
-        f"soak: {report.count} predictions, seed {report.seed}, setup {report.setup_s:.0f} s, "
-        f"run {report.run_s:.0f} s, after a warm-up of {len(report.framing) - 1} requests",
-        "",
-        *table(metric_rows(report)),
-        rss_note(len(report.rss)),
-        "",
-        *table(count_rows(report.outcomes)),
-    ]
-    if report.rss:
-        every = [
-            (i, kib) for i, (kib, _) in enumerate(report.rss, start=1) if i % 25 == 0 or i == len(report.rss)
-        ]
-        lines += [
-            "",
-            "RSS (MiB) after prediction: " + ", ".join(f"{i}: {kib / 1024:.0f}" for i, kib in every),
-        ]
-    if report.unexpected:
-        lines += ["", "unexpected failures:"] + [
-            f"  {'#' + str(o.index) if 0 < o.index <= report.count else 'framing'} {o.kind}: {o.problem}"
-            for o in report.unexpected
-        ]
-    if report.notes:
-        lines += ["", "notes:"] + [f"  {note}" for note in report.notes]
-    return "\n".join(lines)
-
-
-def rss_note(count: int) -> str:
-    """Which predictions the RSS medians are over."""
-    before, after = rss_windows(count)
-    return (
-        f"(RSS: median after predictions {before.start}-{before.stop - 1} -> {after.start}-{after.stop - 1};"
-        " the rest: after warm-up -> after the run)"
-    )
-
-
-def metric_rows(report: SoakReport) -> list[tuple[str, ...]]:
-    """The measured rows and the unexpected-failure count, each with its target and verdict."""
-
-    def number(value: float) -> str:
-        return f"{value:g}" if value == int(value) else f"{value:.1f}"
-
-    rows = [("metric", "before", "after", "change", "target", "")]
-    for m in report.metrics:
-        relative = m.key.startswith("rss") and m.before > 0
-        change = f"{(m.after - m.before) / m.before:+.1%}" if relative else f"{m.after - m.before:+g}"
-        verdict = {True: "met", False: "NOT met", None: "-"}[m.met]
-        rows.append((m.name, number(m.before), number(m.after), change, m.target, verdict))
-    unexpected = len(report.unexpected)
-    rows.append(("unexpected failures", "", str(unexpected), "", "0", "NOT met" if unexpected else "met"))
-    return rows
-
-
-def count_rows(outcomes: list[Outcome]) -> list[tuple[str, ...]]:
-    """Per request kind: how many ended in each status, how many were unexpected, median seconds."""
-    statuses = ["succeeded", "failed", "rejected", "canceled"]
-    statuses += sorted({o.status for o in outcomes} - set(statuses))
-    rows = [("kind", "expect", *statuses, "unexpected", "median s")]
-    for kind in sorted({o.kind for o in outcomes}):
-        mine = [o for o in outcomes if o.kind == kind]
-        counts = Counter(o.status for o in mine)
-        rows.append(
-            (
-                kind,
-                mine[0].expect,
-                *(str(counts[s] or "") for s in statuses),
-                str(sum(o.problem is not None for o in mine) or ""),
-                f"{statistics.median(o.seconds for o in mine):.2f}",
-            )
-        )
-    totals = Counter(o.status for o in outcomes)
-    rows.append(
-        (
-            "all",
-            "",
-            *(str(totals[s]) for s in statuses),
-            str(sum(o.problem is not None for o in outcomes)),
-            f"{statistics.median(o.seconds for o in outcomes):.2f}" if outcomes else "",
-        )
-    )
-    return rows
-
-
-def table(rows: list[tuple[str, ...]]) -> list[str]:
-    """Rows as left-aligned columns."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run a soak in a fresh temp folder, print the report, return 1 if a target was missed."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--count", type=int, default=300, help="predictions in the mix (default 300)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mix (default 0)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (weights, server log)")
-    args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="flux-day-soak-"))
-    report = run_soak(args.count, args.seed, workdir, progress=lambda line: print(line, file=sys.stderr))
-    print(format_report(report))
-    if args.keep or not report.ok:
-        print(f"\nwork folder kept: {workdir} (server log: {workdir / 'cog.log'})")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
