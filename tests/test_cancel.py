@@ -21,7 +21,6 @@ from torch import nn
 
 import flux_day.fast
 import flux_day.outputs
-from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
@@ -36,11 +35,6 @@ BOTH = {"replicate_weights": LORA, "extra_lora": OTHER}
 
 class Cancelled(BaseException):
     """Stands in for cog's CancelationException, which is a BaseException too."""
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
 
 
 def request(**inputs: object) -> GenerationRequest:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from PIL import Image
 from torch import nn
 from torchao.quantization import quantize_
 
-from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.fast import quantized_weight
 from flux_day.loras.fuse import inner_tensors as _inner
@@ -27,11 +25,6 @@ from tests.harness.fp8_weights import fp8_model, fp8_state
 SMALL = {"prompt": "a fox", "num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 5}
 LORA = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(1))))
 OTHER = lf.data_uri(lf.to_bytes(lf.bfl(lf.random_lora(2, modules=("double_blocks.0.img_attn.proj",)))))
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
 
 
 def pixels(engine: Engine, **inputs: object) -> np.ndarray:

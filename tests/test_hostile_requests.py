@@ -64,12 +64,6 @@ def server(
 
 
 @pytest.fixture(scope="module")
-def files() -> Iterator[HttpFiles]:
-    with HttpFiles() as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
 def base(server: CogServer) -> bytes:
     (raw,) = server.images(**FAST)
     return raw

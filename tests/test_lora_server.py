@@ -55,12 +55,6 @@ def server(
 
 
 @pytest.fixture(scope="module")
-def files() -> Iterator[HttpFiles]:
-    with HttpFiles() as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
 def base(server: CogServer) -> bytes:
     """The image without any LoRA."""
     (raw,) = server.images(**FAST)

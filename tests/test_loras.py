@@ -21,14 +21,10 @@ from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRequest
 from flux_day.request import GenerationRequest
 from tests.harness import lora_files as lf
+from tests.harness.engines import EngineFactory
 from tests.harness.http_files import HttpFiles
 
 SMALL = {"num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 7}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
 
 
 @pytest.fixture(autouse=True)
@@ -384,12 +380,11 @@ def test_lora_scale_zero_gives_the_base_image_and_fetches_nothing(engine: Engine
 
 
 def test_a_default_lora_from_cog_weights_applies_when_replicate_weights_is_empty(
-    engine: Engine, tiny_weights: Path, tmp_path: Path
+    engine: Engine, make_engine: EngineFactory, tmp_path: Path
 ) -> None:
     file_a, file_b = lf.to_bytes(lf.kohya(lf.random_lora(30))), lf.to_bytes(lf.kohya(lf.random_lora(31)))
     (tmp_path / "lora.safetensors").write_bytes(file_a)
-    settings = Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"})
-    trained = Engine(settings, default_lora=str(tmp_path))
+    trained = make_engine(default_lora=str(tmp_path))
     assert image_bytes(trained, lora_scale=0.5) == image_bytes(
         engine, replicate_weights=lf.data_uri(file_a), lora_scale=0.5
     )
@@ -398,7 +393,7 @@ def test_a_default_lora_from_cog_weights_applies_when_replicate_weights_is_empty
     )
     (tmp_path / "lora.safetensors").write_bytes(b"garbage")
     with pytest.raises(WeightsError, match=r"^COG_WEIGHTS: .*not a safetensors file"):
-        Engine(settings, default_lora=str(tmp_path / "lora.safetensors"))
+        make_engine(default_lora=str(tmp_path / "lora.safetensors"))
 
 
 def test_images_with_a_lora_differ_from_the_base(engine: Engine) -> None:

@@ -62,12 +62,6 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def files() -> Iterator[HttpFiles]:
-    with HttpFiles() as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
 def fleet(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("replicas")
     (root / "logs").mkdir()

@@ -27,11 +27,6 @@ from tests.harness.cog_server import CogServer, server_env
 SMALL = {"prompt": "a fox", "num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 11}
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
-
-
 def generate(engine: Engine, **inputs: object) -> list[np.ndarray]:
     request = GenerationRequest.from_inputs(**{**SMALL, **inputs})
     return [np.asarray(image) for image in engine.generate(request).images]
