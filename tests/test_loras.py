@@ -304,6 +304,38 @@ def test_the_same_loras_are_not_fused_again(engine: Engine, monkeypatch: pytest.
     assert len(fuses) == engine.loras.fuser.fused_count > 0
 
 
+def test_a_manager_given_lora_bytes_reads_through_them_and_reads_again_after_forget_parsed(
+    engine: Engine,
+) -> None:
+    """The benchmarks' hooks: `lora_bytes` stands in for the download and fuses as that file's data: URI
+    does; `forget_parsed` makes the next use read again; `use_lora_manager` restores the weights first."""
+    data = lf.to_bytes(lf.kohya(lf.random_lora(40)))
+    url = "https://example.com/never-fetched.safetensors"
+    reads: list[str] = []
+
+    def lora_bytes(lora: LoraRequest) -> bytes:
+        reads.append(lora.ref.location)
+        return data
+
+    activate(engine, ("replicate_weights", data, 1.0))
+    expected = weights(engine)
+    original = engine.loras
+    engine.use_lora_manager(LoraManager(engine.settings, original.fuser.store, lora_bytes=lora_bytes))
+    try:
+        assert engine.loras.fuser.fused_count == 0
+        activate(engine, ("replicate_weights", url, 1.0))
+        activate(engine)
+        activate(engine, ("replicate_weights", url, 1.0))
+        assert reads == [url]
+        fused = weights(engine)
+        assert all(torch.equal(fused[name], expected[name]) for name in expected)
+        engine.loras.forget_parsed()
+        activate(engine, ("replicate_weights", url, 1.0))
+        assert reads == [url, url]
+    finally:
+        engine.use_lora_manager(original)
+
+
 def test_a_failure_while_fusing_restores_every_weight(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
