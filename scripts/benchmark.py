@@ -588,8 +588,8 @@ def main() -> None:
         if args.random_full_size:
             fast_random_full_size(args)
             return
-    from bench_lora import lora_switch
-    from bench_setup import setup
+    from bench.lora_switch import lora_switch
+    from bench.setup import setup
 
     run = {"overhead": overhead, "lora-switch": lora_switch, "fast": fast, "setup": setup}[args.command]
     if args.weights is not None:

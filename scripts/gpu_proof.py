@@ -329,7 +329,7 @@ def modes(run: Run) -> None:
 def lora_switch(run: Run, label: str) -> None:
     """A full-coverage LoRA switch A <-> B, warm and cold, in full precision and go_fast."""
     import torch
-    from bench_lora import lora_state_dict, use_in_memory_loras
+    from bench.lora_switch import lora_state_dict, use_in_memory_loras
 
     engine, scale = run.engine, run.scale
     master = engine.lora_targets("dev").master

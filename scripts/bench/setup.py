@@ -76,7 +76,7 @@ def weight_files(root: Path) -> list[Path]:
 
 
 def child(mode: str, root: Path, device: str, files: list[Path], fp8_cache: Path) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     arguments = [mode, str(root), device, json.dumps([str(f) for f in files]), str(fp8_cache)]
     out = subprocess.run(
         [sys.executable, "-c", CHILD, *arguments],
