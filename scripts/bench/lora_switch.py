@@ -5,7 +5,9 @@ Two random LoRAs (A, B) on every linear of the dev transformer, PEFT layout with
 flux-day as safetensors bytes and to diffusers as a state dict. Variants, interleaved per repeat:
 
 - flux-day warm switch A <-> B in full precision, both LoRAs already parsed;
-- flux-day cold switch (parsed again from bytes in memory; the download is excluded);
+- flux-day cold switch (parsed again from bytes in memory; the download is excluded): the engine's LoRA
+  manager is given the files' bytes (`LoraManager(lora_bytes=...)`, `Engine.use_lora_manager`) and
+  forgets what it parsed before each cold switch (`forget_parsed`), untimed;
 - diffusers `unfuse_lora` + `unload_lora_weights` + `load_lora_weights` + `fuse_lora` on its own
   pipeline (same transformer weights);
 - flux-day go_fast warm switch: the fp8 copy's layers become quantize(master + LoRA);
@@ -24,13 +26,14 @@ import gc
 import logging
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+WARM, COLD = "flux-day warm switch", "flux-day cold switch (parse, no download)"
+DIFFUSERS = "diffusers unfuse+unload+load+fuse"
+GO_FAST, QUANTIZE = "flux-day go_fast warm switch", "torchao quantize_ whole transformer"
 
 
 def lora_state_dict(linears: dict, rank: int, seed: int) -> dict:
@@ -50,33 +53,30 @@ def lora_state_dict(linears: dict, rank: int, seed: int) -> dict:
     return state
 
 
-def use_in_memory_loras(engine, state_dicts: dict, reads: dict | None = None) -> dict:
+def use_in_memory_loras(engine: Any, state_dicts: dict, reads: dict | None = None) -> dict:
     """Give `engine` a LoRA manager whose transfer is a dict lookup (a cache miss then costs exactly
-    what `activate` does once the bytes have arrived), and return a request per LoRA label."""
-    from contextlib import contextmanager
-
-    from flux_day.loras.manager import LoraManager, LoraRef, LoraRequest
+    what `activate` does once the bytes have arrived), counting reads in `reads["cold"]`, and return a
+    request per LoRA label."""
+    from flux_day.loras.manager import LoraManager
+    from flux_day.loras.refs import LoraRequest
     from tests.harness.lora_files import data_uri, to_bytes
 
     blobs = {label: to_bytes(state) for label, state in state_dicts.items()}
     by_source = {data_uri(blob): blob for blob in blobs.values()}
     counts = reads if reads is not None else {"cold": 0}
 
-    class InMemoryLoraManager(LoraManager):
-        @contextmanager
-        def _lora_file(self, ref: LoraRef):
-            counts["cold"] += 1
-            yield by_source[ref.location]
+    def lora_bytes(lora: LoraRequest) -> bytes:
+        counts["cold"] += 1
+        return by_source[lora.ref.location]
 
-    engine.release_loras()
-    engine.loras = InMemoryLoraManager(engine.settings, engine.loras.fuser.store)
-    engine.residency.on_leave = engine.loras.fuser.forget
+    engine.use_lora_manager(LoraManager(engine.settings, engine.loras.fuser.store, lora_bytes=lora_bytes))
     return {
         label: [LoraRequest.parse("replicate_weights", data_uri(blob), 1.0)] for label, blob in blobs.items()
     }
 
 
-def _table(title: str, rows: dict[str, list[float]], memory: dict[str, str], baseline: str) -> None:
+def switch_table(title: str, rows: dict[str, list[float]], memory: dict[str, str], baseline: str) -> None:
+    """Median/min/max in ms, the pristine copies each variant keeps, and the median over the baseline's."""
     base = statistics.median(rows[baseline])
     width = max(len(name) for name in rows)
     print(f"\n{title}")
@@ -91,6 +91,7 @@ def _table(title: str, rows: dict[str, list[float]], memory: dict[str, str], bas
 
 
 def lora_switch(args: argparse.Namespace) -> None:
+    """One table per rank in `args.rank`, on the dev transformer of `args.weights`."""
     from diffusers import FluxPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -117,101 +118,140 @@ def lora_switch(args: argparse.Namespace) -> None:
     )
     diffusers_pipe.to(engine.device)
     for rank in args.rank:
-        _one_rank(args, engine, diffusers_pipe, rank, pristine)
+        one_rank(args, engine, diffusers_pipe, rank, pristine)
 
 
-def _one_rank(args, engine, diffusers_pipe, rank: int, pristine: dict) -> None:
-    """One table: every variant switching between two random LoRAs of `rank`, interleaved."""
-    import torch
-    from torchao.quantization import quantize_
+@dataclass
+class Variant:
+    """One timed switch, and what runs untimed before each call of it."""
 
-    model = "dev"
-    full, fast = engine.lora_targets(model, fp8=False), engine.lora_targets(model, fp8=True)
-    transformer = full.master
-    linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
-    state_dicts = {label: lora_state_dict(linears, rank, seed) for seed, label in ((1, "A"), (2, "B"))}
-    reads = {"cold": 0}
-    requests = use_in_memory_loras(engine, state_dicts, reads)
-    fused = {"full": "none", "fast": "none", "diffusers": "none"}
+    switch: Callable[[], None]
+    prepare: Callable[[], None] = lambda: None
 
-    def other(current: str) -> str:
-        return "B" if current == "A" else "A"
 
-    def flux_day(targets: object, which: str, cold: bool = False) -> Callable[[], None]:
+class Switches:
+    """The variants of one rank: flux-day's switches (full precision, cold, go_fast) between LoRAs A and
+    B, diffusers' own on its pipeline, and torchao quantizing a fresh copy of the whole transformer."""
+
+    def __init__(self, engine: Any, diffusers_pipe: Any, rank: int) -> None:
+        import torch
+
+        self.engine, self.diffusers_pipe, self.model = engine, diffusers_pipe, "dev"
+        self.full = engine.lora_targets(self.model, fp8=False)
+        self.fast = engine.lora_targets(self.model, fp8=True)
+        self.transformer = self.full.master
+        self.linears = {n: m for n, m in self.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+        self.sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
+        self.state_dicts = {
+            label: lora_state_dict(self.linears, rank, seed) for seed, label in ((1, "A"), (2, "B"))
+        }
+        self.reads = {"cold": 0}
+        self.requests = use_in_memory_loras(engine, self.state_dicts, self.reads)
+        self.fused = {"full": "none", "fast": "none", "diffusers": "none"}
+        self.fresh: list[Any] = []
+
+    def variants(self) -> dict[str, Variant]:
+        """Every variant by its row name, in table order."""
+        return {
+            WARM: Variant(self.flux_day(self.full, "full"), self.parse_both),
+            COLD: Variant(self.flux_day(self.full, "full"), self.engine.loras.forget_parsed),
+            DIFFUSERS: Variant(self.diffusers_switch),
+            GO_FAST: Variant(self.flux_day(self.fast, "fast"), self.parse_both),
+            QUANTIZE: Variant(self.whole_quantize, self.fresh_copy),
+        }
+
+    def flux_day(self, targets: Any, which: str) -> Callable[[], None]:
+        """flux-day's switch to the other LoRA on `targets` ("full" or "fast" precision)."""
+
         def switch() -> None:
-            label = other(fused[which])
-            kept = engine.loras._parsed.copy() if cold else None
-            if cold:
-                engine.loras._parsed.clear()
-            state = engine.loras.activate(model, targets, requests[label], go_fast=which == "fast")
-            sync()
-            if kept is not None:
-                engine.loras._parsed = kept  # the warm variants keep finding both LoRAs parsed
-            assert len(state.written) == len(linears), "not a full switch"
-            fused[which] = label
+            label = other(self.fused[which])
+            state = self.engine.loras.activate(
+                self.model, targets, self.requests[label], go_fast=which == "fast"
+            )
+            self.sync()
+            assert len(state.written) == len(self.linears), "not a full switch"
+            self.fused[which] = label
 
         return switch
 
-    def diffusers_switch() -> None:
-        label = other(fused["diffusers"])
-        diffusers_pipe.unfuse_lora()
-        diffusers_pipe.unload_lora_weights()
-        diffusers_pipe.load_lora_weights(dict(state_dicts[label]), adapter_name=label)
-        diffusers_pipe.fuse_lora()
-        sync()
-        fused["diffusers"] = label
+    def parse_both(self) -> None:
+        """Both LoRAs parsed, as the warm variants expect them (a cold switch leaves only one)."""
+        for request in self.requests.values():
+            self.engine.loras.weights(request[0], self.model, self.full.components)
 
-    fresh: list[torch.nn.Module] = []
+    def diffusers_switch(self) -> None:
+        label = other(self.fused["diffusers"])
+        self.diffusers_pipe.unfuse_lora()
+        self.diffusers_pipe.unload_lora_weights()
+        self.diffusers_pipe.load_lora_weights(dict(self.state_dicts[label]), adapter_name=label)
+        self.diffusers_pipe.fuse_lora()
+        self.sync()
+        self.fused["diffusers"] = label
 
-    def whole_quantize() -> None:
-        quantize_(fresh.pop(), engine.fast.config)
-        sync()
+    def fresh_copy(self) -> None:
+        self.fresh.append(copy.deepcopy(self.transformer))
 
-    warm, cold = "flux-day warm switch", "flux-day cold switch (parse, no download)"
-    diffusers_name = "diffusers unfuse+unload+load+fuse"
-    go_fast, quantize_name = "flux-day go_fast warm switch", "torchao quantize_ whole transformer"
-    runs = {
-        warm: flux_day(full, "full"),
-        cold: flux_day(full, "full", cold=True),
-        diffusers_name: diffusers_switch,
-        go_fast: flux_day(fast, "fast"),
-        quantize_name: whole_quantize,
-    }
-    results: dict[str, list[float]] = {name: [] for name in runs}
-    for name, function in runs.items():  # warm-up: also fills the warm variants' parsed LoRAs
+    def whole_quantize(self) -> None:
+        from torchao.quantization import quantize_
+
+        quantize_(self.fresh.pop(), self.engine.fast.config)
+        self.sync()
+
+
+def other(current: str) -> str:
+    return "B" if current == "A" else "A"
+
+
+def time_variants(switches: Switches, repeats: int) -> dict[str, list[float]]:
+    """Two untimed calls of each variant, then `repeats` interleaved rounds; LoRA files must be read
+    inside a timing only by the cold switch, once per call."""
+    variants = switches.variants()
+    for variant in variants.values():
         for _ in range(2):
-            if name == quantize_name:
-                fresh.append(copy.deepcopy(transformer))
-            function()
+            variant.prepare()
+            variant.switch()
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    reads_timed = dict.fromkeys(variants, 0)
     gc.collect()
     gc.freeze()  # loaded models are long-lived: no full collection rescanning them inside a timing
-    reads["cold"] = 0
-    for _ in range(args.repeats):
-        for name, function in runs.items():
-            if name == quantize_name:
-                fresh.append(copy.deepcopy(transformer))  # untimed
-            started = time.perf_counter()
-            function()
-            results[name].append(time.perf_counter() - started)
-    gc.unfreeze()
-    assert reads["cold"] == args.repeats, f"LoRA files read: {reads}"
-    _check_against_diffusers(engine, full, fused, flux_day, diffusers_pipe, linears)
-    engine.release_loras()
-    for key, value in transformer.state_dict().items():
-        assert torch.equal(value, pristine[key]), f"{key} not restored bit-exactly"
+    try:
+        for _ in range(repeats):
+            for name, variant in variants.items():
+                variant.prepare()  # untimed
+                reads = switches.reads["cold"]
+                started = time.perf_counter()
+                variant.switch()
+                results[name].append(time.perf_counter() - started)
+                reads_timed[name] += switches.reads["cold"] - reads
+    finally:
+        gc.unfreeze()
+    expected = {name: repeats if name == COLD else 0 for name in variants}
+    assert reads_timed == expected, f"LoRA files read inside timings: {reads_timed}"
+    return results
 
+
+def one_rank(args: argparse.Namespace, engine: Any, diffusers_pipe: Any, rank: int, pristine: dict) -> None:
+    """One table: every variant switching between two random LoRAs of `rank`, interleaved."""
+    import torch
+
+    switches = Switches(engine, diffusers_pipe, rank)
+    results = time_variants(switches, args.repeats)
+    check_against_diffusers(switches)
+    engine.release_loras()
+    for key, value in switches.transformer.state_dict().items():
+        assert torch.equal(value, pristine[key]), f"{key} not restored bit-exactly"
     fuser = engine.loras.fuser
     memory = {
-        warm: f"{fuser.pristine_bytes('dev-full') / 1e9:.2f}",
-        cold: f"{fuser.pristine_bytes('dev-full') / 1e9:.2f}",
-        go_fast: f"{fuser.pristine_bytes('dev-fp8') / 1e9:.2f}",
-        diffusers_name: "0 (lossy)",
-        quantize_name: "-",
+        WARM: f"{fuser.pristine_bytes('dev-full') / 1e9:.2f}",
+        COLD: f"{fuser.pristine_bytes('dev-full') / 1e9:.2f}",
+        GO_FAST: f"{fuser.pristine_bytes('dev-fp8') / 1e9:.2f}",
+        DIFFUSERS: "0 (lossy)",
+        QUANTIZE: "-",
     }
-    parameters = sum(v.numel() for k, v in state_dicts["A"].items() if not k.endswith("alpha"))
+    linears = switches.linears
+    parameters = sum(v.numel() for k, v in switches.state_dicts["A"].items() if not k.endswith("alpha"))
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears.values())
-    _table(
+    switch_table(
         f"lora-switch: LoRA A <-> B on all {len(linears)} linears of the dev transformer "
         f"({weight_bytes / 1e9:.2f} GB of weights), rank {rank}, {parameters / 1e6:.1f} M LoRA "
         f"parameters, {args.repeats} repeats, {engine.device.type}/"
@@ -219,10 +259,10 @@ def _one_rank(args, engine, diffusers_pipe, rank: int, pristine: dict) -> None:
         f"weights {args.weights}",
         results,
         memory,
-        baseline=warm,
+        baseline=WARM,
     )
-    speedup = statistics.median(results[diffusers_name]) / statistics.median(results[warm])
-    ratio = statistics.median(results[go_fast]) / statistics.median(results[quantize_name])
+    speedup = statistics.median(results[DIFFUSERS]) / statistics.median(results[WARM])
+    ratio = statistics.median(results[GO_FAST]) / statistics.median(results[QUANTIZE])
     print(
         f"targets: warm switch >= 5x faster than diffusers: {'met' if speedup >= 5 else 'NOT met'} "
         f"({speedup:.1f}x); go_fast switch <= 1.0x whole-model quantize_: "
@@ -231,15 +271,15 @@ def _one_rank(args, engine, diffusers_pipe, rank: int, pristine: dict) -> None:
     )
 
 
-def _check_against_diffusers(engine, full, fused, flux_day, diffusers_pipe, linears) -> None:
+def check_against_diffusers(switches: Switches) -> None:
     """Apples to apples: both paths leave the same fused weights for the same LoRA."""
     import torch
 
-    tolerance = 1e-5 if engine.dtype == torch.float32 else 1e-2
-    if fused["full"] != fused["diffusers"]:
-        flux_day(full, "full")()
-    theirs = dict(diffusers_pipe.transformer.named_modules())
-    for name, linear in linears.items():
+    tolerance = 1e-5 if switches.engine.dtype == torch.float32 else 1e-2
+    if switches.fused["full"] != switches.fused["diffusers"]:
+        switches.flux_day(switches.full, "full")()
+    theirs = dict(switches.diffusers_pipe.transformer.named_modules())
+    for name, linear in switches.linears.items():
         weight = getattr(theirs[name], "base_layer", theirs[name]).weight
         assert torch.allclose(linear.weight, weight, rtol=tolerance, atol=tolerance), (
             f"{name}: flux-day and diffusers fuse differently, max |diff| "
