@@ -334,19 +334,12 @@ def test_archives_with_paths_outside_the_cache_are_read_in_place_or_refused(
 Make = Callable[[FakeServices, HttpFiles], str]
 
 
-def _replicate(
-    owner: str,
-    model: str,
-    body: bytes,
-    filename: str = "trained_model.tar",
-    version: str | None = None,
-    token: str | None = None,
-    ask: str | None = None,
-) -> Make:
-    """Serve `body` as owner/model's weights; the reference is `ask`, else owner/model."""
+def _replicate(owner: str, model: str, body: bytes, ask: str | None = None, **weights: str) -> Make:
+    """Serve `body` as owner/model's weights (`weights`: `add_weights`' filename, version, token); the
+    reference is `ask`, else owner/model."""
 
     def make(fakes: FakeServices, web: HttpFiles) -> str:
-        fakes.replicate.add_weights(owner, model, body, filename, version, token)
+        fakes.replicate.add_weights(owner, model, body, **weights)
         return ask or f"{owner}/{model}"
 
     return make
