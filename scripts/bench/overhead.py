@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from scripts.bench.timing import print_table, timed
 from scripts.openapi_schema import read_predictor
@@ -23,8 +25,6 @@ BASELINE = "bare diffusers call"
 
 def overhead(args: argparse.Namespace) -> None:
     """Time the three variants interleaved, `args.repeats` times each, and print the table."""
-    import torch
-
     os.environ["FLUX_DAY_WEIGHTS"] = str(args.weights)
     os.environ.setdefault("FLUX_DAY_OFFLINE", "1")
     from flux_day.outputs import save_image
@@ -41,20 +41,8 @@ def overhead(args: argparse.Namespace) -> None:
         "megapixels": args.megapixels,
     }
     width, height = {"1": (1024, 1024), "0.25": (512, 512)}[args.megapixels]
-    pipe = predictor.engine.pipelines["dev"]["txt2img"]
-    pipe.set_progress_bar_config(disable=True)
+    bare = bare_call(predictor.engine.pipelines["dev"]["txt2img"], inputs, width, height)
     scratch = Path(tempfile.mkdtemp(prefix="flux-day-bench-"))
-
-    def bare() -> object:
-        return pipe(
-            prompt=inputs["prompt"],
-            width=width,
-            height=height,
-            num_inference_steps=args.steps,
-            guidance_scale=inputs["guidance_scale"],
-            generator=torch.Generator("cpu").manual_seed(42),
-            max_sequence_length=512,
-        ).images[0]
 
     def bare_and_save() -> None:
         save_image(bare(), scratch / "out.webp", "webp", inputs["output_quality"])
@@ -80,3 +68,23 @@ def overhead(args: argparse.Namespace) -> None:
     )
     predictor.outputs.clear()
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def bare_call(pipe: Any, inputs: dict[str, Any], width: int, height: int) -> Callable[[], object]:
+    """The diffusers call the predictor makes for `inputs`, with the same arguments, made bare."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+
+    def bare() -> object:
+        return pipe(
+            prompt=inputs["prompt"],
+            width=width,
+            height=height,
+            num_inference_steps=inputs["num_inference_steps"],
+            guidance_scale=inputs["guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(42),
+            max_sequence_length=512,
+        ).images[0]
+
+    return bare
