@@ -1,5 +1,5 @@
 """Shared fixtures: one tiny-weights tree per session (the same code as the script), engines on it, a Cog
-server, and an HTTP file server per module."""
+server, and per module an HTTP file server and the no-LoRA image of the module's own `server`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from flux_day.weights.tiny import write_tiny_weights
 from tests.harness.cog_server import CogServer, server_env
 from tests.harness.engines import EngineFactory, cpu_engine
 from tests.harness.http_files import HttpFiles
+from tests.harness.lora_files import FAST
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +49,13 @@ def cog_server(
         server_env(tiny_weights, server_tmp), tmp_path_factory.mktemp("logs") / "cog.log"
     ) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def base(server: CogServer) -> bytes:
+    """The image the module's own `server` fixture makes of the harness's FAST inputs, without a LoRA."""
+    (raw,) = server.images(**FAST)
+    return raw
 
 
 @pytest.fixture(scope="module")

@@ -63,12 +63,6 @@ def server(
         yield cog
 
 
-@pytest.fixture(scope="module")
-def base(server: CogServer) -> bytes:
-    (raw,) = server.images(**FAST)
-    return raw
-
-
 def shows_nothing_internal(text: str) -> None:
     for internal in INTERNALS:
         assert internal not in text, text

@@ -54,13 +54,6 @@ def server(
         yield cog
 
 
-@pytest.fixture(scope="module")
-def base(server: CogServer) -> bytes:
-    """The image without any LoRA."""
-    (raw,) = server.images(**FAST)
-    return raw
-
-
 def image(server: CogServer, **loras: object) -> bytes:
     (raw,) = server.images(**FAST, **loras)
     return raw
