@@ -319,6 +319,13 @@ class Engine:
         """Restore every fused weight, full precision and fp8, to the base model's bytes."""
         self.loras.release()
 
+    def use_lora_manager(self, manager: LoraManager) -> None:
+        """Hand LoRAs to `manager` from now on, every weight restored first (benchmarks give one that
+        reads LoRAs from memory); it should share this engine's `loras.fuser.store` of pristine copies."""
+        self.release_loras()
+        self.loras = manager
+        self.residency.on_leave = manager.fuser.forget
+
     @staticmethod
     def _shown(loras: tuple[LoraRequest, ...]) -> list[str] | str:
         """LoRAs as a log may show them: no query strings, tokens or data URI bodies."""

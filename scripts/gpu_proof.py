@@ -40,7 +40,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 GIB = 2**30
 PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense, from the datasheet
@@ -329,7 +328,8 @@ def modes(run: Run) -> None:
 def lora_switch(run: Run, label: str) -> None:
     """A full-coverage LoRA switch A <-> B, warm and cold, in full precision and go_fast."""
     import torch
-    from bench_lora import lora_state_dict, use_in_memory_loras
+
+    from scripts.bench.lora_switch import lora_state_dict, use_in_memory_loras
 
     engine, scale = run.engine, run.scale
     master = engine.lora_targets("dev").master
@@ -364,7 +364,7 @@ def _switch_seconds(run: Run, requests: dict, go_fast: bool, cold: bool) -> floa
     def switch() -> None:
         current[0] = "B" if current[0] == "A" else "A"
         if cold:
-            engine.loras._parsed.clear()
+            engine.loras.forget_parsed()
         engine.loras.activate("dev", targets, requests[current[0]], go_fast=go_fast)
 
     switch()  # warm-up

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flux_day.openapi import SCHEMA_PATH, write_openapi_schema
+from scripts.openapi_schema import SCHEMA_PATH, write_openapi_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 

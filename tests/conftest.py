@@ -1,19 +1,38 @@
-"""Shared fixtures: one tiny-weights tree per session (the same code as the script) and a Cog server."""
+"""Shared fixtures: one tiny-weights tree per session (the same code as the script), engines on it, a Cog
+server, and per module an HTTP file server and the no-LoRA image of the module's own `server`."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from flux_day.engine import Engine
 from flux_day.weights.tiny import write_tiny_weights
-from tests.cog_server import CogServer, server_env
+from tests.harness.cog_server import CogServer, server_env
+from tests.harness.engines import EngineFactory, cpu_engine
+from tests.harness.http_files import HttpFiles
+from tests.harness.lora_files import FAST
 
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="session")
+def make_engine(tiny_weights: Path) -> EngineFactory:
+    """`make_engine(FLUX_DAY_X="...", card=..., default_lora=...)`: a new Engine on the tiny weights on
+    the CPU, with these settings over the defaults (`tests.harness.engines.cpu_engine`)."""
+    return functools.partial(cpu_engine, tiny_weights)
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine: EngineFactory) -> Engine:
+    """The default CPU engine, one per test module: what one module fuses or builds stays its own."""
+    return make_engine()
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +49,17 @@ def cog_server(
         server_env(tiny_weights, server_tmp), tmp_path_factory.mktemp("logs") / "cog.log"
     ) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def base(server: CogServer) -> bytes:
+    """The image the module's own `server` fixture makes of the harness's FAST inputs, without a LoRA."""
+    (raw,) = server.images(**FAST)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def files() -> Iterator[HttpFiles]:
+    """A real HTTP server on 127.0.0.1 for the module's LoRA and image URLs."""
+    with HttpFiles() as http:
+        yield http

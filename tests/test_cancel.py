@@ -21,12 +21,11 @@ from torch import nn
 
 import flux_day.fast
 import flux_day.outputs
-from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
-from tests import lora_files as lf
-from tests.test_fast import fp8_model, fp8_state
+from tests.harness import lora_files as lf
+from tests.harness.fp8_weights import fp8_model, fp8_state
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 3, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 7}
 LORA = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(11))))
@@ -36,11 +35,6 @@ BOTH = {"replicate_weights": LORA, "extra_lora": OTHER}
 
 class Cancelled(BaseException):
     """Stands in for cog's CancelationException, which is a BaseException too."""
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
 
 
 def request(**inputs: object) -> GenerationRequest:

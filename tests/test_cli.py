@@ -57,8 +57,8 @@ def test_bad_input_is_one_sentence_and_exit_2(tiny_weights: Path, tmp_path: Path
 
 
 def test_a_lora_url_is_cached_under_the_weights_given(tmp_path: Path) -> None:
-    from tests import lora_files as lf
-    from tests.http_files import HttpFiles
+    from tests.harness import lora_files as lf
+    from tests.harness.http_files import HttpFiles
 
     weights, common = tmp_path / "w", ["--num-inference-steps", "2", "--megapixels", "0.25", "--seed", "3"]
     with HttpFiles() as files:

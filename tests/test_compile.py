@@ -19,7 +19,8 @@ from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.errors import SettingsError
 from flux_day.request import GenerationRequest
-from tests import lora_files as lf
+from tests.harness import lora_files as lf
+from tests.harness.engines import EngineFactory
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 1, "seed": 1}
 
@@ -46,20 +47,16 @@ def test_the_seed_sizes_are_22_and_a_dozen_token_counts() -> None:
 
 
 @pytest.fixture(scope="module")
-def compiled_engine(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def compiled_engine(make_engine: EngineFactory, tmp_path_factory: pytest.TempPathFactory) -> Engine:
     # aot_eager traces exactly as inductor does (same guards), without minutes of C++ builds on CPU.
-    settings = Settings.from_env(
-        {
-            "FLUX_DAY_WEIGHTS": str(tiny_weights),
-            "FLUX_DAY_DEVICE": "cpu",
-            "FLUX_DAY_COMPILE": "aot_eager",
-            "FLUX_DAY_COMPILE_MODELS": "dev-fp8",
-            "FLUX_DAY_COMPILE_CACHE": str(tmp_path_factory.mktemp("compile-cache")),
-            "FLUX_DAY_FP8_CACHE": "0",
-        }
-    )
+    cache = str(tmp_path_factory.mktemp("compile-cache"))
     counters.clear()
-    return Engine(settings)
+    return make_engine(
+        FLUX_DAY_COMPILE="aot_eager",
+        FLUX_DAY_COMPILE_MODELS="dev-fp8",
+        FLUX_DAY_COMPILE_CACHE=cache,
+        FLUX_DAY_FP8_CACHE="0",
+    )
 
 
 def graphs() -> int:

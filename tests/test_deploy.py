@@ -21,7 +21,7 @@ from kubernetes import client
 
 from flux_day.config import Settings
 from scripts.health_probe import CHECKS
-from tests.cog_server import ROOT
+from tests.harness.cog_server import ROOT
 
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 MODELS = {

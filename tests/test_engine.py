@@ -14,11 +14,7 @@ from flux_day.engine import Card, Engine
 from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.models import build_pipelines, load_models
 from flux_day.request import GenerationRequest
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
+from tests.harness.engines import EngineFactory
 
 
 def test_schnell_shares_encoders_tokenizers_and_vae_with_dev(engine: Engine) -> None:
@@ -107,11 +103,12 @@ def test_missing_weights_offline_fail_setup_naming_the_folder_and_the_fix(tmp_pa
         Engine(settings)
 
 
-def test_a_transformer_the_gpu_cannot_hold_is_refused_as_capacity_not_input(tiny_weights: Path) -> None:
+def test_a_transformer_the_gpu_cannot_hold_is_refused_as_capacity_not_input(
+    make_engine: EngineFactory,
+) -> None:
     """A plan for a card too small for anything (every component cpu-only) refuses the request by its
     go_fast setting; the request itself is valid, so the refusal is not an InputError."""
-    settings = Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"})
-    engine = Engine(settings, card=Card(total_bytes=1, reserve_bytes=0))
+    engine = make_engine(card=Card(total_bytes=1, reserve_bytes=0))
     with pytest.raises(CapacityError) as raised:
         engine.generate(GenerationRequest.from_inputs(prompt="a fox", go_fast=True))
     assert str(raised.value) == (

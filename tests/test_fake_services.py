@@ -23,8 +23,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from tests.fake_services import REPLICATE_MEMBER, FakeServices, make_tar
-from tests.http_files import HttpFiles
+from tests.harness.fake_services import REPLICATE_MEMBER, FakeServices, make_tar
+from tests.harness.http_files import HttpFiles
 
 LORA = b"pretend safetensors bytes"
 

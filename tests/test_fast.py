@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,42 +13,23 @@ from PIL import Image
 from torch import nn
 from torchao.quantization import quantize_
 
-from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.fast import quantized_weight
 from flux_day.loras.fuse import inner_tensors as _inner
 from flux_day.request import GenerationRequest
-from tests import lora_files as lf
-from tests import lora_layouts as ll
-from tests.cog_server import CogServer, data_uri, open_image
+from tests.harness import lora_files as lf
+from tests.harness import lora_layouts as ll
+from tests.harness.cog_server import CogServer, data_uri, open_image
+from tests.harness.fp8_weights import fp8_model, fp8_state
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 5}
 LORA = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(1))))
 OTHER = lf.data_uri(lf.to_bytes(lf.bfl(lf.random_lora(2, modules=("double_blocks.0.img_attn.proj",)))))
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
-
-
 def pixels(engine: Engine, **inputs: object) -> np.ndarray:
     request = GenerationRequest.from_inputs(**{**SMALL, **inputs})
     return np.asarray(engine.generate(request).images[0], dtype=np.int16)
-
-
-def fp8_model(engine: Engine, model: str = "dev") -> nn.Module:
-    """The fp8 transformer of `model` (made on first use)."""
-    return engine.pipeline(model, "txt2img", fp8=True).transformer
-
-
-def fp8_state(engine: Engine, model: str = "dev") -> dict[str, dict[str, torch.Tensor]]:
-    """Every linear of the fp8 transformer as its inner tensors (qdata, scale), copied."""
-    return {
-        name: {part: tensor.clone() for part, tensor in _inner(module.weight).items()}
-        for name, module in fp8_model(engine, model).named_modules()
-        if isinstance(module, nn.Linear)
-    }
 
 
 def test_each_model_has_an_fp8_transformer_and_the_masters_stay_full_precision(engine: Engine) -> None:

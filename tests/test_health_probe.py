@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cog_server import CogServer, free_port, health_probe, server_env
-from tests.http_files import HttpFiles
-from tests.lora_files import FAST, kohya, random_lora, to_bytes
+from tests.harness.cog_server import CogServer, free_port, health_probe, server_env
+from tests.harness.http_files import HttpFiles
+from tests.harness.lora_files import FAST, kohya, random_lora, to_bytes
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 LoRA, served), nothing internal reaches the user, the server stays READY, and the next prediction is
 byte-identical to the one before.
 
-Files are served by a real HTTP server on 127.0.0.1 (`tests.http_files`).
+Files are served by a real HTTP server on 127.0.0.1 (`tests.harness.http_files`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.cog_server import CogServer, data_uri, server_env
-from tests.fake_services import make_tar
-from tests.http_files import HttpFiles, Route
-from tests.image_files import gradient, png_bytes
-from tests.lora_files import FAST, kohya, random_lora, to_bytes
-from tests.lora_files import data_uri as lora_uri
+from tests.harness.cog_server import CogServer, data_uri, server_env
+from tests.harness.fake_services import make_tar
+from tests.harness.http_files import HttpFiles, Route
+from tests.harness.image_files import gradient, png_bytes
+from tests.harness.lora_files import FAST, kohya, random_lora, to_bytes
+from tests.harness.lora_files import data_uri as lora_uri
 
 MAX_LORA_BYTES = 2_000_000
 MIN_RATE, RATE_WINDOW_S = 500, 1.0  # bytes/s over 1 s: a trickle is refused in about a second
@@ -61,18 +61,6 @@ def server(
     )
     with CogServer.ready(env, tmp_path_factory.mktemp("hostile-logs") / "cog.log") as cog:
         yield cog
-
-
-@pytest.fixture(scope="module")
-def files() -> Iterator[HttpFiles]:
-    with HttpFiles() as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def base(server: CogServer) -> bytes:
-    (raw,) = server.images(**FAST)
-    return raw
 
 
 def shows_nothing_internal(text: str) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from flux_day import filelocks
 from flux_day.loras.cache import LoraCache
-from tests.cache_process import CacheProcess
+from tests.harness.cache_process import CacheProcess
 
 SIZE = 1000
 

@@ -14,9 +14,9 @@ from flux_day.loras.fetch import Fetcher
 from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRef, parse_ref
 from flux_day.loras.sources import plan_file
-from tests import lora_files as lf
-from tests.fake_services import FakeServices
-from tests.http_files import HttpFiles, Route
+from tests.harness import lora_files as lf
+from tests.harness.fake_services import FakeServices
+from tests.harness.http_files import HttpFiles, Route
 
 LORA = lf.to_bytes(lf.kohya(lf.random_lora(1)))
 

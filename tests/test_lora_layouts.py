@@ -24,8 +24,8 @@ from flux_day.loras.manager import LoraManager, LoraTargets
 from flux_day.loras.refs import LoraRequest
 from flux_day.weights.layout import DEV_FOLDER
 from flux_day.weights.tiny import write_tiny_weights
-from tests import lora_layouts as ll
-from tests.lora_files import data_uri, to_bytes
+from tests.harness import lora_layouts as ll
+from tests.harness.lora_files import data_uri, to_bytes
 
 Components = dict[str, nn.Module]
 

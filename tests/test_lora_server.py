@@ -1,7 +1,7 @@
 """LoRAs end to end: URLs and data: URIs through the real Cog server, fused, combined, undone, refused.
 
-The LoRA files come from `tests.lora_files` and are served by a real HTTP server on 127.0.0.1
-(`tests.http_files`), which the predictor may reach because FLUX_DAY_ALLOW_PRIVATE_URLS=1.
+The LoRA files come from `tests.harness.lora_files` and are served by a real HTTP server on 127.0.0.1
+(`tests.harness.http_files`), which the predictor may reach because FLUX_DAY_ALLOW_PRIVATE_URLS=1.
 """
 
 from __future__ import annotations
@@ -17,9 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cog_server import CogServer, server_env
-from tests.http_files import HttpFiles
-from tests.lora_files import FAST, Factors, ai_toolkit, bfl, data_uri, kohya, peft, random_lora, to_bytes
+from tests.harness.cog_server import CogServer, server_env
+from tests.harness.http_files import HttpFiles
+from tests.harness.lora_files import (
+    FAST,
+    Factors,
+    ai_toolkit,
+    bfl,
+    data_uri,
+    kohya,
+    peft,
+    random_lora,
+    to_bytes,
+)
 
 MAX_LORA_BYTES = 2_000_000
 LORA_A = to_bytes(kohya(random_lora(1)))
@@ -42,19 +52,6 @@ def server(
     )
     with CogServer.ready(env, tmp_path_factory.mktemp("lora-logs") / "cog.log") as cog:
         yield cog
-
-
-@pytest.fixture(scope="module")
-def files() -> Iterator[HttpFiles]:
-    with HttpFiles() as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def base(server: CogServer) -> bytes:
-    """The image without any LoRA."""
-    (raw,) = server.images(**FAST)
-    return raw
 
 
 def image(server: CogServer, **loras: object) -> bytes:
@@ -223,7 +220,7 @@ def test_a_trained_models_default_lora_from_cog_weights(
     server: CogServer, files: HttpFiles, tiny_weights: Path, tmp_path: Path
 ) -> None:
     """COG_WEIGHTS names the trainer's .tar; it styles requests whose replicate_weights is empty."""
-    from tests.fake_services import REPLICATE_MEMBER, make_tar
+    from tests.harness.fake_services import REPLICATE_MEMBER, make_tar
 
     url = files.serve("/trained_model.tar", make_tar({REPLICATE_MEMBER: LORA_A}))
     env = server_env(

@@ -1,5 +1,5 @@
 """Every LoRA source end to end, through the real Cog server against fake Replicate, Hugging Face and
-CivitAI (`tests.fake_services`): what a user gets for each kind of reference, who sees which token,
+CivitAI (`tests.harness.fake_services`): what a user gets for each kind of reference, who sees which token,
 what the disk cache saves, what a hostile archive can do, and what a restarted server remembers.
 
 The proof that a reference fetched the right file is the image itself: it must be exactly the image
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cog_server import ROOT, CogServer, server_env
-from tests.fake_services import REPLICATE_MEMBER, FakeServices, make_tar
-from tests.http_files import HttpFiles
-from tests.lora_files import FAST, data_uri, kohya, random_lora, to_bytes
+from tests.harness.cog_server import ROOT, CogServer, server_env
+from tests.harness.fake_services import REPLICATE_MEMBER, FakeServices, make_tar
+from tests.harness.http_files import HttpFiles
+from tests.harness.lora_files import FAST, data_uri, kohya, random_lora, to_bytes
 
 MAX_LORA_BYTES = 2_000_000
 TOKENS = {
@@ -334,19 +334,12 @@ def test_archives_with_paths_outside_the_cache_are_read_in_place_or_refused(
 Make = Callable[[FakeServices, HttpFiles], str]
 
 
-def _replicate(
-    owner: str,
-    model: str,
-    body: bytes,
-    filename: str = "trained_model.tar",
-    version: str | None = None,
-    token: str | None = None,
-    ask: str | None = None,
-) -> Make:
-    """Serve `body` as owner/model's weights; the reference is `ask`, else owner/model."""
+def _replicate(owner: str, model: str, body: bytes, ask: str | None = None, **weights: str) -> Make:
+    """Serve `body` as owner/model's weights (`weights`: `add_weights`' filename, version, token); the
+    reference is `ask`, else owner/model."""
 
     def make(fakes: FakeServices, web: HttpFiles) -> str:
-        fakes.replicate.add_weights(owner, model, body, filename, version, token)
+        fakes.replicate.add_weights(owner, model, body, **weights)
         return ask or f"{owner}/{model}"
 
     return make

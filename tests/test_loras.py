@@ -20,15 +20,11 @@ from flux_day.loras.fuse import ScaledDelta, UnrepresentableWeight, WeightFuser
 from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRequest
 from flux_day.request import GenerationRequest
-from tests import lora_files as lf
-from tests.http_files import HttpFiles
+from tests.harness import lora_files as lf
+from tests.harness.engines import EngineFactory
+from tests.harness.http_files import HttpFiles
 
 SMALL = {"num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 7}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +50,7 @@ def weights(engine: Engine, model: str = "dev") -> dict[str, torch.Tensor]:
 
 
 def linear_weights(engine: Engine) -> dict[str, torch.Tensor]:
-    """The dev transformer's linear weights by diffusers module name (as tests/lora_files names them)."""
+    """The dev transformer's linear weights by diffusers module name (as harness/lora_files.py names them)."""
     transformer = engine.pipelines["dev"]["txt2img"].transformer
     return {n: m.weight.detach().clone() for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
 
@@ -308,6 +304,38 @@ def test_the_same_loras_are_not_fused_again(engine: Engine, monkeypatch: pytest.
     assert len(fuses) == engine.loras.fuser.fused_count > 0
 
 
+def test_a_manager_given_lora_bytes_reads_through_them_and_reads_again_after_forget_parsed(
+    engine: Engine,
+) -> None:
+    """The benchmarks' hooks: `lora_bytes` stands in for the download and fuses as that file's data: URI
+    does; `forget_parsed` makes the next use read again; `use_lora_manager` restores the weights first."""
+    data = lf.to_bytes(lf.kohya(lf.random_lora(40)))
+    url = "https://example.com/never-fetched.safetensors"
+    reads: list[str] = []
+
+    def lora_bytes(lora: LoraRequest) -> bytes:
+        reads.append(lora.ref.location)
+        return data
+
+    activate(engine, ("replicate_weights", data, 1.0))
+    expected = weights(engine)
+    original = engine.loras
+    engine.use_lora_manager(LoraManager(engine.settings, original.fuser.store, lora_bytes=lora_bytes))
+    try:
+        assert engine.loras.fuser.fused_count == 0
+        activate(engine, ("replicate_weights", url, 1.0))
+        activate(engine)
+        activate(engine, ("replicate_weights", url, 1.0))
+        assert reads == [url]
+        fused = weights(engine)
+        assert all(torch.equal(fused[name], expected[name]) for name in expected)
+        engine.loras.forget_parsed()
+        activate(engine, ("replicate_weights", url, 1.0))
+        assert reads == [url, url]
+    finally:
+        engine.use_lora_manager(original)
+
+
 def test_a_failure_while_fusing_restores_every_weight(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -384,12 +412,11 @@ def test_lora_scale_zero_gives_the_base_image_and_fetches_nothing(engine: Engine
 
 
 def test_a_default_lora_from_cog_weights_applies_when_replicate_weights_is_empty(
-    engine: Engine, tiny_weights: Path, tmp_path: Path
+    engine: Engine, make_engine: EngineFactory, tmp_path: Path
 ) -> None:
     file_a, file_b = lf.to_bytes(lf.kohya(lf.random_lora(30))), lf.to_bytes(lf.kohya(lf.random_lora(31)))
     (tmp_path / "lora.safetensors").write_bytes(file_a)
-    settings = Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"})
-    trained = Engine(settings, default_lora=str(tmp_path))
+    trained = make_engine(default_lora=str(tmp_path))
     assert image_bytes(trained, lora_scale=0.5) == image_bytes(
         engine, replicate_weights=lf.data_uri(file_a), lora_scale=0.5
     )
@@ -398,7 +425,7 @@ def test_a_default_lora_from_cog_weights_applies_when_replicate_weights_is_empty
     )
     (tmp_path / "lora.safetensors").write_bytes(b"garbage")
     with pytest.raises(WeightsError, match=r"^COG_WEIGHTS: .*not a safetensors file"):
-        Engine(settings, default_lora=str(tmp_path / "lora.safetensors"))
+        make_engine(default_lora=str(tmp_path / "lora.safetensors"))
 
 
 def test_images_with_a_lora_differ_from_the_base(engine: Engine) -> None:

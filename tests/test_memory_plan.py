@@ -8,6 +8,7 @@ import torch
 
 from flux_day.memory_plan import DEFAULT_RESERVE, format_plan, module_bytes, plan_memory
 from flux_day.memory_sim import CARDS, DEFAULT_MIX, SimRequest, simulate
+from tests.harness.engines import EngineFactory
 
 GB = 10**9
 # Realistic sizes: bf16 transformers 11.9e9 params x 2 bytes, their fp8 copies 1 byte, T5-XXL 4.76e9 x 2,
@@ -170,15 +171,13 @@ def test_module_bytes_sees_through_torchao_fp8_weights() -> None:
 
 
 def test_the_engine_logs_one_plan_table_and_keeps_one_visitor_on_the_gpu(
-    tiny_weights, caplog: pytest.LogCaptureFixture
+    make_engine: EngineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """On this CPU machine every component is resident; with an 80 GB plan, offloaded parts take turns."""
-    from flux_day.config import Settings
-    from flux_day.engine import Engine
     from flux_day.residency import Residency
 
     with caplog.at_level("INFO", logger="flux_day.engine"):
-        engine = Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
+        engine = make_engine()
     table = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan:"))
     for name in ("clip", "t5", "vae", "safety", "dev-full", "schnell-full", "dev-fp8", "schnell-fp8"):
         assert table.count(f"\n{name} ") == 1, name

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
 
 from flux_day.serving import INTERNAL_ERROR
-from tests.cog_server import ROOT, CogServer, decode_output, linked_root, open_image, server_env
-from tests.test_schema import seed_schema
+from tests.harness.cog_server import ROOT, CogServer, decode_output, linked_root, open_image, server_env
+from tests.harness.seed_schema import seed_schema
 
 FAST = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 1234}
 # Downloads the server would make for generated URLs (image, mask, LoRAs) go nowhere: port 9 refuses.

@@ -22,9 +22,9 @@ import pytest
 
 from flux_day.loras.cache import LoraCache
 from flux_day.loras.refs import parse_ref
-from tests.cog_server import CogServer, decode_output, server_env
-from tests.http_files import HttpFiles
-from tests.lora_files import FAST, data_uri, kohya, random_lora, to_bytes
+from tests.harness.cog_server import CogServer, decode_output, server_env
+from tests.harness.http_files import HttpFiles
+from tests.harness.lora_files import FAST, data_uri, kohya, random_lora, to_bytes
 
 LORAS = {name: to_bytes(kohya(random_lora(seed))) for seed, name in enumerate("ABCDEFGH", start=30)}
 BUDGET = len(LORAS["A"]) * 3 // 2  # one LoRA fits, two do not
@@ -59,12 +59,6 @@ class Fleet:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
-
-
-@pytest.fixture(scope="module")
-def files() -> Iterator[HttpFiles]:
-    with HttpFiles() as http:
-        yield http
 
 
 @pytest.fixture(scope="module")

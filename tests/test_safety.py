@@ -22,14 +22,9 @@ from flux_day.request import GenerationRequest
 from flux_day.safety import ALL_FLAGGED, SafetyFilter
 from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
 from flux_day.weights.tiny import write_tiny_weights
-from tests.cog_server import CogServer, server_env
+from tests.harness.cog_server import CogServer, server_env
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 2, "aspect_ratio": "1:1", "megapixels": "0.25", "seed": 11}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_weights: Path) -> Engine:
-    return Engine(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu"}))
 
 
 def generate(engine: Engine, **inputs: object) -> list[np.ndarray]:

@@ -4,33 +4,24 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cog import _inspector
 from cog._adt import Repetition
 
 from flux_day.input_checks import CHOICES, INTEGER_INPUTS, NUMBER_BOUNDS
 from flux_day.request import GenerationRequest
+from scripts.openapi_schema import read_predictor
+from tests.harness.seed_schema import seed_schema
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED = Path(__file__).parent / "data" / "seed_input_schema.json"
 SHARED_SEED = ROOT.parent / "shared" / "seed" / "input_schema.json"
-
-
-def seed_schema() -> dict[str, Any]:
-    return json.loads(SEED.read_text())
 
 
 @pytest.fixture(scope="module")
 def predictor_info() -> Any:
-    sys.path.insert(0, str(ROOT))
-    try:
-        return _inspector.create_predictor("predict", "Predictor")
-    finally:
-        sys.path.remove(str(ROOT))
+    return read_predictor(ROOT)
 
 
 def test_copy_of_the_seed_is_current() -> None:

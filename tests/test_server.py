@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.cog_server import CogServer, data_uri, decode_output, open_image
-from tests.image_files import gradient, png_bytes
+from tests.harness.cog_server import CogServer, data_uri, decode_output, open_image
+from tests.harness.image_files import gradient, png_bytes
 
 FAST = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 1234}
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests import lora_files as lf
-from tests.cog_server import CogServer, decode_output, health_probe, server_env
-from tests.upload_server import UploadServer
+from tests.harness import lora_files as lf
+from tests.harness.cog_server import CogServer, decode_output, health_probe, server_env
+from tests.harness.upload_server import UploadServer
 
 SMALL = {
     "prompt": "a fox",

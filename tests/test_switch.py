@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +12,14 @@ import torch
 from torch import nn
 
 import flux_day.fast
-from flux_day.config import Settings
 from flux_day.engine import Card, Engine
 from flux_day.loras import delta_math, fuse
 from flux_day.loras.formats import Delta
 from flux_day.loras.fuse import PristineStore, ScaledDelta, Slot, WeightFuser, inner_tensors
 from flux_day.memory_plan import module_bytes, plan_memory, pristine_site
 from flux_day.request import GenerationRequest
-from tests import lora_files as lf
+from tests.harness import lora_files as lf
+from tests.harness.engines import EngineFactory
 
 SMALL = {"prompt": "a fox", "num_inference_steps": 2, "megapixels": "0.25", "seed": 3}
 
@@ -128,11 +127,10 @@ def test_pristine_copies_fill_the_plans_room_on_the_gpu_then_go_to_host_memory()
 
 
 @pytest.fixture(scope="module")
-def cached_settings(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    cache = tmp_path_factory.mktemp("fp8-cache")
-    return Settings.from_env(
-        {"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu", "FLUX_DAY_FP8_CACHE": str(cache)}
-    )
+def cached_engine(make_engine: EngineFactory, tmp_path_factory: pytest.TempPathFactory) -> EngineFactory:
+    """A new engine per call, all sharing one fp8 cache folder (a server restarted on the same disk)."""
+    cache = str(tmp_path_factory.mktemp("fp8-cache"))
+    return lambda: make_engine(FLUX_DAY_FP8_CACHE=cache)
 
 
 def pixels(engine: Engine, **inputs: object) -> np.ndarray:
@@ -143,20 +141,20 @@ def pixels(engine: Engine, **inputs: object) -> np.ndarray:
 
 
 def test_fp8_copies_are_made_on_first_use_cached_on_disk_and_read_after_a_restart(
-    cached_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    cached_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     lora = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(5))))
-    first = Engine(cached_settings)
+    first = cached_engine()
     assert not first.residency.built("dev-fp8")  # setup made no fp8 copy
     pixels(first, replicate_weights=lora)  # a LoRA fused into the master before the fp8 copy exists
     with caplog.at_level(logging.INFO, logger="flux_day.fast"):
         fast = pixels(first, go_fast=True)
         first.fast.wait_for_cache()
     assert "dev fp8 transformer (Float8WeightOnlyConfig) quantized" in caplog.text
-    assert (cached_settings.fp8_cache / "dev.safetensors").is_file()
+    assert (first.settings.fp8_cache / "dev.safetensors").is_file()
     # A restarted server reads the copy instead of quantizing: the quantizer must not run at all.
     monkeypatch.setattr(flux_day.fast, "quantized_weight", lambda *args: pytest.fail("quantized again"))
-    second = Engine(cached_settings)
+    second = cached_engine()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="flux_day.fast"):
         assert np.array_equal(pixels(second, go_fast=True), fast)  # built from the pristine master
@@ -174,9 +172,9 @@ def test_fp8_copies_are_made_on_first_use_cached_on_disk_and_read_after_a_restar
 
 
 def test_an_fp8_cache_made_from_other_weights_is_rebuilt(
-    cached_settings: Settings, caplog: pytest.LogCaptureFixture
+    cached_engine: EngineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = Engine(cached_settings)
+    engine = cached_engine()
     source = engine.models.sources["schnell"][0]
     engine.pipeline("schnell", "txt2img", True)
     engine.fast.wait_for_cache()
@@ -186,23 +184,20 @@ def test_an_fp8_cache_made_from_other_weights_is_rebuilt(
     os.utime(source, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # the master file changed
     try:
         with caplog.at_level(logging.INFO, logger="flux_day.fast"):
-            Engine(cached_settings).pipeline("schnell", "txt2img", True)
+            cached_engine().pipeline("schnell", "txt2img", True)
         assert "made from other weights; rebuilding" in caplog.text and "quantized" in caplog.text
     finally:
         os.utime(source, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
 
 
-def test_an_offloaded_model_is_fused_on_its_visit_and_comes_back_pristine(tiny_weights: Path) -> None:
+def test_an_offloaded_model_is_fused_on_its_visit_and_comes_back_pristine(make_engine: EngineFactory) -> None:
     """A CPU "card" that offloads schnell, as 80 GB does at full size: its LoRA is fused into the visiting
     copy, dropped with it when another model takes the slot, and fused again on the next visit."""
-    settings = Settings.from_env(
-        {"FLUX_DAY_WEIGHTS": str(tiny_weights), "FLUX_DAY_DEVICE": "cpu", "FLUX_DAY_FP8_CACHE": "0"}
-    )
-    plain = Engine(settings)
+    plain = make_engine(FLUX_DAY_FP8_CACHE="0")
     sizes = {m: module_bytes(t) for m, t in plain.models.transformers.items()}
     shared = sum(module_bytes(plain.models.shared[k]) for k in ("vae", "text_encoder", "text_encoder_2"))
     card = Card(shared + module_bytes(plain.safety) + int(sizes["dev"] * 1.5) + sizes["schnell"] + 1024, 0)
-    engine = Engine(settings, card=card)
+    engine = make_engine(FLUX_DAY_FP8_CACHE="0", card=card)
     assert engine.plan["schnell-full"] == "offloaded" and engine.plan["dev-full"] == "resident"
     lora = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(6))))
     schnell = {"model": "schnell"}

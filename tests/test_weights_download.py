@@ -35,7 +35,7 @@ from flux_day.weights.layout import (
     has_base_models,
 )
 from flux_day.weights.manifest import MANIFEST, NEVER_FETCHED, Source, folders
-from tests.fake_services import HF_LFS_SUFFIXES, FakeHuggingFace
+from tests.harness.fake_services import HF_LFS_SUFFIXES, FakeHuggingFace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_fake_secret_token_1234"

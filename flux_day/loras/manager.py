@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 GO_FAST_LORA_MULTIPLIER = 1.5  # the schema's lora_scale description promises it
 PARSED_LORAS_KEPT = 4
+LoraBytes = Callable[[LoraRequest], bytes]  # a LoRA file's bytes, handed over by benchmarks to time parsing
 UNVERSIONED_RECHECK_S = 300  # how long `owner/model` (no version) is trusted to mean the same file
 FILL_WAIT_S = DOWNLOAD_DEADLINE_S + 120  # the longest another process's download of a LoRA can take
 
@@ -72,8 +73,11 @@ LORA_PARTS = ("text_encoder", "transformer")
 class LoraManager:
     """Fetches, parses and fuses LoRAs into the weights of whichever model a request uses."""
 
-    def __init__(self, settings: Settings, store: PristineStore | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: PristineStore | None = None, lora_bytes: LoraBytes | None = None
+    ) -> None:
         self.settings = settings
+        self.lora_bytes = lora_bytes  # given: each LoRA's file bytes, in place of download or decoding
         self.fuser = WeightFuser(store)
         self.fetcher = Fetcher(settings)
         self.cache = LoraCache(settings.lora_cache, settings.lora_cache_bytes)
@@ -161,7 +165,8 @@ class LoraManager:
                 return weights
         started = time.perf_counter()
         index = self._index(model, components)
-        with LoraError.for_input(lora.input_name), self._lora_file(lora.ref) as source:
+        opened = nullcontext(self.lora_bytes(lora)) if self.lora_bytes else self._lora_file(lora.ref)
+        with LoraError.for_input(lora.input_name), opened as source:
             weights = read_lora(source, index, f"FLUX.1 [{model}]")
         log.info(
             "read %s LoRA %s for %s: %d bytes, %d target weights, in %.2fs",
@@ -177,6 +182,10 @@ class LoraManager:
         while len(self._parsed) > PARSED_LORAS_KEPT:
             self._parsed.popitem(last=False)
         return weights
+
+    def forget_parsed(self) -> None:
+        """Forget every parsed LoRA: each is read and parsed again on its next use (a cold switch)."""
+        self._parsed.clear()
 
     def _index(self, model: str, components: dict[str, nn.Module]) -> ModuleIndex:
         if model not in self._indexes:

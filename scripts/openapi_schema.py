@@ -1,5 +1,9 @@
 """The Cog OpenAPI document of a predictor, as `cog build` writes it to `.cog/openapi_schema.json`.
 
+A build step, not part of the runtime (`scripts/write_openapi_schema.py` runs it; nothing in `flux_day/`
+or `predict.py` imports it), and the one place that reads cog's private inspector: tests and benchmarks
+call `read_predictor` here.
+
 Cog's server (coglet) checks every request's input against `components.schemas.Input` of that file, and
 serves the file at `/openapi.json`; without it the server accepts any input. Outside a built image
 nothing writes it, so this module builds the same document from cog's own reading of `predict.py`
@@ -114,7 +118,13 @@ def openapi_document(info: PredictorInfo, version: str = cog.__version__) -> dic
     required = [field.name for field in fields if is_required(field)]
     if required:
         input_schema["required"] = required
-    schemas = {"Input": input_schema, "Output": info.output.json_type(), **enums, **fixed_components()}
+    schemas = {
+        "Input": input_schema,
+        "Output": info.output.json_type(),
+        **enums,
+        **prediction_components(),
+        **validation_components(),
+    }
     return {
         "openapi": "3.0.2",
         "info": {"title": "Cog", "version": version},
@@ -123,8 +133,8 @@ def openapi_document(info: PredictorInfo, version: str = cog.__version__) -> dic
     }
 
 
-def fixed_components() -> dict[str, Any]:
-    """The request, response, status and validation-error components, the same for every predictor."""
+def prediction_components() -> dict[str, Any]:
+    """The request, response and status components, the same for every predictor."""
     string = {"type": "string"}
     timestamp = {"type": "string", "format": "date-time"}
     return {
@@ -154,6 +164,12 @@ def fixed_components() -> dict[str, Any]:
             },
         },
         "Status": {"title": "Status", "description": "An enumeration.", "enum": STATUS, "type": "string"},
+    }
+
+
+def validation_components() -> dict[str, Any]:
+    """The components of a 422 answer (FastAPI's validation error), the same for every predictor."""
+    return {
         "HTTPValidationError": {
             "title": "HTTPValidationError",
             "type": "object",

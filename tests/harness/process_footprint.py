@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.cog_server import CogServer
+from tests.harness.cog_server import CogServer
 
 # coglet keeps a folder per prediction (`<id>/inputs`, `<id>/outputs`) here, whatever TMPDIR says.
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")

@@ -76,7 +76,7 @@ def weight_files(root: Path) -> list[Path]:
 
 
 def child(mode: str, root: Path, device: str, files: list[Path], fp8_cache: Path) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     arguments = [mode, str(root), device, json.dumps([str(f) for f in files]), str(fp8_cache)]
     out = subprocess.run(
         [sys.executable, "-c", CHILD, *arguments],
@@ -92,21 +92,32 @@ def setup(args: argparse.Namespace) -> None:
     """Print the cold-start table for the weights under `args.weights`."""
     root = Path(args.weights)
     files = weight_files(root)
-    unique = sum(path.stat().st_size for path in files)
+    print_setup(measure(root, args.device, files), root, args.device, files)
+
+
+def measure(root: Path, device: str, files: list[Path]) -> dict[str, dict[str, float]]:
+    """Each row's child process: the import alone, reading every file, setup, and setup after a restart
+    (the fp8 cache the setup row wrote on disk)."""
     scratch = Path(tempfile.mkdtemp(prefix="flux-day-fp8-cache-"))
     try:
-        child("read", root, args.device, files, scratch)  # warm the page cache for every variant alike
-        imports = child("import", root, args.device, files, scratch)
+        child("read", root, device, files, scratch)  # warm the page cache for every variant alike
+        imports = child("import", root, device, files, scratch)
         rows = {"import the stack": {**imports, "seconds": imports["import_s"]}}
-        rows["read every weight file"] = child("read", root, args.device, files, scratch)
-        rows["setup: Engine(...)"] = child("setup", root, args.device, files, scratch)
-        rows["restart (fp8 cache on disk)"] = child("restart", root, args.device, files, scratch)
+        rows["read every weight file"] = child("read", root, device, files, scratch)
+        rows["setup: Engine(...)"] = child("setup", root, device, files, scratch)
+        rows["restart (fp8 cache on disk)"] = child("restart", root, device, files, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def print_setup(rows: dict[str, dict[str, float]], root: Path, device: str, files: list[Path]) -> None:
+    """The table, the after-setup lines and the targets' verdicts."""
+    unique = sum(path.stat().st_size for path in files)
     base_rss = rows["import the stack"]["rss"]
     read_s = rows["read every weight file"]["seconds"]
     print(
-        f"setup: {len(files)} weight files, {unique / 1e9:.3f} GB unique, device {args.device}, "
+        f"setup: {len(files)} weight files, {unique / 1e9:.3f} GB unique, device {device}, "
         f"weights {root}\n"
         "seconds exclude the import (its own row); RSS above import = peak RSS - the import-only process's"
     )

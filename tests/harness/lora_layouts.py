@@ -19,7 +19,7 @@ from functools import cache
 
 import torch
 
-from tests.lora_files import to_bytes
+from tests.harness.lora_files import to_bytes
 
 Expected = dict[str, torch.Tensor]  # parameter ("transformer.x.weight") -> float64 update at scale 1
 
@@ -139,14 +139,8 @@ def clip_linears(shape: FluxShape) -> dict[str, tuple[str, tuple[int, int]]]:
 
     transformers 5's CLIPTextModel has no `text_model.` level; LoRA files keep it."""
     d, ff = shape.clip_dim, shape.clip_ff
-    subs = {
-        "self_attn.q_proj": (d, d),
-        "self_attn.k_proj": (d, d),
-        "self_attn.v_proj": (d, d),
-        "self_attn.out_proj": (d, d),
-        "mlp.fc1": (ff, d),
-        "mlp.fc2": (d, ff),
-    }
+    attention = {f"self_attn.{p}": (d, d) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    subs = {**attention, "mlp.fc1": (ff, d), "mlp.fc2": (d, ff)}
     return {
         f"text_model.encoder.layers.{i}.{sub}": (f"encoder.layers.{i}.{sub}", size)
         for i in range(shape.clip_layers)

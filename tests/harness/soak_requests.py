@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tests.cog_server import data_uri
-from tests.http_files import HttpFiles
-from tests.image_files import gradient, png_bytes
-from tests.lora_files import bfl, kohya, random_lora, to_bytes
-from tests.lora_files import data_uri as lora_data_uri
+from tests.harness.cog_server import data_uri
+from tests.harness.http_files import HttpFiles
+from tests.harness.image_files import gradient, png_bytes
+from tests.harness.lora_files import bfl, kohya, random_lora, to_bytes
+from tests.harness.lora_files import data_uri as lora_data_uri
 
 TABLE_SIZES = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
 SMALL = {"megapixels": "0.25", "num_inference_steps": 4}

@@ -1,6 +1,6 @@
 """Another process using a LoRA cache folder or a lock file, as a replica on the same volume would.
 
-`python -m tests.cache_process COMMAND ROOT ARG...`, driven through `CacheProcess`:
+`python -m tests.harness.cache_process COMMAND ROOT ARG...`, driven through `CacheProcess`:
 
 - `read ROOT KEY`: hold the cached file of KEY as a reader; prints `holding` (or `absent`).
 - `fill ROOT KEY SIZE PAUSE_S COUNT_FILE`: get KEY through `LoraCache.filled`; a fill appends a line to
@@ -23,7 +23,7 @@ from pathlib import Path
 from flux_day import filelocks
 from flux_day.loras.cache import LoraCache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class CacheProcess:
@@ -31,7 +31,7 @@ class CacheProcess:
 
     def __init__(self, *args: str | Path) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.cache_process", *map(str, args)],
+            [sys.executable, "-m", "tests.harness.cache_process", *map(str, args)],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

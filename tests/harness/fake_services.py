@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal, Self
 
-from tests.http_files import HttpFiles, Request, Route
+from tests.harness.http_files import HttpFiles, Request, Route
 
 REPLICATE_MEMBER = "output/flux_train_replicate/lora.safetensors"
 # Suffixes a Hub repo's default .gitattributes stores in LFS: those files resolve to a CDN redirect.
@@ -338,13 +338,19 @@ class FakeHuggingFace(FakeService):
         commit = self.repos[repo_id].commit_of(revision)
         return commit or hub_error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
 
-    def _api_answer(self, request: Request, match: re.Match[str]) -> Route:
+    def _repo_commit(self, request: Request, match: re.Match[str]) -> tuple[str, str] | Route:
+        """The repo and commit a Hub URL names, or the error the Hub answers (refused, unknown revision)."""
         repo_id = match["repo"]
         if refusal := self._refusal(repo_id, request):
             return refusal
         commit = self._commit(repo_id, match["rev"])
-        if isinstance(commit, Route):
-            return commit
+        return commit if isinstance(commit, Route) else (repo_id, commit)
+
+    def _api_answer(self, request: Request, match: re.Match[str]) -> Route:
+        found = self._repo_commit(request, match)
+        if isinstance(found, Route):
+            return found
+        repo_id, commit = found
         if match["kind"] == "tree":
             return self._tree(request, repo_id, commit, urllib.parse.unquote(match["sub"] or "").strip("/"))
         return json_route(self._model_info(request, repo_id, commit))
@@ -380,12 +386,10 @@ class FakeHuggingFace(FakeService):
         }
 
     def _file_answer(self, request: Request, match: re.Match[str]) -> Route:
-        repo_id = match["repo"]
-        if refusal := self._refusal(repo_id, request):
-            return refusal
-        commit = self._commit(repo_id, match["rev"])
-        if isinstance(commit, Route):
-            return commit
+        found = self._repo_commit(request, match)
+        if isinstance(found, Route):
+            return found
+        repo_id, commit = found
         filename = urllib.parse.unquote(match["file"])
         data = self.repos[repo_id].commits[commit].get(filename)
         if data is None:

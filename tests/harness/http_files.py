@@ -8,7 +8,7 @@ counted per path (query string ignored) so tests can tell what was downloaded an
 
 Requests' headers are kept per path too (names lower-cased), so a test can tell which Authorization
 header reached which host. Paths under a prefix can be answered by a function of the request
-(`handle`), which is how `tests.fake_services` plays Replicate, Hugging Face and CivitAI. HEAD gets
+(`handle`), which is how `tests.harness.fake_services` plays Replicate, Hugging Face and CivitAI. HEAD gets
 GET's status and headers without the body, as `huggingface_hub` asks for file metadata with HEAD.
 A route can take `Range: bytes=N-` requests (206 Partial Content, as CDNs do), and `cut_once` drops
 the connection part-way through a path's next body, so resumed downloads can be tested; `gated`
