@@ -105,3 +105,28 @@ class CompiledTransformers:
             return compiled(transformer, hidden_states, *args, **kwargs)
 
         return forward
+
+    def warm_up(self, pipe: Any, embeds: tuple[torch.Tensor, torch.Tensor], text_tokens: int) -> None:
+        """Compile `pipe`'s transformer for every seed size now: one denoising step each, through the
+        pipeline itself, so the graphs are guarded on exactly what requests pass."""
+        prompt_embeds, pooled = embeds
+        for width, height in self.sizes:
+            with torch.inference_mode():
+                pipe(
+                    prompt_embeds=prompt_embeds,
+                    pooled_prompt_embeds=pooled,
+                    width=width,
+                    height=height,
+                    num_inference_steps=1,
+                    max_sequence_length=text_tokens,
+                    output_type="latent",
+                )
+
+
+def encode_nothing(pipe: Any, device: torch.device, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty prompt's embeddings: what compiling at setup feeds the transformer."""
+    with torch.inference_mode():
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt="", prompt_2=None, device=device, max_sequence_length=text_tokens
+        )
+    return embeds, pooled

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +18,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from flux_day.compile import CompiledTransformers, compile_backend, seed_sizes
+from flux_day.compile import CompiledTransformers, compile_backend, encode_nothing, seed_sizes
 from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
 from flux_day.config import Settings
 from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.fast import Fp8Cache, Fp8Transformers
+from flux_day.generation import Generation, call_arguments, log_summary, timed
 from flux_day.loras.fuse import PristineStore
 from flux_day.loras.manager import LoraManager, LoraTargets
-from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
+from flux_day.loras.refs import LoraRequest
 from flux_day.memory_plan import DEFAULT_RESERVE, MemoryPlan, format_plan, module_bytes, plan_memory
 from flux_day.model_specs import MODELS
 from flux_day.models import LoadedModels, build_pipelines, load_models, pick_device
@@ -36,24 +36,6 @@ from flux_day.safety import SafetyFilter
 from flux_day.weights.download import ensure_weights
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What a request produced: its images in output order, and its metrics (timings, counts)."""
-
-    images: list[Image.Image]
-    metrics: dict[str, float]
-
-
-@contextmanager
-def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
-    """Add the seconds the block takes to `timings[key]` (a step may run in parts)."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -158,42 +140,24 @@ class Engine:
         return build
 
     def _compile(self, progress: Callable[[str], None]) -> CompiledTransformers | None:
-        """With compilation on, route the chosen transformers through compiled graphs and compile
-        every seed size now, one denoising step each (from the compile cache after a restart)."""
+        """With compilation on, the chosen transformers compiled now for every seed size."""
         backend = compile_backend(self.settings.compile, self.device)
         if backend is None:
             return None
         compiled = CompiledTransformers(backend, seed_sizes(), self.settings.compile_cache)
         for name in self.settings.compile_models:
-            model, precision = name.rsplit("-", 1)
-            fp8 = precision == "fp8"
             if self.plan[name] == "cpu-only":
                 progress(f"compile: {name} does not fit this GPU; not compiled")
                 continue
+            model, precision = name.rsplit("-", 1)
             started = time.perf_counter()
             self.residency.need([name])
-            pipe = self.pipeline(model, "txt2img", fp8)
+            pipe = self.pipeline(model, "txt2img", precision == "fp8")
             compiled.install([pipe.transformer])
             self.residency.need([CLIP, T5])
-            with torch.inference_mode():
-                embeds, pooled, _ = pipe.encode_prompt(
-                    prompt="",
-                    prompt_2=None,
-                    device=self.device,
-                    max_sequence_length=MODELS[model].max_sequence_length,
-                )
+            embeds = encode_nothing(pipe, self.device, MODELS[model].max_sequence_length)
             self.residency.need([name])
-            for width, height in compiled.sizes:
-                with torch.inference_mode():
-                    pipe(
-                        prompt_embeds=embeds,
-                        pooled_prompt_embeds=pooled,
-                        width=width,
-                        height=height,
-                        num_inference_steps=1,
-                        max_sequence_length=MODELS[model].max_sequence_length,
-                        output_type="latent",
-                    )
+            compiled.warm_up(pipe, embeds, MODELS[model].max_sequence_length)
             progress(
                 f"compile: {name} for {len(compiled.sizes)} sizes in {time.perf_counter() - started:.1f}s"
             )
@@ -237,7 +201,7 @@ class Engine:
                 "megapixels": round(request.width * request.height * len(images) / 1e6, 4),
             },
         )
-        self._log_summary(request, generation)
+        log_summary(request, generation)
         return generation
 
     def _run(self, request: GenerationRequest, timings: dict[str, float]) -> list[Image.Image]:
@@ -248,16 +212,16 @@ class Engine:
         targets = self._targets(request.model, request.fp8)
         # Every LoRA is read (and downloaded) first, and CLIP's part fused before the prompt is
         # encoded; the transformer's once it is on the GPU (T5 may share its slot on small cards).
-        with _timed(timings, "loras"):
+        with timed(timings, "loras"):
             self.loras.activate(request.model, targets, request.loras, request.fp8, ("text_encoder",))
         prompt_embeds, pooled_prompt_embeds = self._encode(pipe, request)
         self.residency.need([VAE, request.transformer])
-        with _timed(timings, "loras"):
+        with timed(timings, "loras"):
             self.loras.activate(request.model, targets, request.loras, go_fast=request.fp8)
-        with _timed(timings, "generate"):
+        with timed(timings, "generate"):
             images = self._denoise(pipe, request, prompt_embeds, pooled_prompt_embeds)
         if not request.disable_safety_checker:
-            with _timed(timings, "safety"):
+            with timed(timings, "safety"):
                 self.residency.need([SAFETY])
                 images = self.safety.filter(images)
         return images
@@ -280,27 +244,6 @@ class Engine:
             self.steps_done,
             request.num_inference_steps * request.num_outputs,
             type(error).__name__,
-        )
-
-    def _log_summary(self, request: GenerationRequest, generation: Generation) -> None:
-        """One line per request: what ran, with what, and how long each part took."""
-        log.info(
-            "request mode=%s model=%s%s size=%dx%d steps=%d seed=%d images=%d/%d loras=%s timings=%s",
-            request.mode,
-            request.model,
-            " fp8" if request.fp8 else "",
-            request.width,
-            request.height,
-            request.num_inference_steps,
-            request.seed,
-            len(generation.images),
-            request.num_outputs,
-            self._shown(request.loras),
-            {
-                key.removeprefix("timing."): round(value, 3)
-                for key, value in generation.metrics.items()
-                if key.startswith("timing.")
-            },
         )
 
     def _encode(self, pipe: object, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,16 +269,6 @@ class Engine:
         self.loras = manager
         self.residency.on_leave = manager.fuser.forget
 
-    @staticmethod
-    def _shown(loras: tuple[LoraRequest, ...]) -> list[str] | str:
-        """LoRAs as a log may show them: no query strings, tokens or data URI bodies."""
-        shown = [
-            f"{lora.input_name}={lora.ref.shown}x{lora.scale:g}"
-            for lora in loras
-            if lora.input_name != DEFAULT_LORA_INPUT
-        ]
-        return shown or "none"
-
     def _denoise(
         self,
         pipe: object,
@@ -347,7 +280,7 @@ class Engine:
         with torch.inference_mode():
             return [
                 pipe(
-                    **self._call_arguments(request, seed),
+                    **call_arguments(request, seed),
                     prompt_embeds=prompt_embeds,
                     pooled_prompt_embeds=pooled_prompt_embeds,
                     callback_on_step_end=self._count_step,
@@ -367,20 +300,3 @@ class Engine:
     def lora_targets(self, model: str, fp8: bool = False) -> LoraTargets:
         """Where a request's LoRAs go for `model` in full precision or fp8 (go_fast)."""
         return self._targets(model, fp8)
-
-    @staticmethod
-    def _call_arguments(request: GenerationRequest, seed: int) -> dict[str, object]:
-        """The diffusers call for one output; a CPU generator makes seeds device-independent."""
-        arguments: dict[str, object] = {
-            "width": request.width,
-            "height": request.height,
-            "num_inference_steps": request.num_inference_steps,
-            "guidance_scale": request.guidance_scale,
-            "generator": torch.Generator("cpu").manual_seed(seed),
-            "max_sequence_length": MODELS[request.model].max_sequence_length,
-        }
-        if request.image is not None:
-            arguments.update(image=request.image, strength=request.prompt_strength)
-        if request.mask is not None:
-            arguments["mask_image"] = request.mask
-        return arguments

@@ -12,6 +12,7 @@ from PIL import Image
 from flux_day.config import Settings
 from flux_day.engine import Card, Engine
 from flux_day.errors import CapacityError, InputError, WeightsError
+from flux_day.generation import call_arguments
 from flux_day.models import build_pipelines, load_models
 from flux_day.request import GenerationRequest
 from tests.harness.engines import EngineFactory
@@ -84,7 +85,7 @@ def test_inpaint_keeps_black_latents_exactly_and_repaints_white(engine: Engine, 
             num_inference_steps=3,
         )
         packed = pipe(
-            prompt=request.prompt, output_type="latent", **engine._call_arguments(request, seed)
+            prompt=request.prompt, output_type="latent", **call_arguments(request, seed)
         ).images
         return pipe._unpack_latents(packed, 512, 512, pipe.vae_scale_factor)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flux_day.engine import Generation
 from flux_day.errors import InputError, LoraError
+from flux_day.generation import Generation
 from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
 from flux_day.serving import declared_inputs_only

@@ -8,12 +8,10 @@ Everything that can fail (download, parse, fit) happens before any weight is tou
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +21,8 @@ from torch import nn
 from flux_day.components import CLIP
 from flux_day.config import Settings
 from flux_day.errors import InputError, LoraError
-from flux_day.filelocks import LockTimeout
-from flux_day.loras.archive import extract_lora, is_archive, is_safetensors, unpacked
-from flux_day.loras.cache import LoraCache
-from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Fetcher
+from flux_day.loras.archive import unpacked
+from flux_day.loras.downloads import LoraDownloads
 from flux_day.loras.flux_layout import ModuleIndex
 from flux_day.loras.formats import LoraWeights, read_lora
 from flux_day.loras.fuse import (
@@ -38,8 +34,7 @@ from flux_day.loras.fuse import (
     WeightFuser,
 )
 from flux_day.loras.refs import LoraRef, LoraRequest, decode_data_uri
-from flux_day.loras.safetensors_file import LoraSource, check_lora_file
-from flux_day.loras.sources import plan_file
+from flux_day.loras.safetensors_file import LoraSource
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +42,6 @@ GO_FAST_LORA_MULTIPLIER = 1.5  # the schema's lora_scale description promises it
 PARSED_LORAS_KEPT = 4
 LoraBytes = Callable[[LoraRequest], bytes]  # a LoRA file's bytes, handed over by benchmarks to time parsing
 UNVERSIONED_RECHECK_S = 300  # how long `owner/model` (no version) is trusted to mean the same file
-FILL_WAIT_S = DOWNLOAD_DEADLINE_S + 120  # the longest another process's download of a LoRA can take
 
 
 @dataclass(frozen=True)
@@ -79,8 +73,7 @@ class LoraManager:
         self.settings = settings
         self.lora_bytes = lora_bytes  # given: each LoRA's file bytes, in place of download or decoding
         self.fuser = WeightFuser(store)
-        self.fetcher = Fetcher(settings)
-        self.cache = LoraCache(settings.lora_cache, settings.lora_cache_bytes)
+        self.downloads = LoraDownloads(settings)
         self._parsed: OrderedDict[tuple[str, str], tuple[LoraWeights, float]] = OrderedDict()
         self._indexes: dict[str, ModuleIndex] = {}
         self._slots: dict[str, Slot] = {}
@@ -183,6 +176,10 @@ class LoraManager:
             self._parsed.popitem(last=False)
         return weights
 
+    def cached_file(self, ref: LoraRef) -> AbstractContextManager[Path]:
+        """The ready .safetensors for `ref` in the disk cache, downloaded when absent (`LoraDownloads`)."""
+        return self.downloads.cached_file(ref)
+
     def forget_parsed(self) -> None:
         """Forget every parsed LoRA: each is read and parsed again on its next use (a cold switch)."""
         self._parsed.clear()
@@ -204,65 +201,12 @@ class LoraManager:
             return
         cached: Path | None = None
         try:
-            with self.cached_file(ref) as cached:
+            with self.downloads.cached_file(ref) as cached:
                 yield cached
         except LoraError:
             if cached is not None:  # refused once read; the cache's read lock is released by now
-                self.cache.discard(cached)
+                self.downloads.cache.discard(cached)
             raise
-
-    @contextmanager
-    def cached_file(self, ref: LoraRef) -> Iterator[Path]:
-        """The ready .safetensors for `ref` in the disk cache, downloaded when absent: once among all
-        the processes sharing the cache. No process evicts it until the block ends."""
-        plan = plan_file(ref, self.settings, self.fetcher)
-        found = True
-
-        def fetch(prefix: str) -> Path:
-            nonlocal found
-            found = False
-            partial = self.fetcher.download(ref, plan.url, self.cache.root, prefix, plan.credential)
-            try:
-                return self._as_safetensors(ref, partial, prefix)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-
-        def waiting() -> None:
-            log.info("%s: another process is downloading it; waiting", ref.shown)
-
-        try:
-            with self.cache.filled(plan.key, fetch, FILL_WAIT_S, waiting) as path:
-                if found:
-                    log.info("%s: from the LoRA cache", ref.shown)
-                yield path
-        except LockTimeout:
-            raise LoraError(
-                f"another replica has been downloading {ref.shown} into the LoRA cache "
-                f"for over {FILL_WAIT_S} s; try again later."
-            ) from None
-
-    def _as_safetensors(self, ref: LoraRef, partial: Path, prefix: str) -> Path:
-        """`partial` if it is a sound safetensors file, or the LoRA unpacked from it if it is a .tar."""
-        with partial.open("rb") as handle:
-            head = handle.read(9)
-        if not is_safetensors(head) and is_archive(partial):
-            descriptor, name = tempfile.mkstemp(dir=self.cache.root, prefix=prefix)
-            try:
-                with os.fdopen(descriptor, "wb") as target:
-                    member = extract_lora(partial, target, self.settings.max_lora_bytes)
-            except BaseException:
-                Path(name).unlink(missing_ok=True)
-                raise
-            log.info("%s: took %s from the archive", ref.shown, member)
-            partial.unlink()
-            partial = Path(name)
-        try:
-            check_lora_file(partial)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        return partial
 
 
 def _overflow_error(
