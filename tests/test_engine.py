@@ -84,9 +84,7 @@ def test_inpaint_keeps_black_latents_exactly_and_repaints_white(engine: Engine, 
             seed=seed,
             num_inference_steps=3,
         )
-        packed = pipe(
-            prompt=request.prompt, output_type="latent", **call_arguments(request, seed)
-        ).images
+        packed = pipe(prompt=request.prompt, output_type="latent", **call_arguments(request, seed)).images
         return pipe._unpack_latents(packed, 512, 512, pipe.vae_scale_factor)
 
     nothing_repainted = final_latents("none.png", seed=1)
