@@ -15,7 +15,7 @@ import torch
 
 from flux_day.loras.formats import Delta
 
-# Rows of a non-float32 weight fused per step through a float32 scratch: the math stays in float32 with
+# Rows of a non-float32 weight fused per step through a float32 copy: the math stays in float32 with
 # one rounding at the end, and the scratch stays at 4096 rows (48 MB at FLUX's widest input, 15360).
 CHUNK_ROWS = 4096
 
@@ -43,8 +43,8 @@ def fused_weight(pristine: torch.Tensor, parts: Sequence[ScaledDelta], out: torc
     `addmm` for every low-rank delta at once; dense deltas (LyCORIS) are added after it.
 
     `pristine` may live elsewhere (pinned host memory): it is brought over once. Float32 weights are
-    written directly; others go through a float32 scratch of `CHUNK_ROWS` rows, so the sum is
-    computed in float32 and rounded once.
+    written directly (copy, then the deltas added in place); others go `CHUNK_ROWS` rows at a time
+    through a float32 copy of those rows, so the sum is computed in float32 and rounded once.
     """
     device = out.device
     ordered = sorted(parts, key=lambda part: (part.order, part.scale))
@@ -59,28 +59,26 @@ def fused_weight(pristine: torch.Tensor, parts: Sequence[ScaledDelta], out: torc
         )
         downs = torch.cat([p.delta.down.to(device, torch.float32) for p in low_rank], dim=0)
     if out.dtype == torch.float32:
-        _fused_rows(source, ups, downs, dense, slice(None), out)
+        out.copy_(source)
+        _add_deltas(out, ups, downs, dense, slice(None))
         return out
     for start in range(0, out.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
-        scratch = torch.empty(source[rows].shape, dtype=torch.float32, device=device)
-        out[rows].copy_(_fused_rows(source[rows].to(torch.float32), ups, downs, dense, rows, scratch))
+        chunk = source[rows].to(torch.float32, copy=True)  # the one float32 temporary: these rows
+        out[rows].copy_(_add_deltas(chunk, ups, downs, dense, rows))
     return out
 
 
-def _fused_rows(
-    source: torch.Tensor,
+def _add_deltas(
+    target: torch.Tensor,
     ups: torch.Tensor | None,
     downs: torch.Tensor | None,
     dense: Sequence[ScaledDelta],
     rows: slice,
-    out: torch.Tensor,
 ) -> torch.Tensor:
-    """`out = source + ups[rows] @ downs + Σ dense[rows]`, all float32, written once into `out`."""
+    """`target += ups[rows] @ downs + Σ dense[rows]` in place, in float32."""
     if ups is not None and downs is not None:
-        torch.addmm(source, ups[rows], downs, out=out)
-    else:
-        out.copy_(source)
+        target.addmm_(ups[rows], downs)
     for part in dense:
-        out.add_(part.delta.up[rows].to(out.device, torch.float32), alpha=part.scale * part.delta.scale)
-    return out
+        target.add_(part.delta.up[rows].to(target.device, torch.float32), alpha=part.scale * part.delta.scale)
+    return target
