@@ -179,7 +179,7 @@ class Engine:
             transformer=self.residency.module(transformer_component(model, fp8)) if fp8 else master,
             master=master,
             text_encoder=self.models.shared["text_encoder"],
-            quantize=self.fast.quantizer() if fp8 else None,
+            quantize=self.fast.quantize if fp8 else None,
         )
 
     def generate(self, request: GenerationRequest) -> Generation:

@@ -235,7 +235,6 @@ class Fp8Transformers:
         self.masters = dict(masters)
         self.cache = cache or Fp8Cache(None)
         self.sources = dict(sources or {})
-        self.built: dict[str, nn.Module] = {}
         self.writers: list[threading.Thread] = []
 
     def expected_bytes(self, model: str) -> int:
@@ -250,15 +249,12 @@ class Fp8Transformers:
         """`model`'s fp8 transformer on `device` (default: the engine's): read from the disk cache
         when it holds a copy made from these weights, else quantized from the pristine master and
         then cached. `weight_of` gives a master weight's pristine value (a full-precision request's
-        LoRA may be fused into the master)."""
-        if model in self.built:
-            return self.built[model]
+        LoRA may be fused into the master). The residency calls it once per model and keeps the result."""
         device = device or self.device
         started = time.perf_counter()
         stamp = self._fingerprint(model)
         cached = self.cache.load(model, stamp) if stamp else None
         fp8 = fp8_copy(self.masters[model], device, self.config, cached, weight_of)
-        self.built[model] = fp8
         log.info(
             "go_fast: %s fp8 transformer (%s) %s in %.1fs",
             model,
@@ -279,9 +275,9 @@ class Fp8Transformers:
         dtype = next(self.masters[model].parameters()).dtype
         return fingerprint(files, self.config, dtype)
 
-    def quantizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The function LoRA fuses use to turn a fused full-precision weight into an fp8 one."""
-        return lambda weight: quantized_weight(weight, self.config)
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """A fused full-precision weight as the fp8 layer holds it (what LoRA fuses write)."""
+        return quantized_weight(weight, self.config)
 
     def wait_for_cache(self) -> None:
         """Block until every cache file under way is written (tests and benchmarks)."""

@@ -68,7 +68,6 @@ MODELS: Final[Mapping[str, ModelSpec]] = MappingProxyType(
         ),
     }
 )
-DEFAULT_MODEL: Final = "dev"
 
 
 def shared_spec() -> ModelSpec:

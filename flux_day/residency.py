@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from flux_day.memory_plan import MemoryPlan, tensor_bytes, visit
+from flux_day.memory_plan import MemoryPlan, visit
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ class Residency:
         self.visitor: str | None = None
         self.on_leave: Callable[[str], None] = lambda name: None  # the LoRA fuser forgets its state
         self._home: dict[int, torch.Tensor] = {}  # id(tensor) -> its pristine host copy
-        self.moved_bytes = 0  # host -> GPU, over the life of the engine (benchmarks read it)
         for name, module in self.modules.items():
             placement = plan[name]
             if placement == "resident":
@@ -144,7 +143,6 @@ class Residency:
         for tensor in _tensors(self.modules[name]):
             home = self._home[id(tensor)]
             tensor.data = home.to(self.device, non_blocking=True, copy=True)
-            self.moved_bytes += tensor_bytes(home)
 
     def _send_home(self, name: str) -> None:
         for tensor in _tensors(self.modules[name]):

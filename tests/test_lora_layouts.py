@@ -191,11 +191,11 @@ def test_what_cannot_be_applied_is_refused_by_name_and_changes_nothing(
     manager, components = deep
     good, _ = ll.onetrainer(seed=30)
     activate(deep, ("replicate_weights", good, 1.0))
-    before, active = parameters(components), manager.fuser.active
+    before, state = parameters(components), manager.fuser.state
     make, message = REFUSED[case]
     with pytest.raises(InputError, match=rf"^extra_lora: .*{message}"):
         activate(deep, ("replicate_weights", good, 1.0), ("extra_lora", make(), 1.0))
-    assert manager.fuser.active == active
+    assert manager.fuser.state == state
     assert all(torch.equal(before[name], value) for name, value in parameters(components).items())
 
 

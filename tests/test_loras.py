@@ -249,13 +249,13 @@ def pickle_bytes() -> bytes:
 def test_bad_files_are_refused_naming_the_input_and_change_nothing(engine: Engine, case: str) -> None:
     good = lf.to_bytes(lf.kohya(lf.random_lora(1)))
     activate(engine, ("replicate_weights", good, 1.0))
-    before, active = weights(engine), engine.loras.fuser.active
+    before, state = weights(engine), engine.loras.fuser.state
     data, message = BAD_FILES.get(
         case, (pickle_bytes(), r"not a safetensors file but a PyTorch pickle .* never loaded")
     )
     with pytest.raises(InputError, match=rf"^extra_lora: .*({message})"):
         activate(engine, ("replicate_weights", good, 1.0), ("extra_lora", data, 1.0))
-    assert engine.loras.fuser.active == active
+    assert engine.loras.fuser.state == state
     after = weights(engine)
     assert all(torch.equal(before[name], after[name]) for name in before)
 

@@ -66,6 +66,7 @@ class Slot:
     param: nn.Parameter
     source: nn.Parameter | None = None
     quantize: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    module: str = ""  # the linear it belongs to, as LoRA files name it ("transformer.x", "text_encoder.y")
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,6 @@ class FusedState:
 
     content: Mapping[str, Content]
     written: frozenset[str]
-
-    @property
-    def modules(self) -> frozenset[str]:
-        return frozenset(self.content)
 
 
 class WeightFuser:
@@ -101,11 +98,6 @@ class WeightFuser:
         """How many weights currently differ from their pristine copy."""
         return len(self._content)
 
-    @property
-    def active(self) -> FusedState:
-        """The current state (kept under its old name for callers that compare states)."""
-        return self.state
-
     def apply(
         self,
         plan: Mapping[Slot | nn.Parameter, Sequence[ScaledDelta]],
@@ -121,7 +113,7 @@ class WeightFuser:
         scope = None if groups is None else set(groups) | {slot.group for slot in slots}
         wanted = {slot.name: _content(parts) for slot, parts in slots.items()}
         written: set[str] = set()
-        self._finite: dict[str, torch.Tensor] = {}
+        self._finite = {}
         try:
             for name in list(self._content):
                 if name not in wanted and (scope is None or self._slots[name].group in scope):
@@ -178,6 +170,11 @@ class WeightFuser:
         for name in [n for n in self._content if self._slots[n].group == group]:
             del self._content[name]
         self.state = FusedState(dict(self._content), frozenset())
+
+    def fused_slots(self, groups: Iterable[str]) -> list[Slot]:
+        """The slots of `groups` that hold a LoRA now."""
+        wanted = set(groups)
+        return [self._slots[name] for name in self._content if self._slots[name].group in wanted]
 
     def pristine_bytes(self, group: str) -> int:
         """Bytes of the pristine copies kept for `group`'s weights (an offloaded module's home copy

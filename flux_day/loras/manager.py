@@ -77,7 +77,7 @@ class LoraManager:
         self._parsed: OrderedDict[tuple[str, str], tuple[LoraWeights, float]] = OrderedDict()
         self._indexes: dict[str, ModuleIndex] = {}
         self._slots: dict[str, Slot] = {}
-        self.fused_modules: frozenset[str] = frozenset()  # "transformer.x"/"text_encoder.y" of the request
+        self._groups: tuple[str, ...] = ()  # what the last activation wrote into
 
     def activate(
         self,
@@ -107,15 +107,11 @@ class LoraManager:
                         plan[slot].append(ScaledDelta(weights.digest, delta, scale))
         groups = [CLIP] * ("text_encoder" in parts) + [targets.group] * ("transformer" in parts)
         started = time.perf_counter()
+        self._groups = (CLIP, targets.group)
         try:
             state = self.fuser.apply(plan, groups)
-        except UnrepresentableWeight as error:
-            self.fused_modules = frozenset()  # apply restored every weight before raising
+        except UnrepresentableWeight as error:  # apply restored every weight before raising
             raise _overflow_error(error, chosen, index, model) from None
-        except BaseException:
-            self.fused_modules = frozenset()
-            raise
-        self.fused_modules = frozenset(m for _, weights, _ in chosen for m in weights.modules)
         if state.written:
             log.info(
                 "LoRAs now %s on %s: %d weights written in %.3fs",
@@ -137,15 +133,20 @@ class LoraManager:
             if component == "transformer" and targets.transformer is not targets.master:
                 runs = getattr(targets.transformer.get_submodule(bare), kind)
                 quantize = targets.quantize if kind == "weight" else None
-                self._slots[name] = Slot(name, group, runs, source=master, quantize=quantize)
+                self._slots[name] = Slot(name, group, runs, master, quantize, module)
             else:
-                self._slots[name] = Slot(name, group, master)
+                self._slots[name] = Slot(name, group, master, module=module)
         return self._slots[name]
+
+    @property
+    def fused_modules(self) -> frozenset[str]:
+        """The modules ("transformer.x"/"text_encoder.y") holding a LoRA in what the last request ran
+        on, read from the fuser's one record."""
+        return frozenset(slot.module for slot in self.fuser.fused_slots(self._groups))
 
     def release(self) -> None:
         """Unfuse everything: every touched weight back to its pristine bytes."""
         self.fuser.restore_all()
-        self.fused_modules = frozenset()
 
     def weights(self, lora: LoraRequest, model: str, components: dict[str, nn.Module]) -> LoraWeights:
         """The parsed LoRA for `model`: from memory when used recently, else from the cache or the web.

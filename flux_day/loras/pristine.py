@@ -29,7 +29,7 @@ class PristineStore:
     ) -> None:
         self.plan = plan
         self.home = home
-        self.bytes = {"device": 0, "host": 0}
+        self.device_bytes = 0  # kept on the GPU so far: what the plan's room is measured against
 
     def adopts(self, param: torch.Tensor) -> bool:
         """Whether `param`'s own memory can become its pristine copy (a plain tensor on the CPU, where
@@ -40,15 +40,8 @@ class PristineStore:
         """A copy of `tensor` that nothing else writes."""
         tensor = tensor.detach()
         nbytes = tensor.numel() * tensor.element_size()
-        if not tensor.is_cuda or self.plan is None:
-            site = "device"
-        else:
-            site = pristine_site(self.plan, self.bytes["device"], nbytes)
-        self.bytes[site] += nbytes
-        if site == "device":
-            return tensor.clone()
-        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
-
-    @property
-    def total(self) -> int:
-        return self.bytes["device"] + self.bytes["host"]
+        if tensor.is_cuda and self.plan is not None:
+            if pristine_site(self.plan, self.device_bytes, nbytes) == "host":
+                return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+            self.device_bytes += nbytes
+        return tensor.clone()
