@@ -27,9 +27,9 @@ from flux_day.generation import Generation, call_arguments, log_summary, timed
 from flux_day.loras.fuse import PristineStore
 from flux_day.loras.manager import LoraManager, LoraTargets
 from flux_day.loras.refs import LoraRequest
-from flux_day.memory_plan import DEFAULT_RESERVE, MemoryPlan, format_plan, module_bytes, plan_memory
+from flux_day.memory_plan import DEFAULT_RESERVE, MemoryPlan, format_plan, plan_memory
 from flux_day.model_specs import MODELS
-from flux_day.models import LoadedModels, build_pipelines, load_models, pick_device
+from flux_day.models import LoadedModels, build_pipelines, component_sizes, load_models, pick_device
 from flux_day.request import GenerationRequest
 from flux_day.residency import Residency
 from flux_day.safety import SafetyFilter
@@ -119,11 +119,7 @@ class Engine:
     def _plan(self, card: Card | None) -> MemoryPlan:
         """Measure every component (fp8 copies by the size they will have), decide what stays on the
         GPU, and log the plan as one table."""
-        sizes = {name: module_bytes(module) for name, module in self._modules().items()}
-        sizes |= {
-            transformer_component(model, fp8=True): self.fast.expected_bytes(model)
-            for model in self.models.transformers
-        }
+        sizes = component_sizes(self.models, self.safety)
         if card is not None:
             plan = plan_memory(sizes, card.total_bytes, card.reserve_bytes)
         elif self.device.type == "cuda":

@@ -187,3 +187,11 @@ def format_simulation(card: str, plan: MemoryPlan, steps: Sequence[SimStep]) -> 
             f"{', '.join(step.moved) or '-'}"
         )
     return "\n".join(lines)
+
+
+def card_offloading_schnell(sizes: Mapping[str, int]) -> int:
+    """A card size (no reserve) that keeps the shared components and dev in both precisions resident
+    and swaps schnell's transformers through one slot, as an 80 GB card does at FLUX.1's real size:
+    for CPU runs of the same plan on small models (the GPU proof's --tiny, tests)."""
+    resident = sum(sizes[name] for name in (CLIP, T5, VAE, SAFETY)) + sizes["dev-full"] + sizes["dev-fp8"]
+    return resident + max(sizes["schnell-full"], sizes["schnell-fp8"]) + 1024

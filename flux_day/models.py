@@ -27,7 +27,9 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from transformers import CLIPTextModel, T5EncoderModel
 
+from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
 from flux_day.errors import WeightsError
+from flux_day.fast import fp8_bytes
 from flux_day.memory_plan import module_bytes
 from flux_day.model_specs import MODELS, SHARED_COMPONENTS, shared_spec
 from flux_day.weights.layout import has_base_models
@@ -134,3 +136,19 @@ def build_pipelines(
             by_mode[mode] = pipeline_class(**base.components)
         pipelines[name] = by_mode
     return pipelines
+
+
+def component_sizes(models: LoadedModels, safety: torch.nn.Module) -> dict[str, int]:
+    """Bytes of every component the memory plan places, by its name: the shared ones, each model's
+    transformer, and its fp8 copy by the size it will have (made on first use, sized before)."""
+    shared = models.shared
+    sizes = {
+        CLIP: module_bytes(shared["text_encoder"]),
+        T5: module_bytes(shared["text_encoder_2"]),
+        VAE: module_bytes(shared["vae"]),
+        SAFETY: module_bytes(safety),
+    }
+    for model, transformer in models.transformers.items():
+        sizes[transformer_component(model, fp8=False)] = module_bytes(transformer)
+        sizes[transformer_component(model, fp8=True)] = fp8_bytes(transformer)
+    return sizes

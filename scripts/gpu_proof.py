@@ -388,12 +388,10 @@ def card_80(run: Run) -> None:
         torch.cuda.empty_cache()
         card = Card(run.scale.card_80, run.scale.reserve_80)
     else:  # a CPU "card" that offloads schnell as 80 GB does at full size
-        from flux_day.memory_plan import module_bytes
+        from flux_day.memory_sim import card_offloading_schnell
+        from flux_day.models import component_sizes
 
-        sizes = {m: module_bytes(t) for m, t in run.models.transformers.items()}
-        shared = sum(module_bytes(run.models.shared[k]) for k in ("vae", "text_encoder", "text_encoder_2"))
-        shared += module_bytes(run.safety)
-        card = Card(shared + int(sizes["dev"] * 1.5) + sizes["schnell"] + 1024, 0)
+        card = Card(card_offloading_schnell(component_sizes(run.models, run.safety)), 0)
     run.start_engine(card)
     if run.scale.device == "cuda":
         torch.cuda.set_per_process_memory_fraction(

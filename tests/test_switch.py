@@ -16,7 +16,9 @@ from flux_day.engine import Card, Engine
 from flux_day.loras import delta_math, fuse
 from flux_day.loras.formats import Delta
 from flux_day.loras.fuse import PristineStore, ScaledDelta, Slot, WeightFuser, inner_tensors
-from flux_day.memory_plan import module_bytes, plan_memory, pristine_site
+from flux_day.memory_plan import plan_memory, pristine_site
+from flux_day.memory_sim import card_offloading_schnell
+from flux_day.models import component_sizes
 from flux_day.request import GenerationRequest
 from tests.harness import lora_files as lf
 from tests.harness.engines import EngineFactory
@@ -194,9 +196,7 @@ def test_an_offloaded_model_is_fused_on_its_visit_and_comes_back_pristine(make_e
     """A CPU "card" that offloads schnell, as 80 GB does at full size: its LoRA is fused into the visiting
     copy, dropped with it when another model takes the slot, and fused again on the next visit."""
     plain = make_engine(FLUX_DAY_FP8_CACHE="0")
-    sizes = {m: module_bytes(t) for m, t in plain.models.transformers.items()}
-    shared = sum(module_bytes(plain.models.shared[k]) for k in ("vae", "text_encoder", "text_encoder_2"))
-    card = Card(shared + module_bytes(plain.safety) + int(sizes["dev"] * 1.5) + sizes["schnell"] + 1024, 0)
+    card = Card(card_offloading_schnell(component_sizes(plain.models, plain.safety)), 0)
     engine = make_engine(FLUX_DAY_FP8_CACHE="0", card=card)
     assert engine.plan["schnell-full"] == "offloaded" and engine.plan["dev-full"] == "resident"
     lora = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(6))))

@@ -12,22 +12,10 @@ def full_size_components() -> dict[str, int]:
     measured on models built on the meta device from the full-size profile: nothing allocated."""
     import torch
 
-    from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
-    from flux_day.fast import fp8_bytes
-    from flux_day.memory_plan import module_bytes
+    from flux_day.models import component_sizes
     from flux_day.weights.random_models import PROFILES, build_models
 
-    models, safety = build_models(PROFILES["full"], torch.device("meta"), torch.bfloat16)
-    sizes = {
-        CLIP: module_bytes(models.shared["text_encoder"]),
-        T5: module_bytes(models.shared["text_encoder_2"]),
-        VAE: module_bytes(models.shared["vae"]),
-        SAFETY: module_bytes(safety),
-    }
-    for model, transformer in models.transformers.items():
-        sizes[transformer_component(model, fp8=False)] = module_bytes(transformer)
-        sizes[transformer_component(model, fp8=True)] = fp8_bytes(transformer)
-    return sizes
+    return component_sizes(*build_models(PROFILES["full"], torch.device("meta"), torch.bfloat16))
 
 
 def plan(args: argparse.Namespace) -> None:
