@@ -1,8 +1,8 @@
 """What a memory plan costs per request: bytes moved between host and GPU, and where arithmetic runs.
 
 A pure model of the engine's policies on byte counts, for any card, with no GPU: it follows
-`memory_plan.visit` (which visitor leaves), `memory_plan.pristine_site` (where a LoRA's pristine copy
-goes) and the engine's order (encoders, then VAE and transformer, then the LoRAs fused into what
+`memory_plan.visit` (which visitor leaves), the plan's room for pristine copies (where a LoRA's
+pristine copies go: the room fills, the rest is host memory) and the engine's order (encoders, then VAE and transformer, then the LoRAs fused into what
 runs, then safety). LoRAs are modelled as covering every linear of the transformer (the worst case,
 and what ai-toolkit trains by default); a switch restores the old LoRA's weights from their pristine
 copies and writes the new one's.
@@ -19,7 +19,6 @@ from typing import Final
 from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
 from flux_day.memory_plan import (
     MemoryPlan,
-    pristine_site,
     visit,
 )
 
@@ -76,7 +75,7 @@ class _State:
     visitor: str | None = None
     built: set[str] = field(default_factory=set)
     fused: dict[str, str | None] = field(default_factory=dict)  # group -> LoRA fused there
-    pristine: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> {site: bytes}
+    host_pristine: dict[str, int] = field(default_factory=dict)  # group -> its pristine bytes in host memory
     device_pristine: int = 0
 
 
@@ -140,16 +139,15 @@ def _switch(
     size = sizes[group]
     reads = writes = 0
     home = plan.device_bytes is not None and plan[group] == "offloaded"
-    if group not in state.pristine and not home:  # first touch: pristine copies made
-        if plan.device_bytes is None:
-            state.pristine[group] = {"device": size}
-        else:  # the engine places weight by weight (`pristine_site`): the room fills, the rest is host
-            on_device = size if pristine_site(plan, state.device_pristine, size) == "device" else 0
-            on_device = on_device or max(0, plan.pristine_bytes - state.device_pristine)
-            state.pristine[group] = {"device": on_device, "host": size - on_device}
-            state.device_pristine += on_device
-            writes += size - on_device
-    host_pristine = size if home else state.pristine.get(group, {}).get("host", 0)
+    if group not in state.host_pristine and not home:  # first touch: pristine copies made
+        # The engine places them weight by weight (`pristine_site`): the plan's room fills, the rest
+        # goes to host memory. A CPU engine keeps them all beside the weights.
+        room = plan.pristine_bytes - state.device_pristine if plan.device_bytes is not None else size
+        on_device = min(size, max(0, room))
+        state.host_pristine[group] = size - on_device
+        state.device_pristine += on_device
+        writes += size - on_device
+    host_pristine = size if home else state.host_pristine.get(group, 0)
     if state.fused.get(group) is not None:
         reads += host_pristine  # the old LoRA's weights restored from host copies
     if request.lora is not None:
@@ -158,7 +156,7 @@ def _switch(
             if plan.device_bytes is not None and plan[master] != "resident":
                 reads += sizes[master]
             elif state.fused.get(master) is not None:
-                reads += state.pristine.get(master, {}).get("host", 0)
+                reads += state.host_pristine.get(master, 0)
         else:
             reads += host_pristine
     return size, reads, writes
