@@ -2,10 +2,10 @@
 
 A pure model of the engine's policies on byte counts, for any card, with no GPU: it follows
 `memory_plan.visit` (which visitor leaves), the plan's room for pristine copies (where a LoRA's
-pristine copies go: the room fills, the rest is host memory) and the engine's order (encoders, then VAE and transformer, then the LoRAs fused into what
-runs, then safety). LoRAs are modelled as covering every linear of the transformer (the worst case,
-and what ai-toolkit trains by default); a switch restores the old LoRA's weights from their pristine
-copies and writes the new one's.
+pristine copies go: the room fills, the rest is host memory) and the engine's order (encoders, then
+VAE and transformer, then the LoRAs fused into what runs, then safety). LoRAs are modelled as
+covering every linear of the transformer (the worst case, and what ai-toolkit trains by default); a
+switch restores the old LoRA's weights from their pristine copies and writes the new one's.
 
     python scripts/benchmark.py plan        # the table for 24, 48, 80 and 141 GB cards
 """
