@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from flux_day.loras.cache import LoraCache
+from flux_day.loras.cache import LoraCache, file_path
 from flux_day.loras.refs import parse_ref
 from tests.harness.cog_server import CogServer, decode_output, server_env
 from tests.harness.http_files import HttpFiles
@@ -84,7 +84,8 @@ def image(server: CogServer, **inputs: Any) -> bytes:
 
 
 def cache_file(fleet: Fleet, url: str) -> Path:
-    return LoraCache(fleet.cache, BUDGET).path(parse_ref(url).identity)
+    """The cached file for `url`, found without a `LoraCache` (whose start would clear leaked partials)."""
+    return file_path(fleet.cache, parse_ref(url).identity)
 
 
 def partials(fleet: Fleet) -> list[Path]:

@@ -55,7 +55,7 @@ class LoraCache:
 
     def path(self, key: str) -> Path:
         """Where the file for `key` lives (whether or not it is there yet)."""
-        return self.root / (_digest(key) + SUFFIX)
+        return file_path(self.root, key)
 
     @contextmanager
     def reading(self, key: str, timeout_s: float | None = None) -> Iterator[Path | None]:
@@ -192,6 +192,11 @@ class LoraCache:
         for partial in self.root.glob(f"{PARTIAL_PREFIX}{digest}-*"):
             partial.unlink(missing_ok=True)
             log.info("LoRA cache: removed %s, left by a download that did not finish", partial.name)
+
+
+def file_path(root: Path, key: str) -> Path:
+    """Where the cache in `root` keeps the file for `key`; reads nothing (a `LoraCache` clears partials)."""
+    return Path(root) / (_digest(key) + SUFFIX)
 
 
 def _digest(key: str) -> str:
