@@ -170,6 +170,10 @@ REFUSED: dict[str, tuple[Callable[[], bytes], str]] = {
         lambda: to_bytes({"diffusion_model.double_blocks.3.img_attn.qkv.diff_b": torch.ones(97)}),
         r"bias update of 'diffusion_model.double_blocks.3.img_attn.qkv' has shape 97",
     ),
+    "xlabs-with-unmatched-diff": (
+        lambda: to_bytes(with_value(ll.xlabs(seed=1)[0], "nothing.here.diff", 1.0, (4, 4))),
+        r"match a module of FLUX.1 \[dev\] \(first unmatched: 'nothing.here'\)",
+    ),
 }
 
 

@@ -103,17 +103,17 @@ def read_lora(source: LoraSource, index: ModuleIndex, model_label: str) -> LoraW
             f"module {both[0][:80]!r} has both low-rank factors and a full weight update "
             "(diff), which tools apply differently; give a LoRA with one of them per module."
         )
-    modules = [*groups, *full]
-    if any(role in LYCORIS_ROLES for roles in groups.values() for role in roles):
-        _refuse_unmatched(modules, index, model_label)
+    lycoris = any(role in LYCORIS_ROLES for roles in groups.values() for role in roles)
+    xlabs = not lycoris and any(".processor." in module for module in groups)
+    # XLabs' own names match no module until diffusers converts them (`_xlabs` checks what it returns).
+    _refuse_unmatched([*full] if xlabs else [*groups, *full], index, model_label)
+    if lycoris:
         layout, deltas = "LyCORIS", _deltas_from_groups(groups, index, {})
-    elif any(".processor." in module for module in groups):
+    elif xlabs:
         layout, deltas = "XLabs", _xlabs(state_dict, index, model_label)
     elif any(module.startswith(KOHYA_PREFIXES) for module in groups):
-        _refuse_unmatched(modules, index, model_label)
         layout, deltas = "kohya", _kohya(state_dict, groups, index)
     else:
-        _refuse_unmatched(modules, index, model_label)
         adapter = json.loads(metadata.get("lora_adapter_metadata") or "{}")
         layout, deltas = "by module name", _deltas_from_groups(groups, index, adapter)
     full_weights, full_biases = full_deltas(full, index)
