@@ -1,6 +1,6 @@
 """A LoRA file's tensors and metadata, read as safetensors only and checked before any is used.
 
-A file on disk (the LoRA cache's, the operator's) is read from its path (`safe_open`, `load_file`), so
+A file on disk (the LoRA cache's, the operator's) is read from its path (one `safe_open`), so
 a 2 GB download is never held as Python bytes besides its tensors; a data: URI's bytes, already in
 memory, by `safetensors.torch.load`. A pickle (.pt/.ckpt/.bin) is never opened, because unpickling
 downloaded data runs its code: it is only recognised by its first bytes, to say so.
@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file
 
 from flux_day.errors import LoraError
 from flux_day.server_log import log as server_log
@@ -31,7 +30,7 @@ def load_lora_file(source: LoraSource) -> tuple[dict[str, torch.Tensor], dict[st
         if isinstance(source, Path):
             with safe_open(source, framework="pt") as opened:
                 metadata = opened.metadata() or {}
-            state_dict = load_file(source)
+                state_dict = opened.get_tensors()
         else:
             state_dict, metadata = load_safetensors(source), _metadata(source)
     except UNREADABLE as error:
