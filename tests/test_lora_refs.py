@@ -86,6 +86,11 @@ def test_every_form_the_schema_promises_is_recognised(source, kind, parts, shown
         assert ref.shown == shown
 
 
+def test_two_spellings_of_one_file_share_the_parsed_lora_key() -> None:
+    assert parse_ref("o/m").identity_digest == parse_ref("https://replicate.com/o/m/").identity_digest
+    assert parse_ref("o/m").identity_digest != parse_ref("o/m/v1").identity_digest
+
+
 def test_data_uris_decode_base64_with_line_breaks_and_percent_encoding() -> None:
     payload = base64.b64encode(b"\x00safetensors bytes\xff").decode()
     wrapped = payload[:8] + "\n" + payload[8:].replace("+", "%2B")

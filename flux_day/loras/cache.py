@@ -79,7 +79,8 @@ class LoraCache:
     ) -> Iterator[Path]:
         """The file for `key`, kept from eviction until the block ends. When absent, `fill(prefix)` writes
         it as a partial named with that prefix (in `root`): in one process only, among all that share the
-        folder; the others wait for it (`on_wait` called once, `filelocks.LockTimeout` after `timeout_s`)."""
+        folder; the others wait for it (`on_wait` called once, `filelocks.LockTimeout` after `timeout_s`).
+        Every file a failed fill wrote under that prefix is removed here, so `fill` need not clean up."""
         with self.reading(key, timeout_s) as path:
             if path is not None:
                 yield path
@@ -92,7 +93,11 @@ class LoraCache:
                 try:
                     if not self.path(key).exists():  # not filled by another process while this one waited
                         self._remove_partials(digest)  # their writers are gone: this process holds the key
-                        self._put(key, fill(f"{PARTIAL_PREFIX}{digest}-{_host()}-{os.getpid()}-"))
+                        try:
+                            self._put(key, fill(f"{PARTIAL_PREFIX}{digest}-{_host()}-{os.getpid()}-"))
+                        except BaseException:
+                            self._remove_partials(digest)  # whatever the failed (or cancelled) fill wrote
+                            raise
                     # Read-held before the key lock goes, so no evictor comes between.
                     path = held.enter_context(self.reading(key, timeout_s))
                 finally:
@@ -104,10 +109,7 @@ class LoraCache:
         """Move a finished partial file into place for `key` (its key lock held) and evict beyond the
         budget."""
         path = self.path(key)
-        try:
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        os.replace(partial, path)
         self.evict(keep=path)
 
     def evict(self, keep: Path) -> None:

@@ -43,12 +43,9 @@ class LoraDownloads:
         def fetch(prefix: str) -> Path:
             nonlocal found
             found = False
+            # A failed fill's partials, the download's and the unpacked archive's, go in `filled`.
             partial = self.fetcher.download(ref, plan.url, self.cache.root, prefix, plan.credential)
-            try:
-                return self._as_safetensors(ref, partial, prefix)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
+            return self._as_safetensors(ref, partial, prefix)
 
         def waiting() -> None:
             log.info("%s: another process is downloading it; waiting", ref.shown)
@@ -70,18 +67,10 @@ class LoraDownloads:
             head = handle.read(9)
         if not is_safetensors(head) and is_archive(partial):
             descriptor, name = tempfile.mkstemp(dir=self.cache.root, prefix=prefix)
-            try:
-                with os.fdopen(descriptor, "wb") as target:
-                    member = extract_lora(partial, target, self.settings.max_lora_bytes)
-            except BaseException:
-                Path(name).unlink(missing_ok=True)
-                raise
+            with os.fdopen(descriptor, "wb") as target:
+                member = extract_lora(partial, target, self.settings.max_lora_bytes)
             log.info("%s: took %s from the archive", ref.shown, member)
             partial.unlink()
             partial = Path(name)
-        try:
-            check_lora_file(partial)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        check_lora_file(partial)
         return partial

@@ -122,7 +122,8 @@ class Fetcher:
         self, ref: LoraRef, url: str, directory: Path, prefix: str, credential: Credential | None = None
     ) -> Path:
         """Stream `url` into a new file in `directory` whose name starts with `prefix`; the caller
-        renames or removes it. The file is removed here if the download fails or is cancelled."""
+        renames or removes it, and removes it too when the download fails or is cancelled (the LoRA
+        cache's `filled` removes every partial of a failed fill)."""
         started = time.monotonic()
         with self.open(ref, url, credential) as response:
             # Content-Length counts the bytes on the wire: compressed ones under a Content-Encoding.
@@ -142,7 +143,6 @@ class Fetcher:
                         f"{declared} bytes; try again."
                     )
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-                path.unlink(missing_ok=True)
                 if caused_by(error, TIMEOUTS):
                     raise LoraError(
                         f"the download of {ref.shown} stalled for more than "
@@ -150,9 +150,6 @@ class Fetcher:
                     ) from None
                 server_log.info("download of %s broke off: %s", ref.shown, type(error).__name__)
                 raise LoraError(f"the download of {ref.shown} broke off before its end; try again.") from None
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
         log.info("downloaded %s: %d bytes in %.1fs", ref.shown, written, time.monotonic() - started)
         return path
 

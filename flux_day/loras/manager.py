@@ -151,7 +151,7 @@ class LoraManager:
     def weights(self, lora: LoraRequest, model: str, components: dict[str, nn.Module]) -> LoraWeights:
         """The parsed LoRA for `model`: from memory when used recently, else from the cache or the web.
         Its errors are `LoraError`s named for `lora.input_name`, here, once."""
-        key = (lora.source_digest, model)
+        key = (lora.ref.identity_digest, model)
         if key in self._parsed:
             weights, parsed_at = self._parsed[key]
             if not _unversioned(lora.ref) or time.monotonic() - parsed_at < UNVERSIONED_RECHECK_S:

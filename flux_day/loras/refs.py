@@ -74,6 +74,14 @@ class LoraRef:
             return f"{self.kind}:{self.location}"
         return f"{self.kind}:{self.owner}/{self.name}/{self.version}/{self.path}"
 
+    @cached_property
+    def identity_digest(self) -> str:
+        """`identity` hashed, once per parsed reference: the key of the parsed-LoRA memory, so two
+        spellings of one file (`o/m`, `replicate.com/o/m`) are parsed once, and a data: URI of
+        megabytes is hashed once although a request asks for its LoRAs twice (CLIP's, then the
+        transformer's part)."""
+        return hashlib.sha256(self.identity.encode()).hexdigest()
+
 
 def shown_source(source: str) -> str:
     """`source` made safe to print: data URIs by size, URLs without user, password, query or fragment."""
@@ -212,9 +220,3 @@ class LoraRequest:
         """The operator's default LoRA (`COG_WEIGHTS` or `setup(weights=...)`) at `scale`."""
         with LoraError.for_input(DEFAULT_LORA_INPUT):
             return cls(DEFAULT_LORA_INPUT, parse_operator_ref(source), scale)
-
-    @cached_property
-    def source_digest(self) -> str:
-        """The source's identity in the parsed-LoRA cache, hashed once per request: a data: URI is
-        megabytes, and a request asks for its LoRAs twice (CLIP's part, then the transformer's)."""
-        return hashlib.sha256(self.ref.location.encode()).hexdigest()
