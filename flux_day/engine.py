@@ -22,7 +22,7 @@ from flux_day.compile import CompiledTransformers, compile_backend, encode_nothi
 from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
 from flux_day.config import Settings
 from flux_day.errors import CapacityError, InputError, WeightsError
-from flux_day.fast import Fp8Cache, Fp8Transformers
+from flux_day.fast import Fp8Cache, Fp8Transformers, Recipe
 from flux_day.generation import Generation, call_arguments, log_summary, timed
 from flux_day.loras.fuse import PristineStore
 from flux_day.loras.manager import LoraManager, LoraTargets
@@ -52,6 +52,7 @@ class Engine:
     `models` and `safety` inject components built in memory (the GPU proof); by default they are read
     from the weights root. Everything after loading is the same either way. `card` plans memory for
     another card than the one present (the GPU proof's 80 GB run; on a CPU, a plan that offloads).
+    `recipe` replaces the device's dtype and fp8 recipe (tests run the CUDA recipe on the CPU).
     """
 
     def __init__(
@@ -62,9 +63,12 @@ class Engine:
         safety: SafetyFilter | None = None,
         card: Card | None = None,
         progress: Callable[[str], None] = log.info,
+        recipe: Recipe | None = None,
     ) -> None:
         self.settings = settings
-        self.device, self.dtype = pick_device(settings.device)
+        self.device = pick_device(settings.device)
+        self.recipe = recipe or Recipe.for_device(self.device)
+        self.dtype = self.recipe.dtype
         if models is None:
             ensure_weights(settings)  # fetches what is missing, unless FLUX_DAY_OFFLINE=1 (then it explains)
             # On CUDA everything is read into CPU RAM first, and the memory plan decides what moves.
@@ -75,6 +79,7 @@ class Engine:
         self.fast = Fp8Transformers(
             models.transformers,
             self.device,
+            self.recipe.fp8,
             Fp8Cache(settings.fp8_cache),
             models.sources,
         )

@@ -25,7 +25,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import safetensors.torch
 import torch
@@ -48,14 +50,43 @@ FP8_TENSOR_CORES = (8, 9)  # Ada and Hopper (L4, L40S, H100, H200) have fp8 matm
 STALE_PARTIAL_S = 3600  # a cache file still being written after this long was abandoned by its writer
 
 
-def fp8_config(device: torch.device) -> Float8DynamicActivationFloat8WeightConfig | Float8WeightOnlyConfig:
-    """The torchao recipe for `device`."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_TENSOR_CORES:
-        # fp8 weights and per-token dynamic fp8 activations on fp8 tensor cores; per-row weight scales
-        # keep FLUX's outlier-heavy rows accurate (per-tensor scaling visibly softens images).
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    # Elsewhere (CPU, pre-Ada GPUs) fp8 storage with weights upcast per matmul: the same path, runnable.
-    return Float8WeightOnlyConfig()
+@dataclass(frozen=True)
+class Recipe:
+    """What a device computes in: every model's dtype, and go_fast's torchao config.
+
+    The engine picks one for its device (`Recipe.for_device`); tests hand the engine `PRODUCTION` on
+    the CPU, so the suite runs the numerics an H100 runs (torch runs row-wise `_scaled_mm` there).
+    """
+
+    dtype: torch.dtype
+    fp8: Float8DynamicActivationFloat8WeightConfig | Float8WeightOnlyConfig
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Recipe:
+        """bf16 and fp8 matmuls on fp8 tensor cores; bf16 and fp8 storage on older GPUs; float32 and
+        fp8 storage on the CPU (bf16 matmuls are slow there)."""
+        if device.type != "cuda":
+            return WEIGHT_ONLY
+        if torch.cuda.get_device_capability(device) >= FP8_TENSOR_CORES:
+            return PRODUCTION
+        return Recipe(torch.bfloat16, WEIGHT_ONLY.fp8)
+
+    @property
+    def name(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')} + {type(self.fp8).__name__}"
+
+
+# torchao's configs would otherwise set inductor's global options on every `quantize_` (the fp8 build
+# and each go_fast LoRA fuse): compiles would depend on whether this process has quantized yet.
+# `flux_day.compile` sets inductor's options, once.
+PRODUCTION: Final = Recipe(
+    torch.bfloat16,
+    # fp8 weights and per-token dynamic fp8 activations on fp8 tensor cores; per-row weight scales
+    # keep FLUX's outlier-heavy rows accurate (per-tensor scaling visibly softens images).
+    Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+)
+# Elsewhere fp8 storage with weights upcast per matmul: the same path, runnable on any device.
+WEIGHT_ONLY: Final = Recipe(torch.float32, Float8WeightOnlyConfig(set_inductor_config=False))
 
 
 class _WeightSlot(nn.Module):
@@ -227,10 +258,11 @@ class Fp8Transformers:
         self,
         masters: Mapping[str, nn.Module],
         device: torch.device,
+        config: object,
         cache: Fp8Cache | None = None,
         sources: Mapping[str, Sequence[Path]] | None = None,
     ) -> None:
-        self.config = fp8_config(device)
+        self.config = config
         self.device = device
         self.masters = dict(masters)
         self.cache = cache or Fp8Cache(None)

@@ -43,13 +43,13 @@ MODE_PIPELINES: Final[dict[str, type[DiffusionPipeline]]] = {
 }
 
 
-def pick_device(setting: str) -> tuple[torch.device, torch.dtype]:
-    """`auto` takes CUDA with bf16 when present, else the CPU in float32 (bf16 is slow there)."""
+def pick_device(setting: str) -> torch.device:
+    """`auto` takes CUDA when present, else the CPU."""
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise WeightsError("FLUX_DAY_DEVICE=cuda but no CUDA device is visible; use auto or cpu.")
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 WEIGHTED: Final = {

@@ -12,9 +12,28 @@ import pytest
 from flux_day.engine import Engine
 from flux_day.weights.tiny import write_tiny_weights
 from tests.harness.cog_server import CogServer, server_env
-from tests.harness.engines import EngineFactory, cpu_engine
+from tests.harness.engines import RECIPES, EngineFactory, cpu_engine, cuda_recipe_on_cpu
 from tests.harness.http_files import HttpFiles
 from tests.harness.lora_files import FAST
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cuda_recipe_runs_on_cpu() -> Iterator[None]:
+    """The production fp8 recipe runs on this CPU for the whole session (`cuda_recipe_on_cpu`)."""
+    with cuda_recipe_on_cpu():
+        yield
+
+
+@pytest.fixture(scope="module", params=list(RECIPES))
+def recipe(request: pytest.FixtureRequest) -> str:
+    """Each fp8 recipe in turn (ids `weight-only`, `production`): a go_fast test runs under both."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def fast_engine(make_engine: EngineFactory, recipe: str) -> Engine:
+    """A CPU engine in `recipe`, one per test module and recipe."""
+    return make_engine(recipe=recipe)
 
 
 @pytest.fixture(scope="session")

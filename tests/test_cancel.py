@@ -37,6 +37,12 @@ class Cancelled(BaseException):
     """Stands in for cog's CancelationException, which is a BaseException too."""
 
 
+@pytest.fixture(scope="module")
+def engine(fast_engine: Engine) -> Engine:
+    """Every test here runs under both fp8 recipes (ids `weight-only` and `production`)."""
+    return fast_engine
+
+
 def request(**inputs: object) -> GenerationRequest:
     return GenerationRequest.from_inputs(**{**SMALL, **inputs})
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchao.quantization import quantize_
+from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
 from flux_day.engine import Engine
 from flux_day.fast import quantized_weight
@@ -27,6 +27,12 @@ LORA = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(1))))
 OTHER = lf.data_uri(lf.to_bytes(lf.bfl(lf.random_lora(2, modules=("double_blocks.0.img_attn.proj",)))))
 
 
+@pytest.fixture(scope="module")
+def engine(fast_engine: Engine) -> Engine:
+    """Every engine test here runs under both fp8 recipes (ids `weight-only` and `production`)."""
+    return fast_engine
+
+
 def pixels(engine: Engine, **inputs: object) -> np.ndarray:
     request = GenerationRequest.from_inputs(**{**SMALL, **inputs})
     return np.asarray(engine.generate(request).images[0], dtype=np.int16)
@@ -38,6 +44,10 @@ def test_each_model_has_an_fp8_transformer_and_the_masters_stay_full_precision(e
         assert fp8 is not master
         fp8_linears = [m for m in fp8.modules() if isinstance(m, nn.Linear)]
         assert fp8_linears and all(type(m.weight).__name__ == "Float8Tensor" for m in fp8_linears)
+        assert next(master.parameters()).dtype == engine.recipe.dtype  # bf16 under the CUDA recipe
+        # The CUDA recipe quantizes activations per token at run time (`_scaled_mm`); weight-only doesn't.
+        dynamic = {m.weight.act_quant_kwargs is not None for m in fp8_linears}
+        assert dynamic == {isinstance(engine.recipe.fp8, Float8DynamicActivationFloat8WeightConfig)}
         assert all(type(m.weight) is nn.Parameter for m in master.modules() if isinstance(m, nn.Linear))
         inpaint = engine.pipeline(model, "inpaint", fp8=True)
         assert inpaint.transformer is fp8 and inpaint.vae is engine.pipelines[model]["txt2img"].vae

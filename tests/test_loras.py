@@ -357,7 +357,8 @@ def test_a_failure_while_fusing_restores_every_weight(
     assert engine.loras.fuser.fused_count == 0
 
 
-def test_go_fast_applies_the_promised_one_and_a_half_times_scale(engine: Engine) -> None:
+def test_go_fast_applies_the_promised_one_and_a_half_times_scale(fast_engine: Engine) -> None:
+    engine = fast_engine
     lora = lf.to_bytes(lf.kohya(lf.random_lora(1)))
     activate(engine, ("replicate_weights", lora, 1.0), go_fast=True)
     fast = linear_weights(engine)
