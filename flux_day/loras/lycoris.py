@@ -1,12 +1,12 @@
 """LyCORIS LoKr and LoHa updates, kept in their factors until the fuse expands them row by row.
 
-diffusers 0.42.1 reads LoKr only for FLUX.2 and LoHa not at all, and PEFT computes these updates only
-inside layers it has injected (`LoKrLayer.get_delta_weight`, a whole-matrix `torch.kron`), so the two
-formulas are written here (LyCORIS' own definitions): LoKr `kron(w1, w2)`, LoHa
-`(w1_a @ w1_b) * (w2_a @ w2_b)`, each times alpha/rank where LyCORIS applies it. Expanded whole, a
-full-coverage LoKr would be a second transformer in memory; kept factored it is a few MB, and the fuse
-computes only the rows it is adding (`delta_math.fused_weight`). Tucker-decomposed (convolution)
-factors cannot occur in FLUX's linears and are refused.
+diffusers 0.42.1 reads LoKr only for FLUX.2 and LoHa not at all, and PEFT 0.21 computes these updates
+only whole, inside layers it has injected (`LoKrLayer.get_delta_weight` → `make_kron`, one full-size
+`torch.kron`), so the two formulas are written here (LyCORIS' own definitions): LoKr `kron(w1, w2)`,
+LoHa `(w1_a @ w1_b) * (w2_a @ w2_b)`, each times alpha/rank where LyCORIS applies it. Expanded whole, a
+full-coverage LoKr is a second transformer in memory; kept factored it is a fraction of that, and the
+fuse computes only the rows it is adding (`delta_math.fused_weight`), entry for entry as `torch.kron`.
+Tucker-decomposed (convolution) factors cannot occur in FLUX's linears and are refused.
 """
 
 from __future__ import annotations
@@ -142,7 +142,9 @@ class Hadamard:
         return self.rows(slice(None), device)
 
     def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
-        """`times · scale · (a1[rows] @ b1) * (a2[rows] @ b2)`."""
+        """`times · scale · (a1[rows] @ b1) * (a2[rows] @ b2)`. CPU BLAS computes a row of a product alike
+        in the whole matrix and in any block of a multiple of 8 rows (`CHUNK_ROWS` is one), so chunks give
+        the whole product's bytes; a ragged tail block of a tiny weight may differ in the last bit."""
         block = self.first.rows(rows, device).mul_(self.second.rows(rows, device))
         factor = times * self.scale
         return block.mul_(factor) if factor != 1 else block
