@@ -74,6 +74,9 @@ class Settings:
     lora_cache: Path
     lora_cache_bytes: int
     max_lora_bytes: int
+    # host memory for parsed LoRAs kept for reuse (least recently used leave first; LoKr/LoHa count
+    # their factors, a `.diff` full update its full size): FLUX_DAY_PARSED_LORA_BYTES, 4 GB
+    parsed_lora_bytes: int
     min_lora_rate: int  # bytes/s a LoRA download must keep up over every `lora_rate_window_s` seconds
     lora_rate_window_s: float
     allow_private_urls: bool
@@ -100,6 +103,7 @@ class Settings:
             lora_cache=Path(env.get("FLUX_DAY_LORA_CACHE") or weights / "lora-cache"),
             lora_cache_bytes=_parsed(env, "FLUX_DAY_LORA_CACHE_BYTES", 20 * _GB, int, "a number of bytes"),
             max_lora_bytes=_parsed(env, "FLUX_DAY_MAX_LORA_BYTES", 2 * _GB, int, "a number of bytes"),
+            parsed_lora_bytes=_parsed(env, "FLUX_DAY_PARSED_LORA_BYTES", 4 * _GB, int, "a number of bytes"),
             min_lora_rate=_parsed(
                 env, "FLUX_DAY_MIN_LORA_RATE", 100_000, int, "a number of bytes per second"
             ),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from safetensors.torch import load
 from torch import nn
 from transformers import CLIPTextModel
 
@@ -114,6 +115,20 @@ def test_every_module_of_each_layout_fuses_to_independent_math_and_restores_bit_
     manager.release()
     after = parameters(components)
     assert all(torch.equal(base[name], after[name]) for name in base)
+
+
+@pytest.mark.parametrize("naming", ["lycoris", "kohya"])
+def test_a_full_coverage_lycoris_file_is_kept_as_its_factors_not_as_dense_updates(
+    deep: tuple[LoraManager, Components], naming: str
+) -> None:
+    """Parsed, a LoKr/LoHa on every linear holds the file's factors (split targets share them), not a
+    dense update per weight: that would be a second transformer in memory per parsed LoRA."""
+    _, components = deep
+    data, expected = ll.lycoris(seed=15, naming=naming)
+    parsed = formats.read_lora(data, ModuleIndex(components), "FLUX.1 [dev]")
+    factors = sum(t.numel() * 4 for key, t in load(data).items() if not key.endswith(".alpha"))
+    assert parsed.held_bytes == factors
+    assert sum(update.numel() * 4 for update in expected.values()) > 4 * factors
 
 
 def test_two_layouts_together_add_up_and_switching_back_is_bit_exact(

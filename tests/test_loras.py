@@ -3,7 +3,9 @@ bit-exact, refusals name the input and leave the weights untouched."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -492,3 +494,57 @@ def test_a_downloaded_lora_is_parsed_from_its_cache_file_as_its_bytes_are(
         expected = from_bytes.deltas[module]
         assert delta.scale == expected.scale == 0.5, module
         assert torch.equal(delta.up, expected.up) and torch.equal(delta.down, expected.down), module
+
+
+def test_parsed_loras_are_kept_within_their_byte_budget_least_recently_used_leaving_first(
+    engine: Engine, tmp_path: Path
+) -> None:
+    requests = [
+        LoraRequest.parse("extra_lora", lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(50 + i)))), 1)
+        for i in range(3)
+    ]
+    components = engine.lora_components("dev")
+    env = {"FLUX_DAY_WEIGHTS": str(tmp_path)}
+    sizes = [LoraManager(Settings.from_env(env)).weights(r, "dev", components).held_bytes for r in requests]
+    budget = sizes[0] + max(sizes[1:])  # room for two of them
+    manager = LoraManager(Settings.from_env(env | {"FLUX_DAY_PARSED_LORA_BYTES": str(budget)}))
+    first, second = (manager.weights(r, "dev", components) for r in requests[:2])
+    assert manager.weights(requests[0], "dev", components) is first  # now the most recently used
+    manager.weights(requests[2], "dev", components)  # the second leaves
+    assert manager.parsed_bytes == sizes[0] + sizes[2] <= budget
+    assert manager.weights(requests[0], "dev", components) is first
+    assert manager.weights(requests[1], "dev", components) is not second  # parsed again
+
+
+def test_a_lora_larger_than_the_parsed_budget_is_used_for_its_request_but_not_kept(engine: Engine) -> None:
+    data = lf.to_bytes(lf.kohya(lf.random_lora(60)))
+    activate(engine, ("replicate_weights", data, 1.0))
+    expected = weights(engine)
+    original = engine.loras
+    small = dataclasses.replace(engine.settings, parsed_lora_bytes=1)
+    engine.use_lora_manager(LoraManager(small, original.fuser.store))
+    try:
+        activate(engine, ("replicate_weights", data, 1.0))
+        fused = weights(engine)
+        assert all(torch.equal(fused[name], expected[name]) for name in expected)
+        assert engine.loras.parsed_bytes == 0
+    finally:
+        engine.use_lora_manager(original)
+
+
+def test_a_parsed_lokr_holds_its_factors_not_the_dense_update(engine: Engine) -> None:
+    """A full-size dense copy per LoKr would be a second transformer in memory."""
+    g = torch.Generator().manual_seed(8)
+    lokr = {
+        "lora_unet_single_blocks_0_linear1.lokr_w1": torch.randn(4, 4, generator=g),
+        "lora_unet_single_blocks_0_linear1.lokr_w2": torch.randn(224 // 4, 32 // 4, generator=g),
+        "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(1.0),
+    }
+    parsed = engine.loras.weights(
+        LoraRequest.parse("extra_lora", lf.data_uri(lf.to_bytes(lokr)), 1),
+        "dev",
+        engine.lora_components("dev"),
+    )
+    factors = sum(t.numel() * t.element_size() for k, t in lokr.items() if not k.endswith("alpha"))
+    assert len(parsed.deltas) == 4 and parsed.held_bytes == factors
+    assert sum(math.prod(d.shape) * 4 for d in parsed.deltas.values()) == 224 * 32 * 4 > 3 * factors

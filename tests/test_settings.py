@@ -18,6 +18,8 @@ def test_defaults_follow_the_weights_root() -> None:
     assert settings.compile_cache == Path("/data/w/compile-cache")
     assert (settings.device, settings.offline, settings.compile) == ("auto", False, "auto")
     assert settings.compile_models == ("dev-fp8", "schnell-fp8")
+    assert settings.parsed_lora_bytes == 4 * 1000**3
+    assert Settings.from_env({"FLUX_DAY_PARSED_LORA_BYTES": "1000"}).parsed_lora_bytes == 1000
     assert Settings.from_env({"FLUX_DAY_FP8_CACHE": "0"}).fp8_cache is None
 
 
@@ -28,6 +30,7 @@ def test_defaults_follow_the_weights_root() -> None:
         ("FLUX_DAY_OFFLINE", "maybe", "is not a flag; set it to 1 or 0 (or leave it unset)."),
         ("FLUX_DAY_LORA_CACHE_BYTES", "20GB", "is not a number of bytes"),
         ("FLUX_DAY_MAX_LORA_BYTES", "-1", "is not a number of bytes"),
+        ("FLUX_DAY_PARSED_LORA_BYTES", "4GB", "is not a number of bytes"),
         ("FLUX_DAY_LORA_RATE_WINDOW", "soon", "is not a number of seconds"),
         ("FLUX_DAY_COMPILE_MODELS", "dev-bf16", "names 'dev-bf16'; set a comma-separated list of dev-full"),
     ],

@@ -1,23 +1,114 @@
 """The arithmetic of a LoRA fuse: `pristine + Σ scale · delta` written once into a weight.
 
-All low-rank deltas of a weight go through one `addmm` over their factors stacked along the rank (no
-zero buffer, no full-size product); dense deltas (LyCORIS, `diff`, `diff_b`) are added after it. The
-scales go on the small `up` factors. Float32 weights are written directly; others go through a
-float32 scratch of `CHUNK_ROWS` rows, so the sum is computed in float32 and rounded once.
+A delta stays in the form its file stores it (low-rank factors, LyCORIS' Kronecker or Hadamard
+factors, a dense `diff`) until the fuse, which expands it on the weight's device `CHUNK_ROWS` rows at a
+time: a parsed LoKr holds its factors, not a second copy of the weights it changes. All low-rank deltas
+of a weight go through one `addmm` over their factors stacked along the rank (no zero buffer, no
+full-size product), the scales on the small `up` factors; every other delta is added after it as
+`scale · rows`, one chunk at a time. Float32 weights are written in place; others go through a float32
+copy of each chunk, so the sum is computed in float32 and rounded once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeGuard
 
 import torch
 
-from flux_day.loras.formats import Delta
-
-# Rows of a non-float32 weight fused per step through a float32 copy: the math stays in float32 with
-# one rounding at the end, and the scratch stays at 4096 rows (48 MB at FLUX's widest input, 15360).
+# Rows of a weight fused per step: a non-float32 weight's rows go through a float32 copy, and a
+# factored delta (LoKr, LoHa) is expanded this many rows at a time, so each temporary stays at 4096
+# rows (48 MB at FLUX's widest input, 15360).
 CHUNK_ROWS = 4096
+
+
+class Update(Protocol):
+    """Any parameter update a LoRA file encodes (`Delta`; LyCORIS' `Kronecker`, `Hadamard`): what
+    parsing, the parsed-LoRA memory and the fuse ask of it."""
+
+    scale: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the update ((out, in) for a weight, (out,) for a bias), without computing it."""
+        ...
+
+    def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
+        """`times · scale ·` rows `rows` of the update, in float32 on `device` (not to be written)."""
+        ...
+
+    def rows_from(self, first: int, count: int) -> Update:
+        """The update of `count` rows starting at row `first` of this whole-module one, wrapping past
+        its last row (BFL's swapped halves are such a rotation)."""
+        ...
+
+    def prepared(self, device: torch.device) -> Update:
+        """The same update with what every chunk reads (small factors, their products) on `device`."""
+        ...
+
+    def bound(self) -> float:
+        """An upper bound of the update's largest magnitude, read from the factors alone."""
+        ...
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors it holds (what it costs in memory)."""
+        ...
+
+
+def rotated_rows(tensor: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Rows `first … first + count` of `tensor`, wrapping past its last row: a view unless it wraps."""
+    stop = first + count
+    if stop <= tensor.shape[0]:
+        return tensor[first:stop]
+    return torch.cat([tensor[first:], tensor[: stop - tensor.shape[0]]])
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One parameter's update, `scale · up @ down`; `down` is None when `up` is already the full update
+    (a dense weight update, or a bias update, which is a vector)."""
+
+    up: torch.Tensor
+    down: torch.Tensor | None
+    scale: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the update ((out, in) for a weight, (out,) for a bias), without computing it."""
+        return tuple(self.up.shape) if self.down is None else (self.up.shape[0], self.down.shape[1])
+
+    def matrix(self, device: torch.device) -> torch.Tensor:
+        """The update in float32 on `device`."""
+        return self.rows(slice(None), device)
+
+    def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
+        """`times · scale ·` rows `rows` of the update, in float32 on `device` (the scale on `up`)."""
+        up = self.up[rows].to(device, torch.float32)
+        factor = times * self.scale
+        up = up * factor if factor != 1 else up
+        return up if self.down is None else up @ self.down.to(device, torch.float32)
+
+    def rows_from(self, first: int, count: int) -> Delta:
+        """The update of `count` rows from row `first` on, wrapping past the last row."""
+        return Delta(rotated_rows(self.up, first, count), self.down, self.scale)
+
+    def prepared(self, device: torch.device) -> Delta:
+        """Itself: a dense update's rows travel chunk by chunk, never whole."""
+        return self
+
+    def bound(self) -> float:
+        """|Σ_k u_ik d_kj| <= rank · max|u| · max|d|, times |scale|."""
+        if not self.up.numel() or (self.down is not None and not self.down.numel()):
+            return 0.0
+        largest = float(self.up.abs().max())
+        if self.down is not None:
+            largest *= float(self.down.abs().max()) * self.down.shape[0]
+        return abs(self.scale) * largest
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """`up`, and `down` when it has one."""
+        return (self.up,) if self.down is None else (self.up, self.down)
 
 
 @dataclass(frozen=True)
@@ -25,7 +116,7 @@ class ScaledDelta:
     """One LoRA's delta for one weight, and the user's scale for that LoRA."""
 
     order: str  # sort key that makes the sum independent of which input named the LoRA
-    delta: Delta
+    delta: Update
     scale: float
 
 
@@ -40,45 +131,45 @@ def inner_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def fused_weight(pristine: torch.Tensor, parts: Sequence[ScaledDelta], out: torch.Tensor) -> torch.Tensor:
     """Write `pristine + Σ part.scale · delta` into `out` (on `out`'s device, in `out`'s dtype): one
-    `addmm` for every low-rank delta at once; dense deltas (LyCORIS) are added after it.
+    `addmm` for every low-rank delta at once; every other delta is then expanded and added
+    `CHUNK_ROWS` rows at a time, as `scale · rows` (one product, one sum per element).
 
     `pristine` may live elsewhere (pinned host memory): it is brought over once. Float32 weights are
-    written directly (copy, then the deltas added in place); others go `CHUNK_ROWS` rows at a time
-    through a float32 copy of those rows, so the sum is computed in float32 and rounded once.
+    written in place (copy, then the deltas added); others go `CHUNK_ROWS` rows at a time through a
+    float32 copy of those rows, so the sum is computed in float32 and rounded once.
     """
     device = out.device
     ordered = sorted(parts, key=lambda part: (part.order, part.scale))
-    low_rank = [part for part in ordered if part.delta.down is not None]
-    dense = [part for part in ordered if part.delta.down is None]
+    low_rank = [(part.delta, part.scale) for part in ordered if _low_rank(part.delta)]
+    others = [(part.delta.prepared(device), part.scale) for part in ordered if not _low_rank(part.delta)]
     source = pristine.to(device, non_blocking=True)
     ups = downs = None
     if low_rank:
         # The scales go on the small `up` factors, never on an out x in product.
-        ups = torch.cat(
-            [p.delta.up.to(device, torch.float32) * (p.scale * p.delta.scale) for p in low_rank], dim=1
-        )
-        downs = torch.cat([p.delta.down.to(device, torch.float32) for p in low_rank], dim=0)
-    if out.dtype == torch.float32:
+        ups = torch.cat([d.up.to(device, torch.float32) * (s * d.scale) for d, s in low_rank], dim=1)
+        downs = torch.cat([d.down.to(device, torch.float32) for d, _ in low_rank if d.down is not None])
+    in_place = out.dtype == torch.float32
+    if in_place:
         out.copy_(source)
-        _add_deltas(out, ups, downs, dense, slice(None))
-        return out
+        if ups is not None and downs is not None:
+            out.addmm_(ups, downs)
+        if not others:
+            return out
     for start in range(0, out.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
-        chunk = source[rows].to(torch.float32, copy=True)  # the one float32 temporary: these rows
-        out[rows].copy_(_add_deltas(chunk, ups, downs, dense, rows))
+        if in_place:
+            chunk = out[rows]
+        else:
+            chunk = source[rows].to(torch.float32, copy=True)  # the one float32 copy: these rows
+            if ups is not None and downs is not None:
+                chunk.addmm_(ups[rows], downs)
+        for delta, scale in others:
+            chunk.add_(delta.rows(rows, device, scale))
+        if not in_place:
+            out[rows].copy_(chunk)
     return out
 
 
-def _add_deltas(
-    target: torch.Tensor,
-    ups: torch.Tensor | None,
-    downs: torch.Tensor | None,
-    dense: Sequence[ScaledDelta],
-    rows: slice,
-) -> torch.Tensor:
-    """`target += ups[rows] @ downs + Σ dense[rows]` in place, in float32."""
-    if ups is not None and downs is not None:
-        target.addmm_(ups[rows], downs)
-    for part in dense:
-        target.add_(part.delta.up[rows].to(target.device, torch.float32), alpha=part.scale * part.delta.scale)
-    return target
+def _low_rank(delta: Update) -> TypeGuard[Delta]:
+    """Whether `delta` is `up @ down` (stacked into the one `addmm`), not a dense or LyCORIS update."""
+    return isinstance(delta, Delta) and delta.down is not None

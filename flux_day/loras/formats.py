@@ -1,4 +1,4 @@
-"""Any FLUX LoRA file → one `Delta` per target linear weight (and bias), checked against the loaded model.
+"""Any FLUX LoRA file → one delta per target linear weight (and bias), checked against the loaded model.
 
 Files named as kohya writes them (`lora_unet_*`, `lora_te1_*`) go through diffusers'
 `FluxLoraLoaderMixin.lora_state_dict` first, and XLabs files only through it. Its result is used only
@@ -8,9 +8,9 @@ splits the fused rows itself. Every other layout (diffusers/PEFT with or without
 ai-toolkit, SimpleTuner, OneTrainer `lora_transformer_*`, BFL/ComfyUI `diffusion_model.*`, fal's bare
 `double_blocks.*`) is read by `ModuleIndex` directly: for those diffusers either passes the keys through
 unchanged, converts them for FLUX.1's real width only (fal, 3072 hard-coded), or maps OneTrainer's
-feed-forward and norm modules onto their block. LyCORIS LoKr/LoHa are expanded in `lycoris`, ComfyUI's
-full updates (`diff`, `diff_b`) in `full_updates`. A module that matches nothing is a refusal, never a
-LoRA silently applied in part.
+feed-forward and norm modules onto their block. LyCORIS LoKr/LoHa are read, still factored, in
+`lycoris`; ComfyUI's full updates (`diff`, `diff_b`) in `full_updates`. A module that matches nothing is
+a refusal, never a LoRA silently applied in part.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
 from flux_day.errors import LoraError
+from flux_day.loras.delta_math import Delta, Update
 from flux_day.loras.flux_layout import ModuleIndex, Target
 from flux_day.loras.full_updates import full_deltas, split_off_full_updates
 from flux_day.loras.lycoris import LYCORIS_ROLES, lycoris_delta
@@ -51,41 +53,31 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_")
 
 
 @dataclass(frozen=True)
-class Delta:
-    """One parameter's update, `scale · up @ down`; `down` is None when `up` is already the full update
-    (a dense weight update, or a bias update, which is a vector)."""
-
-    up: torch.Tensor
-    down: torch.Tensor | None
-    scale: float
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The shape of the update ((out, in) for a weight, (out,) for a bias), without computing it."""
-        return tuple(self.up.shape) if self.down is None else (self.up.shape[0], self.down.shape[1])
-
-    def matrix(self, device: torch.device) -> torch.Tensor:
-        """The update in float32 on `device`."""
-        up = self.up.to(device, torch.float32)
-        full = up if self.down is None else up @ self.down.to(device, torch.float32)
-        return full * self.scale if self.scale != 1 else full
-
-
-@dataclass(frozen=True)
 class LoraWeights:
     """A parsed LoRA: weight and bias deltas keyed by target linear ("transformer.…"/"text_encoder.…"),
     and its identity."""
 
-    deltas: dict[str, Delta]
-    biases: dict[str, Delta]
+    deltas: dict[str, Update]
+    biases: dict[str, Update]
     digest: str
     layout: str
-    nbytes: int
+    nbytes: int  # of the file
 
     @property
     def modules(self) -> frozenset[str]:
         """Every linear whose weight or bias this LoRA changes."""
         return frozenset(self.deltas) | frozenset(self.biases)
+
+    @cached_property
+    def held_bytes(self) -> int:
+        """Bytes of memory its tensors hold, each storage once (the targets split from one module share
+        its factors): what keeping it parsed costs."""
+        storages = {
+            tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+            for delta in (*self.deltas.values(), *self.biases.values())
+            for tensor in delta.tensors()
+        }
+        return sum(storages.values())
 
 
 def read_lora(source: LoraSource, index: ModuleIndex, model_label: str) -> LoraWeights:
@@ -118,7 +110,7 @@ def read_lora(source: LoraSource, index: ModuleIndex, model_label: str) -> LoraW
         layout, deltas = "by module name", _deltas_from_groups(groups, index, adapter)
     full_weights, full_biases = full_deltas(full, index)
     deltas |= {module: Delta(update, None, 1.0) for module, update in full_weights.items()}
-    biases = {module: Delta(update, None, 1.0) for module, update in full_biases.items()}
+    biases: dict[str, Update] = {module: Delta(update, None, 1.0) for module, update in full_biases.items()}
     _check_fit(deltas, biases, index, model_label)
     digest, nbytes = lora_file_identity(source)
     return LoraWeights(deltas, biases, digest, layout, nbytes)
@@ -151,7 +143,7 @@ def _kohya(
     state_dict: dict[str, torch.Tensor],
     groups: dict[str, dict[str, torch.Tensor]],
     index: ModuleIndex,
-) -> dict[str, Delta]:
+) -> dict[str, Update]:
     """kohya names: diffusers' converter when it covers every module, else the layout table."""
     expected = {target.module for module in groups for target in index.resolve(module) or ()}
     drops_alpha = any(
@@ -176,7 +168,7 @@ def _kohya(
     return _deltas_from_groups(groups, index, {})
 
 
-def _xlabs(state_dict: dict[str, torch.Tensor], index: ModuleIndex, model_label: str) -> dict[str, Delta]:
+def _xlabs(state_dict: dict[str, torch.Tensor], index: ModuleIndex, model_label: str) -> dict[str, Update]:
     """XLabs' `processor.qkv_lora1`-style names, converted by diffusers (which splits by thirds)."""
     try:
         converted, alphas = FluxLoraLoaderMixin.lora_state_dict(_copied(state_dict), return_alphas=True)
@@ -196,9 +188,9 @@ def _copied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _deltas_from_converted(
     converted: dict[str, torch.Tensor], alphas: dict[str, Any], index: ModuleIndex
-) -> dict[str, Delta]:
+) -> dict[str, Update]:
     """Deltas from diffusers' output (`<module>.lora_A.weight` / `.lora_B.weight`, PEFT naming)."""
-    deltas: dict[str, Delta] = {}
+    deltas: dict[str, Update] = {}
     for key, down in converted.items():
         if not key.endswith(".lora_A.weight"):
             continue
@@ -209,7 +201,7 @@ def _deltas_from_converted(
             continue
         alpha = alphas.get(f"{module}.alpha")
         scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-        deltas.update(_split(up, down, scale, targets))
+        deltas.update(_split(Delta(up, down, scale), targets))
     return deltas
 
 
@@ -235,15 +227,14 @@ def _peft_scale(target: str, rank: int, adapter: dict[str, Any]) -> float:
 
 def _deltas_from_groups(
     groups: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, adapter: dict[str, Any]
-) -> dict[str, Delta]:
+) -> dict[str, Update]:
     """Deltas straight from the file's modules, split by `ModuleIndex`; alpha from `.alpha` keys, else
     from PEFT's adapter metadata."""
-    deltas: dict[str, Delta] = {}
+    deltas: dict[str, Update] = {}
     for module, roles in groups.items():
         targets = index.resolve(module) or ()
         if any(role in LYCORIS_ROLES for role in roles):
-            dense = lycoris_delta(module, roles)
-            deltas.update(_split(dense, None, 1.0, targets))
+            deltas.update(_split(lycoris_delta(module, roles), targets))
             continue
         if "down" not in roles or "up" not in roles:
             raise LoraError(f"module {module[:80]!r} lacks its down or up matrix; the file is incomplete.")
@@ -252,34 +243,33 @@ def _deltas_from_groups(
             scale = roles["alpha"].item() / rank
         else:
             scale = _peft_scale(targets[0].module, rank, adapter) if targets else 1.0
-        deltas.update(_split(roles["up"], roles["down"], scale, targets))
+        deltas.update(_split(Delta(roles["up"], roles["down"], scale), targets))
     return deltas
 
 
-def _split(
-    up: torch.Tensor, down: torch.Tensor | None, scale: float, targets: tuple[Target, ...]
-) -> dict[str, Delta]:
-    """One delta per target: the rows of `up` that are that target's output (halves swapped if needed)."""
-    if up.shape[0] != targets[-1].stop:
+def _split(delta: Update, targets: tuple[Target, ...]) -> dict[str, Update]:
+    """One delta per target: the rows of `delta` that are that target's output (halves swapped if needed,
+    a rotation by half the rows)."""
+    rows = delta.shape[0]
+    if rows != targets[-1].stop:
         raise LoraError(
-            f"the LoRA's update for {targets[0].module[:80]!r} has {up.shape[0]} output rows "
+            f"the LoRA's update for {targets[0].module[:80]!r} has {rows} output rows "
             f"where the model has {targets[-1].stop}; it is probably for another model."
         )
-    if targets[0].swap_halves:
-        shift, scale_rows = up.chunk(2, dim=0)
-        up = torch.cat([scale_rows, shift], dim=0)
-    return {t.module: Delta(up[t.start : t.stop], down, scale) for t in targets}
+    half = rows // 2 if targets[0].swap_halves else 0
+    return {t.module: delta.rows_from(t.start + half, t.stop - t.start) for t in targets}
 
 
 def _check_fit(
-    deltas: dict[str, Delta], biases: dict[str, Delta], index: ModuleIndex, model_label: str
+    deltas: dict[str, Update], biases: dict[str, Update], index: ModuleIndex, model_label: str
 ) -> None:
     for module, delta in deltas.items():
         weight = index.weights.get(module)
-        rank_fits = delta.down is None or delta.up.shape[1] == delta.down.shape[0]
+        low_rank = isinstance(delta, Delta) and delta.down is not None
+        rank_fits = not low_rank or delta.up.shape[1] == delta.down.shape[0]
         if weight is None or not rank_fits or tuple(weight.shape) != delta.shape:
             wanted = "x".join(map(str, weight.shape)) if weight is not None else "?"
-            ranks = f" with ranks {delta.up.shape[1]}/{delta.down.shape[0]}" if delta.down is not None else ""
+            ranks = f" with ranks {delta.up.shape[1]}/{delta.down.shape[0]}" if low_rank else ""
             raise LoraError(
                 f"the LoRA's update for {module[:80]!r} does not fit {model_label} (it is "
                 f"{'x'.join(map(str, delta.shape))}{ranks}, the model's weight is {wanted}); "

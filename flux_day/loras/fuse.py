@@ -233,18 +233,12 @@ class WeightFuser:
 
     def _may_overflow(self, source: torch.Tensor, parts: Sequence[ScaledDelta], dtype: torch.dtype) -> bool:
         """Whether `pristine + Σ deltas` could leave `dtype`'s range, by a bound from the factors' largest
-        entries (|Σ_k u_ik d_kj| <= rank · max|u| · max|d|): only then is the fused value checked
-        element by element, a pass over the weight that a switch should not pay for nothing."""
+        entries (`delta.bound()`, e.g. |Σ_k u_ik d_kj| <= rank · max|u| · max|d|): only then is the fused
+        value checked element by element, a pass over the weight that a switch should not pay for nothing."""
         key = id(source)
         if key not in self._absmax:  # once per weight: its pristine largest magnitude
             self._absmax[key] = float(self.pristine(source).abs().max()) if source.numel() else 0.0
-        bound = self._absmax[key]
-        for part in parts:
-            up, down = part.delta.up, part.delta.down
-            factor = float(up.abs().max()) if up.numel() else 0.0
-            if down is not None:
-                factor *= float(down.abs().max()) * down.shape[0] if down.numel() else 0.0
-            bound += abs(part.scale * part.delta.scale) * factor
+        bound = self._absmax[key] + sum(abs(part.scale) * part.delta.bound() for part in parts)
         return not bound < torch.finfo(dtype).max / 2
 
     def _fuse_derived(self, slot: Slot, parts: Sequence[ScaledDelta]) -> torch.Tensor:

@@ -1,16 +1,22 @@
-"""LyCORIS LoKr and LoHa factors expanded to the full update of one linear.
+"""LyCORIS LoKr and LoHa updates, kept in their factors until the fuse expands them row by row.
 
-diffusers 0.42.1 reads LoKr only for FLUX.2 and LoHa not at all, and PEFT computes these updates only
-inside layers it has injected, so the two formulas are written here (LyCORIS' own definitions):
-LoKr `kron(w1, w2)`, LoHa `(w1_a @ w1_b) * (w2_a @ w2_b)`, each times alpha/rank where LyCORIS
-applies it. Tucker-decomposed (convolution) factors cannot occur in FLUX's linears and are refused.
+diffusers 0.42.1 reads LoKr only for FLUX.2 and LoHa not at all, and PEFT 0.21 computes these updates
+only whole, inside layers it has injected (`LoKrLayer.get_delta_weight` → `make_kron`, one full-size
+`torch.kron`), so the two formulas are written here (LyCORIS' own definitions): LoKr `kron(w1, w2)`,
+LoHa `(w1_a @ w1_b) * (w2_a @ w2_b)`, each times alpha/rank where LyCORIS applies it. Expanded whole, a
+full-coverage LoKr is a second transformer in memory; kept factored it is a fraction of that, and the
+fuse computes only the rows it is adding (`delta_math.fused_weight`), entry for entry as `torch.kron`.
+Tucker-decomposed (convolution) factors cannot occur in FLUX's linears and are refused.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from flux_day.errors import LoraError
+from flux_day.loras.delta_math import rotated_rows
 
 LYCORIS_ROLES = (
     "lokr_w1",
@@ -29,8 +35,143 @@ LYCORIS_ROLES = (
 )
 
 
-def lycoris_delta(module: str, roles: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The float32 update `roles` (a LoKr or LoHa module's tensors, plus `alpha`) encodes."""
+@dataclass(frozen=True)
+class Product:
+    """A LyCORIS factor: a matrix stored whole (`b` is None) or as a low-rank product `a @ b`."""
+
+    a: torch.Tensor
+    b: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        fits = self.b is None or (self.b.ndim == 2 and self.a.shape[1] == self.b.shape[0])
+        if self.a.ndim != 2 or not fits:
+            raise ValueError("the factors are not matrices that multiply")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of the matrix."""
+        return (self.a.shape[0], (self.a if self.b is None else self.b).shape[1])
+
+    def rows(self, rows: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Rows `rows` of the matrix, in float32 on `device`."""
+        a = self.a[rows].to(device, torch.float32)
+        return a if self.b is None else a @ self.b.to(device, torch.float32)
+
+    def moved(self, device: torch.device) -> Product:
+        """The same factors, in float32 on `device`."""
+        b = None if self.b is None else self.b.to(device, torch.float32)
+        return Product(self.a.to(device, torch.float32), b)
+
+    def bound(self) -> float:
+        """max|a| (whole), or rank · max|a| · max|b| (a product)."""
+        if not self.a.numel() or (self.b is not None and not self.b.numel()):
+            return 0.0
+        largest = float(self.a.abs().max())
+        return largest if self.b is None else largest * float(self.b.abs().max()) * self.b.shape[0]
+
+
+@dataclass(frozen=True)
+class Kronecker:
+    """LoKr: `scale · kron(w1, w2)`, or `count` of its rows from row `first_row` on, wrapping past the
+    last (where a BFL module's rows are split over diffusers' linears)."""
+
+    w1: Product
+    w2: Product
+    scale: float
+    first_row: int
+    count: int
+
+    @property
+    def height(self) -> int:
+        """Rows of the whole kron(w1, w2)."""
+        return self.w1.shape[0] * self.w2.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(count, w1's columns · w2's columns)."""
+        return (self.count, self.w1.shape[1] * self.w2.shape[1])
+
+    def matrix(self, device: torch.device) -> torch.Tensor:
+        """The update in float32 on `device`."""
+        return self.rows(slice(None), device)
+
+    def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
+        """`times · scale ·` rows `rows`: row r of kron(w1, w2) is w1[r // h2] ⊗ w2[r % h2] (h2: w2's rows),
+        each entry one product, as `torch.kron` computes it."""
+        start, stop, _ = rows.indices(self.count)
+        index = (self.first_row + torch.arange(start, stop, device=device)) % self.height
+        w1 = self.w1.rows(index // self.w2.shape[0], device)
+        w2 = self.w2.rows(index % self.w2.shape[0], device)
+        block = (w1.unsqueeze(2) * w2.unsqueeze(1)).reshape(len(index), -1)
+        factor = times * self.scale
+        return block.mul_(factor) if factor != 1 else block
+
+    def rows_from(self, first: int, count: int) -> Kronecker:
+        """`count` rows from row `first` on (indices only: the factors are shared)."""
+        return Kronecker(self.w1, self.w2, self.scale, (self.first_row + first) % self.height, count)
+
+    def prepared(self, device: torch.device) -> Kronecker:
+        """w1 and w2 computed once, whole, in float32 on `device`: every chunk reads them."""
+        whole = [Product(w.rows(slice(None), device)) for w in (self.w1, self.w2)]
+        return Kronecker(whole[0], whole[1], self.scale, self.first_row, self.count)
+
+    def bound(self) -> float:
+        """max|kron(w1, w2)| = max|w1| · max|w2|, each bounded by its factors."""
+        return abs(self.scale) * self.w1.bound() * self.w2.bound()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every factor."""
+        return tuple(t for w in (self.w1, self.w2) for t in (w.a, w.b) if t is not None)
+
+
+@dataclass(frozen=True)
+class Hadamard:
+    """LoHa: `scale · (a1 @ b1) * (a2 @ b2)`, two low-rank products multiplied element by element."""
+
+    first: Product
+    second: Product
+    scale: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(rows, columns) of both products."""
+        return self.first.shape
+
+    def matrix(self, device: torch.device) -> torch.Tensor:
+        """The update in float32 on `device`."""
+        return self.rows(slice(None), device)
+
+    def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
+        """`times · scale · (a1[rows] @ b1) * (a2[rows] @ b2)`. CPU BLAS computes a row of a product alike
+        in the whole matrix and in any block of a multiple of 8 rows (`CHUNK_ROWS` is one), so chunks give
+        the whole product's bytes; a ragged tail block of a tiny weight may differ in the last bit."""
+        block = self.first.rows(rows, device).mul_(self.second.rows(rows, device))
+        factor = times * self.scale
+        return block.mul_(factor) if factor != 1 else block
+
+    def rows_from(self, first: int, count: int) -> Hadamard:
+        """`count` rows from row `first` on: those rows of each product's left factor."""
+        return Hadamard(_rotated(self.first, first, count), _rotated(self.second, first, count), self.scale)
+
+    def prepared(self, device: torch.device) -> Hadamard:
+        """The four factors in float32 on `device`, moved once for every chunk."""
+        return Hadamard(self.first.moved(device), self.second.moved(device), self.scale)
+
+    def bound(self) -> float:
+        """max|p1 * p2| <= max|p1| · max|p2|, each bounded by its factors."""
+        return abs(self.scale) * self.first.bound() * self.second.bound()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The four factors."""
+        return tuple(t for p in (self.first, self.second) for t in (p.a, p.b) if t is not None)
+
+
+def _rotated(product: Product, first: int, count: int) -> Product:
+    return Product(rotated_rows(product.a, first, count), product.b)
+
+
+def lycoris_delta(module: str, roles: dict[str, torch.Tensor]) -> Kronecker | Hadamard:
+    """The update `roles` (a LoKr or LoHa module's tensors, plus `alpha`) encodes, still factored."""
     if any(role in roles for role in ("lokr_t2", "hada_t1", "hada_t2")):
         raise LoraError(
             f"module {module[:80]!r} uses Tucker-decomposed LyCORIS factors, which FLUX's "
@@ -40,28 +181,30 @@ def lycoris_delta(module: str, roles: dict[str, torch.Tensor]) -> torch.Tensor:
         if any(role.startswith("lokr_") for role in roles):
             return _lokr(roles)
         return _loha(roles)
-    except (KeyError, RuntimeError):
+    except (KeyError, ValueError):
         raise LoraError(
             f"the LyCORIS factors of module {module[:80]!r} are incomplete or do not fit "
             "together; the file is damaged or not for FLUX.1."
         ) from None
 
 
-def _lokr(roles: dict[str, torch.Tensor]) -> torch.Tensor:
+def _lokr(roles: dict[str, torch.Tensor]) -> Kronecker:
     """LoKr: kron(w1, w2); alpha/rank applies only when a factor is stored as a low-rank product."""
-    w1 = roles["lokr_w1"] if "lokr_w1" in roles else roles["lokr_w1_a"] @ roles["lokr_w1_b"]
-    w2 = roles["lokr_w2"] if "lokr_w2" in roles else roles["lokr_w2_a"] @ roles["lokr_w2_b"]
+    w1 = Product(roles["lokr_w1"]) if "lokr_w1" in roles else Product(roles["lokr_w1_a"], roles["lokr_w1_b"])
+    w2 = Product(roles["lokr_w2"]) if "lokr_w2" in roles else Product(roles["lokr_w2_a"], roles["lokr_w2_b"])
     rank_factor = roles.get("lokr_w2_b", roles.get("lokr_w1_b"))
     scale = 1.0
     if rank_factor is not None and "alpha" in roles:
         scale = roles["alpha"].item() / rank_factor.shape[0]
-    return torch.kron(w1, w2) * scale
+    return Kronecker(w1, w2, scale, 0, w1.shape[0] * w2.shape[0])
 
 
-def _loha(roles: dict[str, torch.Tensor]) -> torch.Tensor:
+def _loha(roles: dict[str, torch.Tensor]) -> Hadamard:
     """LoHa: the elementwise product of two low-rank products, times alpha/rank."""
-    first = roles["hada_w1_a"] @ roles["hada_w1_b"]
-    second = roles["hada_w2_a"] @ roles["hada_w2_b"]
+    first = Product(roles["hada_w1_a"], roles["hada_w1_b"])
+    second = Product(roles["hada_w2_a"], roles["hada_w2_b"])
+    if first.shape != second.shape:
+        raise ValueError("the two products differ in shape")
     rank = roles["hada_w1_b"].shape[0]
     alpha = roles["alpha"].item() if "alpha" in roles else rank
-    return first * second * (alpha / rank)
+    return Hadamard(first, second, alpha / rank)

@@ -1,7 +1,8 @@
 """`LoraManager`: a request's LoRA choices → fetched, parsed and exactly fused weights.
 
-Parsed LoRAs are kept in a small in-memory LRU keyed by reference and model, so asking again for a
-LoRA just used costs only the fuse; asking for exactly the LoRAs already fused costs nothing.
+Parsed LoRAs are kept in an in-memory LRU keyed by reference and model and bounded by the bytes their
+tensors hold (`FLUX_DAY_PARSED_LORA_BYTES`), so asking again for a LoRA just used costs only the fuse;
+asking for exactly the LoRAs already fused costs nothing.
 Everything that can fail (download, parse, fit) happens before any weight is touched.
 """
 
@@ -39,7 +40,6 @@ from flux_day.loras.safetensors_file import LoraSource
 log = logging.getLogger(__name__)
 
 GO_FAST_LORA_MULTIPLIER = 1.5  # the schema's lora_scale description promises it
-PARSED_LORAS_KEPT = 4
 LoraBytes = Callable[[LoraRequest], bytes]  # a LoRA file's bytes, handed over by benchmarks to time parsing
 UNVERSIONED_RECHECK_S = 300  # how long `owner/model` (no version) is trusted to mean the same file
 
@@ -171,11 +171,27 @@ class LoraManager:
             len(weights.deltas),
             time.perf_counter() - started,
         )
-        self._parsed[key] = (weights, time.monotonic())
-        self._parsed.move_to_end(key)
-        while len(self._parsed) > PARSED_LORAS_KEPT:
-            self._parsed.popitem(last=False)
+        self._keep(key, weights)
         return weights
+
+    def _keep(self, key: tuple[str, str], weights: LoraWeights) -> None:
+        """Keep `weights` parsed, the least recently used others leaving while the total passes the
+        budget; one larger than the whole budget serves the request that read it and is not kept."""
+        budget = self.settings.parsed_lora_bytes
+        self._parsed.pop(key, None)
+        if weights.held_bytes > budget:
+            log.info(
+                "not keeping the parsed LoRA: %d bytes, over the %d-byte budget", weights.held_bytes, budget
+            )
+            return
+        self._parsed[key] = (weights, time.monotonic())
+        while self.parsed_bytes > budget:
+            self._parsed.popitem(last=False)
+
+    @property
+    def parsed_bytes(self) -> int:
+        """Bytes the parsed LoRAs kept for reuse hold."""
+        return sum(weights.held_bytes for weights, _ in self._parsed.values())
 
     def cached_file(self, ref: LoraRef) -> AbstractContextManager[Path]:
         """The ready .safetensors for `ref` in the disk cache, downloaded when absent (`LoraDownloads`)."""
