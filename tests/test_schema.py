@@ -12,6 +12,7 @@ from cog._adt import Repetition
 
 from flux_day.input_checks import CHOICES, INTEGER_INPUTS, NUMBER_BOUNDS
 from flux_day.request import GenerationRequest
+from flux_day.schema import INPUTS
 from scripts.openapi_schema import read_predictor
 from tests.harness.seed_schema import seed_schema
 
@@ -72,3 +73,18 @@ def test_request_checks_use_the_published_bounds_choices_and_defaults() -> None:
         if name != "prompt"
     }
     assert defaults == {name: field.get("default") for name, field in seed.items() if name != "prompt"}
+
+
+def test_the_schema_table_is_the_published_schema() -> None:
+    """`flux_day.schema` is the one statement of the inputs that predict.py, the checks and the CLI read."""
+    kinds = {"string": {"text", "file"}, "enum(string)": {"text"}, "integer": {"integer"}}
+    kinds |= {"number": {"number"}, "boolean": {"boolean"}}
+    seed = seed_schema()["inputs"]
+    assert [field.name for field in INPUTS] == [field["name"] for field in seed]
+    for ours, field in zip(INPUTS, seed, strict=True):
+        assert ours.kind in kinds[field["type"]], ours.name
+        assert (ours.kind == "file") == (field.get("format") == "uri"), ours.name
+        assert ours.description == field["description"], ours.name
+        assert ours.default == field.get("default") and ours.required == field.get("required", False)
+        assert list(ours.choices) == field.get("choices", []), ours.name
+        assert ours.bounds == (None if "minimum" not in field else (field["minimum"], field["maximum"]))
