@@ -95,6 +95,10 @@ def open_image(name: str, path: Any, mode: str) -> Image.Image:
             opened.load()
             upright = ImageOps.exif_transpose(opened)
             return upright.convert(mode)
+    except (FileNotFoundError, IsADirectoryError):
+        raise InputError(
+            f"{name}: there is no such file; give the path of a PNG, JPEG or WebP image."
+        ) from None
     except Image.DecompressionBombError:
         raise InputError(
             f"{name}: the image has too many pixels to read safely; give one under "
