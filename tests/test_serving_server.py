@@ -26,7 +26,7 @@ SMALL = {
 LORA = {"replicate_weights": lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(31)))), "lora_scale": 0.8}
 # Big enough that a cancel lands mid-denoise on 2 cores (a few seconds in all on tiny weights).
 SLOW = {**SMALL, "aspect_ratio": "custom", "width": 1024, "height": 1024, "num_inference_steps": 50}
-CANCELLED = re.compile(r"request cancelled after (\d+) of (\d+) denoising steps \(CancelationException\)")
+CANCELLED = re.compile(r"request cancelled after (\d+) of (\d+) denoising steps; ")
 
 
 def leftovers(root: Path) -> set[Path]:
