@@ -79,6 +79,7 @@ def test_cancel_stops_denoising_and_leaves_nothing_behind(cog_server: CogServer,
     assert not result.get("output")
     done, asked = cancellations(cog_server)[cancels_before]
     assert 1 <= done < asked == 50
+    assert "CancelationException" not in result.get("logs", "") + cog_server.log_path.read_text()[since:]
     assert cog_server.becomes_ready()
     # Nothing of the cancelled request is left: same bytes with and without the LoRA, no new files.
     assert cog_server.images(**SMALL) == base
