@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 from pathlib import Path
@@ -88,3 +89,43 @@ def test_the_schema_table_is_the_published_schema() -> None:
         assert ours.default == field.get("default") and ours.required == field.get("required", False)
         assert list(ours.choices) == field.get("choices", []), ours.name
         assert ours.bounds == (None if "minimum" not in field else (field["minimum"], field["maximum"]))
+
+
+def _as_cog_reads_it(text: str) -> Any:
+    """A keyword's source text as cog's static schema generator (`pkg/schema/python/literals.go`)
+    takes it: a string loses its outer quotes and nothing else (no escapes processed, implicitly
+    concatenated strings kept with their inner quotes); other literals parse as Python's do."""
+    for quote in ('"""', "'''", '"', "'"):
+        if text.startswith(quote):
+            return text[len(quote) : len(text) - len(quote)]
+    value = ast.literal_eval(text)
+    return [_as_cog_reads_it(repr(v).replace("'", '"')) for v in value] if isinstance(value, list) else value
+
+
+def test_cog_build_reads_the_published_schema_from_predict_py_without_running_it() -> None:
+    """`cog build` parses predict.py statically: each input must be an `Input(...)` of literals, and each
+    description one string literal, or the built image's schema differs from the published one."""
+    source = (ROOT / "predict.py").read_text()
+    run = next(
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef) and node.name == "run"
+    )
+    parameters = run.args.args[1:]
+    seed = seed_schema()["inputs"]
+    assert [p.arg for p in parameters] == [field["name"] for field in seed]
+    for parameter, default, field in zip(parameters, run.args.defaults, seed, strict=True):
+        assert isinstance(default, ast.Call) and getattr(default.func, "id", None) == "Input", field["name"]
+        read = {
+            kw.arg: _as_cog_reads_it(ast.get_source_segment(source, kw.value) or "")
+            for kw in default.keywords
+        }
+        expected = {"description": field["description"]}
+        if not field.get("required"):
+            expected["default"] = field.get("default")
+        expected |= {
+            key: field[seed_key]
+            for key, seed_key in (("ge", "minimum"), ("le", "maximum"), ("choices", "choices"))
+            if seed_key in field
+        }
+        assert read == expected, parameter.arg
