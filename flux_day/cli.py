@@ -1,97 +1,259 @@
 """Command line: `python -m flux_day generate "prompt" [options]` runs a generation outside Cog.
 
-The options are the schema's inputs (same names, dashes for underscores), checked by the same
-`GenerationRequest`; images are written to `--out` and their paths printed.
+Every option but a few of the machine's own (`--weights`, `--out`, `--lora`, ...) is an input of the
+published schema, built from `flux_day.schema` with its choices, range, default and description, and
+checked by the same `GenerationRequest` before torch is imported. What the server refuses on purpose,
+a person may do on their own machine: a LoRA may be a local file or folder, and any number of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from flux_day.cli_loras import SCHEMA_LORAS, command_line_loras
 from flux_day.config import Settings
-from flux_day.errors import FluxDayError
+from flux_day.errors import FluxDayError, InputError, WeightsError
 from flux_day.outputs import save_image
-from flux_day.weights.layout import has_base_models
+from flux_day.request import GenerationRequest
+from flux_day.schema import INPUTS, SchemaInput
 
 log = logging.getLogger("flux_day")
 
+PROG = "python -m flux_day generate"
+LOCAL_LORA_HELP = " Here also a local .safetensors file, or a folder holding one."
+INTERRUPTED_EXIT = 130  # the shell's own status for a command stopped by Ctrl-C
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flux_day", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate images and write them to --out")
-    gen.add_argument("prompt")
-    gen.add_argument("--weights", type=Path, help="weights root (default: FLUX_DAY_WEIGHTS)")
-    gen.add_argument(
-        "--tiny",
-        action="store_true",
-        help="write tiny random weights to the weights root first if it has none",
+
+def _schema_help(field: SchemaInput) -> str:
+    """The input's description, then what it takes and its default, as `--help` shows it."""
+    if field.choices:
+        takes = "one of " + ", ".join(field.choices)
+    elif field.bounds is not None:
+        low, high = field.bounds
+        takes = f"{'an integer' if field.kind == 'integer' else 'a number'} from {low:g} to {high:g}"
+    else:
+        takes = {"file": "an image file", "integer": "an integer", "boolean": "a flag"}.get(field.kind, "")
+    default = "" if field.default is None else f"default: {field.default}"
+    shown = "; ".join(part for part in (takes, default) if part)
+    return f"{field.description.rstrip('.')}. ({shown})" if shown else field.description
+
+
+def _value_type(field: SchemaInput) -> Any:
+    """The argparse type of a schema input: a failed conversion reads like every other input error."""
+    if field.kind == "file":
+        return Path
+    if field.kind not in {"integer", "number"}:
+        return str
+    convert, kind = (int, "an integer") if field.kind == "integer" else (float, "a number")
+
+    def value(text: str) -> int | float:
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}; give {kind}.") from None
+
+    value.__name__ = kind  # argparse names the type in some messages
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, suggesting the closest option for a misspelt one (as Python 3.14's suggest_on_error)."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            options = [option for action in self._actions for option in action.option_strings]
+            close = difflib.get_close_matches(unknown[0].split("=")[0], options, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; see {PROG} --help."
+            self.error(f"{unknown[0]}: not an option{hint}")
+        return parsed
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `generate` command's parser: the schema's inputs, then the machine's own options."""
+    gen = _Parser(
+        prog=PROG,
+        usage=f"{PROG} PROMPT [options]  (all options: --help)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the images")
-    gen.add_argument("--image", type=Path)
-    gen.add_argument("--mask", type=Path)
-    gen.add_argument("--model", default="dev")
-    gen.add_argument("--aspect-ratio", default="1:1")
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--megapixels", default="1")
-    gen.add_argument("--prompt-strength", type=float, default=0.8)
-    gen.add_argument("--num-outputs", type=int, default=1)
-    gen.add_argument("--num-inference-steps", type=int, default=28)
-    gen.add_argument("--guidance-scale", type=float, default=3.0)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--output-format", default="webp")
-    gen.add_argument("--output-quality", type=int, default=80)
-    gen.add_argument("--go-fast", action="store_true")
-    gen.add_argument("--replicate-weights", help="a LoRA: owner/model, huggingface.co/..., a URL, ...")
-    gen.add_argument("--lora-scale", type=float, default=1.0)
-    gen.add_argument("--extra-lora", help="a second LoRA, in any form --replicate-weights takes")
-    gen.add_argument("--extra-lora-scale", type=float, default=1.0)
-    return parser
+    schema = gen.add_argument_group("inputs (the model's published schema)")
+    for field in INPUTS:
+        if field.required:
+            schema.add_argument(field.name, help=_schema_help(field))
+        elif field.kind == "boolean":
+            schema.add_argument(
+                f"--{field.name.replace('_', '-')}", action="store_true", help=_schema_help(field)
+            )
+        else:
+            schema.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                type=_value_type(field),
+                choices=field.choices or None,
+                metavar=field.name.upper(),
+                help=_schema_help(field) + (LOCAL_LORA_HELP if field.name in SCHEMA_LORAS else ""),
+            )
+    own = gen.add_argument_group("this machine")
+    own.add_argument("--weights", type=Path, help="weights root (default: FLUX_DAY_WEIGHTS, else ./weights)")
+    own.add_argument(
+        "--download",
+        action="store_true",
+        help="download the base weights when the weights root lacks them (about 60 GB from the Hugging "
+        "Face Hub; FLUX.1 [dev] is gated: HF_TOKEN must be of an account that accepted its licence)",
+    )
+    own.add_argument(
+        "--tiny", action="store_true", help="write tiny random weights to the weights root if it has none"
+    )
+    own.add_argument(
+        "--out", type=Path, default=Path("outputs"), help="folder for the images (default: outputs)"
+    )
+    own.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="REF[:SCALE]",
+        help="one more LoRA, in any form --replicate-weights takes, at SCALE (default 1, from -1 to 3); "
+        "give it as often as you like",
+    )
+    return gen
 
 
-def generate(args: argparse.Namespace) -> list[Path]:
-    """Run one generation from parsed arguments; return the written files."""
-    from flux_day.engine import Engine
-    from flux_day.request import GenerationRequest
+def _top_parser() -> argparse.ArgumentParser:
+    """`python -m flux_day`: one command for now; its own --help lists it."""
+    top = argparse.ArgumentParser(prog="python -m flux_day", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True, metavar="generate")
+    commands.add_parser("generate", help=f"generate images and write them to --out (see {PROG} --help)")
+    return top
+
+
+def schema_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The schema's inputs from parsed arguments: given ones, others at the schema's default."""
+    inputs = {field.name: getattr(args, field.name) for field in INPUTS}
+    return {name: value for name, value in inputs.items() if value is not None}
+
+
+def ignored_inputs(inputs: dict[str, Any]) -> list[str]:
+    """A note for each input given that this request will not use, so nothing is ignored in silence."""
+    notes = []
+    sides = [name for name in ("width", "height") if name in inputs]
+    if "image" in inputs:
+        given = [name for name in ("aspect_ratio", *sides, "megapixels") if name in inputs]
+        if given:
+            notes.append(f"{', '.join(given)}: ignored with --image; the image's own size is used.")
+    elif sides and inputs.get("aspect_ratio") != "custom":
+        notes.append(f"{' and '.join(sides)}: ignored unless --aspect-ratio custom; add it to use them.")
+    if "prompt_strength" in inputs and "image" not in inputs:
+        notes.append("prompt_strength: ignored without --image; it applies to image-to-image only.")
+    if "output_quality" in inputs and inputs.get("output_format") == "png":
+        notes.append("output_quality: ignored for png, which is lossless.")
+    return notes
+
+
+def writable_folder(out: Path) -> Path:
+    """`--out`, created if needed and proven writable before any work, so a long run never ends in a
+    failed write."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise InputError(
+            f"--out: {str(out)!r} cannot be written ({error.strerror or error}); give a folder you can write."
+        ) from None
+    return out
+
+
+def request_from(args: argparse.Namespace) -> GenerationRequest:
+    """The checked request: the schema's checks, with local and any number of LoRAs added (CLI only)."""
+    inputs = schema_inputs(args)
+    for note in ignored_inputs(inputs):
+        log.warning("%s", note)
+    completed, inputs = command_line_loras(inputs, args.lora)
+    request = GenerationRequest.from_inputs(**inputs)
+    return replace(request, loras=completed(request.loras))
+
+
+def ready_settings(args: argparse.Namespace) -> Settings:
+    """Settings with `--weights`; base weights present, tiny ones written, or a download agreed to."""
+    from flux_day.weights.download import download_notice, missing_folders
 
     # --weights stands for FLUX_DAY_WEIGHTS, so what defaults under it (the LoRA cache) follows it.
     overrides = {"FLUX_DAY_WEIGHTS": str(args.weights)} if args.weights is not None else {}
     settings = Settings.from_env({**os.environ, **overrides})
-    if args.tiny and not has_base_models(settings.weights):
+    missing = missing_folders(Path(settings.weights))
+    if missing and args.tiny:
         from flux_day.weights.tiny import write_tiny_weights
 
         log.info("writing tiny random weights to %s", settings.weights)
         write_tiny_weights(settings.weights)
-    inputs = {
-        name: value for name, value in vars(args).items() if name not in {"command", "weights", "tiny", "out"}
-    }
-    request = GenerationRequest.from_inputs(**inputs)
-    images = Engine(settings).generate(request).images
-    args.out.mkdir(parents=True, exist_ok=True)
-    return [
-        save_image(
-            image,
-            args.out / f"{request.model}-{seed}.{request.output_format}",
-            request.output_format,
-            request.output_quality,
+    elif missing and not args.download:
+        raise WeightsError(
+            f"{download_notice(Path(settings.weights), missing)} To fetch them, add --download to this "
+            f"command or run `python scripts/download_weights.py --weights {settings.weights}`; "
+            "--tiny writes random test weights instead."
         )
-        for seed, image in zip(request.seeds, images, strict=True)
-    ]
+    return settings
+
+
+def output_path(out: Path, request: GenerationRequest, seed: int) -> Path:
+    """A new file for one image, named for what made it (model, mode, go_fast, seed), never an existing
+    one: two runs that differ in anything else get `-2`, `-3`, ..."""
+    fast = "-fast" if request.fp8 else ""
+    stem = f"{request.model}-{request.mode}{fast}-{seed}"
+    for attempt in range(1, 10_000):
+        path = out / (
+            f"{stem}.{request.output_format}" if attempt == 1 else f"{stem}-{attempt}.{request.output_format}"
+        )
+        try:
+            path.open("xb").close()  # claimed: a run beside this one picks another name
+            return path
+        except FileExistsError:
+            continue
+    raise InputError(f"--out: {str(out)!r} already holds 10000 images named {stem}; give another folder.")
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
+    """Run one generation from parsed arguments; return the written files. Everything a user can get
+    wrong is checked before torch is imported."""
+    out = writable_folder(args.out)
+    request = request_from(args)
+    settings = ready_settings(args)
+    from flux_day.engine import Engine
+
+    images = Engine(settings).generate(request).images
+    written: list[Path] = []
+    for seed, image in zip(request.seeds, images, strict=True):
+        path = output_path(out, request, seed)
+        try:
+            written.append(save_image(image, path, request.output_format, request.output_quality))
+        except BaseException:
+            path.unlink(missing_ok=True)  # no half-written image left behind (Ctrl-C, full disk)
+            raise
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; user mistakes print one sentence and exit 2, no traceback."""
+    """Entry point; user mistakes print one sentence and exit 2, Ctrl-C one line and 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "generate":
+        _top_parser().parse_args(argv)  # prints help or the usage error, and exits
+    args = parser().parse_args(argv[1:])
     try:
         for path in generate(args):
             print(path)
     except FluxDayError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; no image of this run is left half-written.", file=sys.stderr)
+        return INTERRUPTED_EXIT
     return 0

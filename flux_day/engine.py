@@ -240,12 +240,11 @@ class Engine:
         whatever was fused goes, so nothing of this request reaches the next one."""
         self.release_loras()
         log.info(
-            "request %s after %d of %d denoising steps (%s); every LoRA restored",
+            "request %s after %d of %d denoising steps; every LoRA restored",
             "cancelled" if not isinstance(error, Exception) else "failed",
             self.steps_done,
             request.num_inference_steps * request.num_outputs,
-            type(error).__name__,
-        )
+        )  # no class name: these lines are the prediction's logs, which its sender reads
 
     def _encode(self, pipe: object, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's T5 and pooled CLIP embeddings, once per request."""

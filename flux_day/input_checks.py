@@ -3,7 +3,7 @@
 Each returns the value as it is used, or raises `InputError` naming the input, the value given and
 what is allowed.
 
-`GenerationRequest.from_inputs` combines them; a test holds the tables equal to the seed's schema.
+`GenerationRequest.from_inputs` combines them; the bounds and choices are `flux_day.schema`'s.
 """
 
 from __future__ import annotations
@@ -17,33 +17,16 @@ from typing import Any, Final
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flux_day.errors import InputError
-from flux_day.model_specs import MODELS
-from flux_day.outputs import OUTPUT_FORMATS
-from flux_day.sizes import ASPECT_RATIOS, CUSTOM, MEGAPIXEL_SIDE_SCALE
+from flux_day.schema import INPUTS
 
 log = logging.getLogger(__name__)
 
-# Numeric bounds of the published schema (a test holds them equal to the seed's).
+# The published schema's bounds and choices, by input (`flux_day.schema` states them once).
 NUMBER_BOUNDS: Final[dict[str, tuple[float, float]]] = {
-    "height": (256, 1440),
-    "width": (256, 1440),
-    "prompt_strength": (0, 1),
-    "num_outputs": (1, 4),
-    "num_inference_steps": (1, 50),
-    "guidance_scale": (0, 10),
-    "output_quality": (0, 100),
-    "lora_scale": (-1, 3),
-    "extra_lora_scale": (-1, 3),
+    field.name: field.bounds for field in INPUTS if field.bounds is not None
 }
-INTEGER_INPUTS: Final = frozenset(
-    {"height", "width", "num_outputs", "num_inference_steps", "output_quality", "seed"}
-)
-CHOICES: Final[dict[str, tuple[str, ...]]] = {
-    "aspect_ratio": (*ASPECT_RATIOS, CUSTOM),
-    "model": tuple(MODELS),
-    "output_format": tuple(OUTPUT_FORMATS),
-    "megapixels": tuple(MEGAPIXEL_SIDE_SCALE),
-}
+INTEGER_INPUTS: Final = frozenset(field.name for field in INPUTS if field.kind == "integer")
+CHOICES: Final[dict[str, tuple[str, ...]]] = {field.name: field.choices for field in INPUTS if field.choices}
 MAX_SEED: Final = 2**63 - 1  # seed + i must stay a valid torch seed
 RANDOM_SEED_BITS: Final = 32
 MASK_ASPECT_TOLERANCE: Final = 0.02
@@ -112,6 +95,10 @@ def open_image(name: str, path: Any, mode: str) -> Image.Image:
             opened.load()
             upright = ImageOps.exif_transpose(opened)
             return upright.convert(mode)
+    except (FileNotFoundError, IsADirectoryError):
+        raise InputError(
+            f"{name}: there is no such file; give the path of a PNG, JPEG or WebP image."
+        ) from None
     except Image.DecompressionBombError:
         raise InputError(
             f"{name}: the image has too many pixels to read safely; give one under "

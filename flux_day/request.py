@@ -26,6 +26,7 @@ from flux_day.input_checks import (
     shown,
 )
 from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
+from flux_day.schema import DEFAULTS
 from flux_day.sizes import CUSTOM, aspect_ratio_size
 from flux_day.sizes import custom_size as round_custom_size
 from flux_day.sizes import image_size as image_generation_size
@@ -89,30 +90,30 @@ class GenerationRequest:
     def from_inputs(
         cls,
         *,
-        prompt: Any = None,
-        image: Any = None,
-        mask: Any = None,
-        aspect_ratio: Any = "1:1",
-        height: Any = None,
-        width: Any = None,
-        prompt_strength: Any = 0.8,
-        model: Any = "dev",
-        num_outputs: Any = 1,
-        num_inference_steps: Any = 28,
-        guidance_scale: Any = 3,
-        seed: Any = None,
-        output_format: Any = "webp",
-        output_quality: Any = 80,
-        disable_safety_checker: Any = False,
-        go_fast: Any = False,
-        megapixels: Any = "1",
-        replicate_weights: Any = None,
-        lora_scale: Any = 1,
-        extra_lora: Any = None,
-        extra_lora_scale: Any = 1,
+        prompt: Any = DEFAULTS["prompt"],
+        image: Any = DEFAULTS["image"],
+        mask: Any = DEFAULTS["mask"],
+        aspect_ratio: Any = DEFAULTS["aspect_ratio"],
+        height: Any = DEFAULTS["height"],
+        width: Any = DEFAULTS["width"],
+        prompt_strength: Any = DEFAULTS["prompt_strength"],
+        model: Any = DEFAULTS["model"],
+        num_outputs: Any = DEFAULTS["num_outputs"],
+        num_inference_steps: Any = DEFAULTS["num_inference_steps"],
+        guidance_scale: Any = DEFAULTS["guidance_scale"],
+        seed: Any = DEFAULTS["seed"],
+        output_format: Any = DEFAULTS["output_format"],
+        output_quality: Any = DEFAULTS["output_quality"],
+        disable_safety_checker: Any = DEFAULTS["disable_safety_checker"],
+        go_fast: Any = DEFAULTS["go_fast"],
+        megapixels: Any = DEFAULTS["megapixels"],
+        replicate_weights: Any = DEFAULTS["replicate_weights"],
+        lora_scale: Any = DEFAULTS["lora_scale"],
+        extra_lora: Any = DEFAULTS["extra_lora"],
+        extra_lora_scale: Any = DEFAULTS["extra_lora_scale"],
     ) -> GenerationRequest:
-        """Check every input of the published schema (defaults are the schema's: the signature is the
-        schema's, so a test can hold them equal) and combine them, each input checked in turn."""
+        """Check every input of the published schema (omitted ones take `flux_day.schema`'s defaults)
+        and combine them, each input checked in turn."""
         prompt = _prompt(prompt)
         aspect_ratio = choice("aspect_ratio", aspect_ratio)
         megapixels = choice("megapixels", megapixels)

@@ -155,3 +155,15 @@ def test_a_gzip_encoded_download_is_checked_against_its_wire_length(tmp_path: Pa
         ):
             pass
         assert list((tmp_path / "cache").glob(".partial-*")) == []
+
+
+def test_a_refused_connection_says_so_and_a_private_address_names_the_setting(tmp_path: Path) -> None:
+    from tests.harness.cog_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/style.safetensors"  # nothing listens there
+    allowed = Settings.from_env({"FLUX_DAY_WEIGHTS": str(tmp_path), "FLUX_DAY_ALLOW_PRIVATE_URLS": "1"})
+    with pytest.raises(LoraError, match="refused the connection") as refused:
+        Fetcher(allowed).open(parse_ref(url), url)
+    assert "did not answer" not in str(refused.value)
+    with pytest.raises(LoraError, match="FLUX_DAY_ALLOW_PRIVATE_URLS=1"):
+        Fetcher(Settings.from_env({"FLUX_DAY_WEIGHTS": str(tmp_path)})).open(parse_ref(url), url)

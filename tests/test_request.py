@@ -145,3 +145,8 @@ def test_a_malformed_lora_reference_fails_the_prediction_before_the_engine_is_ca
         ("COG_WEIGHTS", "https://example.com/trained.tar", 1.0),
         ("extra_lora", "o/m", 0.4),
     ]
+
+
+def test_a_missing_image_file_is_named_as_missing(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"^image: there is no such file; "):
+        GenerationRequest.from_inputs(prompt="x", image=tmp_path / "none.png")

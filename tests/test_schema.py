@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ from cog._adt import Repetition
 
 from flux_day.input_checks import CHOICES, INTEGER_INPUTS, NUMBER_BOUNDS
 from flux_day.request import GenerationRequest
+from flux_day.schema import INPUTS
 from scripts.openapi_schema import read_predictor
 from tests.harness.seed_schema import seed_schema
 
@@ -72,3 +74,58 @@ def test_request_checks_use_the_published_bounds_choices_and_defaults() -> None:
         if name != "prompt"
     }
     assert defaults == {name: field.get("default") for name, field in seed.items() if name != "prompt"}
+
+
+def test_the_schema_table_is_the_published_schema() -> None:
+    """`flux_day.schema` is the one statement of the inputs that predict.py, the checks and the CLI read."""
+    kinds = {"string": {"text", "file"}, "enum(string)": {"text"}, "integer": {"integer"}}
+    kinds |= {"number": {"number"}, "boolean": {"boolean"}}
+    seed = seed_schema()["inputs"]
+    assert [field.name for field in INPUTS] == [field["name"] for field in seed]
+    for ours, field in zip(INPUTS, seed, strict=True):
+        assert ours.kind in kinds[field["type"]], ours.name
+        assert (ours.kind == "file") == (field.get("format") == "uri"), ours.name
+        assert ours.description == field["description"], ours.name
+        assert ours.default == field.get("default") and ours.required == field.get("required", False)
+        assert list(ours.choices) == field.get("choices", []), ours.name
+        assert ours.bounds == (None if "minimum" not in field else (field["minimum"], field["maximum"]))
+
+
+def _as_cog_reads_it(text: str) -> Any:
+    """A keyword's source text as cog's static schema generator (`pkg/schema/python/literals.go`)
+    takes it: a string loses its outer quotes and nothing else (no escapes processed, implicitly
+    concatenated strings kept with their inner quotes); other literals parse as Python's do."""
+    for quote in ('"""', "'''", '"', "'"):
+        if text.startswith(quote):
+            return text[len(quote) : len(text) - len(quote)]
+    value = ast.literal_eval(text)
+    return [_as_cog_reads_it(repr(v).replace("'", '"')) for v in value] if isinstance(value, list) else value
+
+
+def test_cog_build_reads_the_published_schema_from_predict_py_without_running_it() -> None:
+    """`cog build` parses predict.py statically: each input must be an `Input(...)` of literals, and each
+    description one string literal, or the built image's schema differs from the published one."""
+    source = (ROOT / "predict.py").read_text()
+    run = next(
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef) and node.name == "run"
+    )
+    parameters = run.args.args[1:]
+    seed = seed_schema()["inputs"]
+    assert [p.arg for p in parameters] == [field["name"] for field in seed]
+    for parameter, default, field in zip(parameters, run.args.defaults, seed, strict=True):
+        assert isinstance(default, ast.Call) and getattr(default.func, "id", None) == "Input", field["name"]
+        read = {
+            kw.arg: _as_cog_reads_it(ast.get_source_segment(source, kw.value) or "")
+            for kw in default.keywords
+        }
+        expected = {"description": field["description"]}
+        if not field.get("required"):
+            expected["default"] = field.get("default")
+        expected |= {
+            key: field[seed_key]
+            for key, seed_key in (("ge", "minimum"), ("le", "maximum"), ("choices", "choices"))
+            if seed_key in field
+        }
+        assert read == expected, parameter.arg

@@ -259,3 +259,16 @@ def test_earlier_outputs_do_not_pile_up(cog_server: CogServer, server_tmp: Path)
     for seed in range(3):
         cog_server.images(prompt="a fox", num_inference_steps=1, megapixels="0.25", seed=seed)
     assert len(list(server_tmp.rglob("flux-day-out-*"))) <= 1
+
+
+def test_a_local_lora_path_the_cli_takes_is_still_refused_by_the_server(
+    cog_server: CogServer, tmp_path: Path
+) -> None:
+    from tests.harness import lora_files as lf
+
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(lf.to_bytes(lf.kohya(lf.random_lora(4))))
+    for reference in (str(lora), f"file://{lora}", str(tmp_path)):
+        result = cog_server.predict(prompt="a fox", replicate_weights=reference, **FAST)
+        assert result["status"] == "failed", result
+        assert "replicate_weights:" in result["error"] and "is not a LoRA reference" in result["error"]

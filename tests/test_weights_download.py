@@ -146,7 +146,10 @@ def test_a_download_into_an_empty_root_is_the_tree_the_predictor_loads(
     assert set(source["files"]) == set(expected[DEV_FOLDER])
     decoy_paths = [hub.resolve_path(DEV.repo_id, name, source["commit"]) for name in DECOYS[DEV_FOLDER]]
     assert not any(hub.api.hits[path] for path in decoy_paths)
-    lines = [r.getMessage() for r in caplog.records if r.name == "flux_day.weights.download"]
+    notice, *lines = [r.getMessage() for r in caplog.records if r.name == "flux_day.weights.download"]
+    # said before any download: the folder, the size, dev's licence and HF_TOKEN
+    assert f"missing under {root}" in notice and "GB to download" in notice, notice
+    assert "gated" in notice and "HF_TOKEN" in notice
     assert len(lines) == len(folders()), lines  # one line per folder, with sizes and time
     assert any(f"{DEV_FOLDER}/ complete" in line and "KB" in line and "s" in line for line in lines)
 

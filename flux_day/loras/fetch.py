@@ -89,7 +89,16 @@ class Fetcher:
             except requests.RequestException as error:
                 if caused_by(error, (PrivateAddressError,)):
                     raise self._private(ref, url) from None
-                if caused_by(error, TIMEOUTS):
+                if caused_by(error, (ConnectionRefusedError,)):
+                    raise LoraError(
+                        f"{shown_source(url)} refused the connection for {ref.shown}: nothing listens "
+                        "there; check the host and port of the reference."
+                    ) from None
+                # urllib3 2 makes every failed connect a NewConnectionError, a subclass of its timeout
+                # error: only a connect that ran out of time is a timeout.
+                if caused_by(error, TIMEOUTS) and not caused_by(
+                    error, (urllib3.exceptions.NewConnectionError,)
+                ):
                     raise LoraError(
                         f"{shown_source(url)} did not answer {ref.shown} within "
                         f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
@@ -216,7 +225,11 @@ class Fetcher:
 
     @staticmethod
     def _private(ref: LoraRef, url: str) -> LoraError:
-        return LoraError(f"{shown_source(url)} points to a private network address; give a public URL.")
+        return LoraError(
+            f"{shown_source(url)} points to a private network address; give a public URL (for a "
+            "self-hosted LoRA store on the server's own network, its operator sets "
+            "FLUX_DAY_ALLOW_PRIVATE_URLS=1)."
+        )
 
 
 def _status_message(status: int, ref: LoraRef, url: str) -> str:

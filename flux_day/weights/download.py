@@ -43,20 +43,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Final
 
 from huggingface_hub import HfApi, hf_hub_download
 
 from flux_day import filelocks
 from flux_day.config import Settings, credentials
 from flux_day.errors import WeightsError
+from flux_day.model_specs import MODELS
 from flux_day.weights.checksums import mismatch
 from flux_day.weights.hub_errors import RUN_AGAIN, hub_errors
+from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
 from flux_day.weights.manifest import MANIFEST, Source, folders
 
 log = logging.getLogger(__name__)
 
 STAGING = ".flux-day-download"  # under the weights root: same filesystem, so the final rename is atomic
 SOURCE_RECORD = ".flux-day-source.json"  # written into each downloaded folder: repo, commit, checksums
+# What each folder weighs on disk (the Hub's listing at the manifest's revisions, rounded), for the
+# notice before a download: dev's transformer 23.8 + T5 9.5 + CLIP and VAE 0.4; schnell's transformer.
+APPROXIMATE_GB: Final[dict[str, float]] = {
+    MODELS["dev"].folder: 34,
+    MODELS["schnell"].folder: 24,
+    SAFETY_CHECKER_FOLDER: 1.2,
+    NSFW_CLASSIFIER_FOLDER: 0.35,
+}
 _HUB_CACHE = ".cache"  # huggingface_hub's bookkeeping inside a local_dir; not moved into place
 
 
@@ -91,6 +102,7 @@ def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) ->
         return
     if settings.offline:
         raise WeightsError(offline_message(root, missing))
+    log.warning("weights: %s Downloading them now.", download_notice(root, missing))
     token = credentials().hugging_face or False
     rows = folders(tuple(manifest))
     try:
@@ -145,6 +157,21 @@ def missing_folders(root: Path, manifest: Sequence[Source] = MANIFEST) -> list[s
         if not present or not all(any(fnmatchcase(p, pattern) for p in present) for pattern in required):
             missing.append(folder)
     return missing
+
+
+def download_notice(root: Path, missing: Sequence[str]) -> str:
+    """What a download of `missing` means, said before it starts: the folder, the size, the licence."""
+    size = sum(APPROXIMATE_GB.get(folder, 0) for folder in missing)
+    gated = (
+        f" FLUX.1 [dev] is gated: accept its licence at https://huggingface.co/{MODELS['dev'].repo_id} "
+        "and set HF_TOKEN to a token of that account."
+        if MODELS["dev"].folder in missing
+        else ""
+    )
+    return (
+        f"Base weights are missing under {root} ({', '.join(f'{f}/' for f in missing)}): about "
+        f"{size:.0f} GB to download from the Hugging Face Hub.{gated}"
+    )
 
 
 def offline_message(root: Path, missing: Sequence[str]) -> str:

@@ -19,7 +19,7 @@ from huggingface_hub.errors import (
 from flux_day.errors import WeightsError
 from flux_day.weights.manifest import Source
 
-RUN_AGAIN = "run `python scripts/download_weights.py` again to resume"
+RUN_AGAIN = "run `python scripts/download_weights.py` (or the command line with `--download`) to resume"
 _SIGNED_QUERY = re.compile(r"(https?://[^\s?]+)\?[^\s)]*")
 
 

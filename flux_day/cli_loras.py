@@ -1,0 +1,87 @@
+"""LoRAs as the command line takes them: local files and folders, and any number with `--lora`.
+
+The server refuses paths (a request must never read the server's disk); a person on their own machine
+means their own files. Local LoRAs are read as the operator's default LoRA is (`LoraRef` kind `local`:
+a .safetensors or .tar file, or a folder holding one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.parse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flux_day.errors import InputError, LoraError
+from flux_day.input_checks import NUMBER_BOUNDS, bounded
+from flux_day.loras.refs import LoraRef, LoraRequest
+from flux_day.schema import DEFAULTS
+
+SCHEMA_LORAS = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
+LORA_OPTION = "--lora"
+PATH_STARTS = ("/", "./", "../", "~", "file://")
+
+
+def local_path(name: str, text: str) -> Path | None:
+    """The local file or folder `text` names, None when it is a reference for `parse_ref` instead. An
+    existing path wins over a Replicate name spelt the same (`owner/model` beside the command)."""
+    if text.startswith("file://"):
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(text).path))
+    else:
+        path = Path(text).expanduser()
+    if path.exists():
+        return path.resolve()
+    if text.startswith(PATH_STARTS):
+        raise InputError(
+            f"{name}: {text!r} is no such file or folder; give the path of a .safetensors LoRA or a "
+            "folder holding one."
+        )
+    return None
+
+
+def lora_option(text: str) -> LoraRequest:
+    """One `--lora REF[:SCALE]`: SCALE is what follows the last colon when it is a number (a URL's
+    own colons are left alone), 1 when absent."""
+    ref, colon, tail = text.rpartition(":")
+    scale = 1.0
+    if colon and ref:
+        with contextlib.suppress(ValueError):  # otherwise not a scale: a colon of the reference itself
+            scale, text = float(tail), ref
+    low, high = NUMBER_BOUNDS["lora_scale"]
+    if not low <= scale <= high:
+        raise InputError(
+            f"{LORA_OPTION}: scale {tail} is out of range; use a number from {low:g} to {high:g}."
+        )
+    return lora_request(LORA_OPTION, text, scale)
+
+
+def lora_request(name: str, text: str, scale: float) -> LoraRequest:
+    """A LoRA given as input `name`: a local path, or any reference a request may give."""
+    path = local_path(name, text.strip())
+    if path is None:
+        return LoraRequest.parse(name, text, scale)
+    with LoraError.for_input(name):
+        return LoraRequest(name, LoraRef("local", str(path)), scale)
+
+
+def command_line_loras(
+    inputs: dict[str, Any], options: Sequence[str]
+) -> tuple[Callable[[Sequence[LoraRequest]], tuple[LoraRequest, ...]], dict[str, Any]]:
+    """`inputs` without the local LoRA paths the schema's checks would refuse, and the function that
+    completes the checked request's LoRAs: the schema's two in their order, then every `--lora`."""
+    local = {}
+    for name, scale_name in SCHEMA_LORAS.items():
+        text = inputs.get(name)
+        if text and local_path(name, text.strip()) is not None:
+            local[name] = lora_request(
+                name, text, bounded(scale_name, inputs.get(scale_name, DEFAULTS[scale_name]))
+            )
+            inputs = {**inputs, name: None}
+    extra = tuple(lora_option(option) for option in options)
+
+    def completed(checked: Sequence[LoraRequest]) -> tuple[LoraRequest, ...]:
+        named = {lora.input_name: lora for lora in (*checked, *local.values())}
+        return (*(named[name] for name in SCHEMA_LORAS if name in named), *extra)
+
+    return completed, inputs
