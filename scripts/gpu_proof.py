@@ -41,6 +41,7 @@ from scripts.proof.preflight import late_imports, preflight  # noqa: E402 (stdli
 
 
 def arguments() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
         "--tiny", action="store_true", help="tiny models on the CPU: the same code, in seconds"
@@ -86,6 +87,7 @@ def run_phases(run, proof) -> None:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
+    """The preflight, then (unless `--preflight`) the proof and its table."""
     args = arguments()
     cuda = not args.tiny
     failures = preflight(cuda, args.out, say=lambda line: print(line, file=sys.stderr, flush=True))

@@ -60,6 +60,7 @@ def flops_per_step(image_tokens: int, text_tokens: int) -> float:
 
 
 def timed(function: Callable[[], object], repeats: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds of each of `repeats` calls, the device synchronised around each."""
     seconds = []
     for _ in range(repeats):
         sync()
@@ -71,6 +72,7 @@ def timed(function: Callable[[], object], repeats: int, sync: Callable[[], None]
 
 
 def met(ok: bool) -> str:
+    """A target's verdict."""
     return "met" if ok else "NOT met"
 
 
@@ -106,6 +108,7 @@ class Run:
         }
 
     def build(self) -> None:
+        """FLUX.1 (or the tiny models) with random weights, made on the device."""
         import torch
 
         from flux_day.memory_plan import module_bytes
@@ -189,6 +192,7 @@ class Run:
         )
 
     def request(self, model: str, go_fast: bool, side: int, **inputs: Any) -> Any:
+        """A checked txt2img request (or img2img/inpaint with `inputs`) at `side`, seed 7."""
         from flux_day.request import GenerationRequest
 
         return GenerationRequest.from_inputs(

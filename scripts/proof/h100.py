@@ -34,7 +34,13 @@ def capped_card(run: Run) -> Any:
     total = CARDS["80 GB (H100)"]
     fraction = min(1.0, total / torch.cuda.get_device_properties(0).total_memory)
     torch.cuda.set_per_process_memory_fraction(fraction)
-    run.proof.row(PHASE, "process capped", f"{total / 2**30:.1f} GiB", f"{fraction:.3f} of this card")
+    held = torch.cuda.memory_allocated() / 2**30
+    run.proof.row(
+        PHASE,
+        "process capped",
+        f"{total / 2**30:.1f} GiB",
+        f"{fraction:.3f} of this card; {held:.1f} GiB held",
+    )
     return Card(total)
 
 
@@ -52,9 +58,11 @@ def lora_uri(run: Run, model: str, seed: int) -> str:
 
 
 def card_80(run: Run) -> None:
+    """The phase: the H100's card (capped first on CUDA), its engine, its placement, the sequence."""
     import torch
 
     run.drop_engine()
+    torch.compiler.reset()  # compiled graphs may hold the last engine's fp8 copies
     try:
         run.start_engine(PHASE, compile=False, card=capped_card(run))
         placement = ", ".join(f"{c.name}={c.placement}" for c in run.engine.plan.components)

@@ -10,6 +10,7 @@ Versions come from pyproject.toml, the pins, not from a second list here.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -50,6 +51,8 @@ class CheckFailed(Exception):
 
 @dataclass(frozen=True)
 class Check:
+    """One named check."""
+
     name: str
     run: Callable[[], str]  # returns what it found; raises CheckFailed
 
@@ -66,6 +69,7 @@ def release(version: str) -> tuple[int, ...]:
 
 
 def imported(name: str) -> object:
+    """The module `name`, or a `CheckFailed` naming the package that is missing."""
     try:
         return importlib.import_module(name)
     except ImportError as error:
@@ -77,6 +81,7 @@ def imported(name: str) -> object:
 
 
 def python_check() -> str:
+    """Python at least pyproject's `requires-python`."""
     wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     if sys.version_info[:2] < release(wanted.removeprefix(">=")):
         raise CheckFailed(f"Python {sys.version.split()[0]}; flux-day needs {wanted}")
@@ -84,6 +89,7 @@ def python_check() -> str:
 
 
 def torch_check(cuda: bool) -> str:
+    """torch >= 2.11; for the full-size proof with a CUDA device."""
     torch = imported("torch")
     found = f"{torch.__version__}"
     if release(torch.__version__)[:2] < MIN_TORCH:
@@ -111,6 +117,7 @@ def pinned_check(package: str, same_major: bool = False) -> Callable[[], str]:
 
 
 def torchao_check() -> str:
+    """torchao with the fp8 configs go_fast's recipes use."""
     torchao = imported("torchao")
     quantization = imported("torchao.quantization")
     names = ("Float8DynamicActivationFloat8WeightConfig", "Float8WeightOnlyConfig", "PerRow", "quantize_")
@@ -123,6 +130,7 @@ def torchao_check() -> str:
 
 
 def small_packages_check() -> str:
+    """The packages flux-day imports beyond torch, transformers, diffusers and torchao."""
     found = []
     for module, package in SMALL_PACKAGES.items():
         found.append(f"{package} {getattr(imported(module), '__version__', '?')}")
@@ -131,6 +139,7 @@ def small_packages_check() -> str:
 
 
 def project_check() -> str:
+    """Every module the proof imports, and with them everything `flux_day.engine` reaches."""
     for name in PROOF_MODULES:
         imported(name)
     loaded = [name for name in sys.modules if name.split(".")[0] == "flux_day"]
@@ -145,6 +154,7 @@ def _cuda() -> object:
 
 
 def fp8_check() -> str:
+    """An sm89+ device, where the engine picks the production recipe (bf16, dynamic fp8)."""
     torch = _cuda()
 
     from flux_day.fast import FP8_TENSOR_CORES, PRODUCTION, Recipe
@@ -158,7 +168,9 @@ def fp8_check() -> str:
     return f"sm{capability[0]}{capability[1]}: {PRODUCTION.name}"
 
 
+@functools.cache
 def full_size_bytes() -> dict[str, int]:
+    """Every component of FLUX.1 at its real size, from models on the meta device (seconds)."""
     from scripts.bench.plan import full_size_components
 
     return full_size_components()
@@ -199,6 +211,7 @@ def _mem_available() -> int | None:
 
 
 def disk_check(out: Path | None) -> str:
+    """Room for inductor's caches in the temporary folder, and `out` writable."""
     where = [Path(tempfile.gettempdir()), *([out] if out is not None else [])]
     for folder in where:
         folder.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ def go_fast(run: Run, model: str) -> None:
 
 
 def go_fast_needs(run: Run, model: str) -> float:
+    """A warm-up and the repeats of the go_fast image."""
     return (1 + run.scale.repeats) * run.image_estimate(model)
 
 
@@ -73,6 +74,7 @@ def comparisons(run: Run, model: str) -> None:
 
 
 def comparisons_needs(run: Run, model: str) -> float:
+    """A warm-up and the repeats of each compared variant."""
     variants = ["full precision", "bare", *(["go_fast eager"] if run.compiled else [])]
     return (1 + run.scale.repeats) * sum(run.image_estimate(model, v) for v in variants)
 
@@ -96,6 +98,7 @@ def modes(run: Run) -> None:
 
 
 def modes_needs(run: Run) -> float:
+    """img2img and inpaint at the small side, from dev's go_fast image."""
     share = (run.scale.small_side / run.scale.side) ** 2
     return 2 * (1 + run.scale.repeats) * share * run.image_estimate("dev") + run.scale.fixed_s / 4
 
@@ -166,4 +169,5 @@ def restart_compile(run: Run) -> None:
 
 
 def restart_needs(run: Run) -> float:
+    """At most what the cold setup with its compile took, and an image."""
     return (run.compile_s or run.scale.compile_s) + (run.setup_s or 0) + 2 * run.image_estimate("dev")

@@ -25,7 +25,7 @@ class CutOff(Exception):
 
 
 @contextmanager
-def limited(seconds: float) -> Iterator[None]:
+def limited(seconds: float, what: str = "its limit") -> Iterator[None]:
     """Raise `CutOff` in the main thread after `seconds` (a real signal, so a blocking compile stops)."""
     main, lock, fired, active = threading.main_thread().ident, threading.Lock(), threading.Event(), [True]
 
@@ -48,7 +48,7 @@ def limited(seconds: float) -> Iterator[None]:
     except KeyboardInterrupt:
         if not fired.is_set():
             raise  # a person's Ctrl-C
-        raise CutOff(f"cut off at its limit of {seconds:.0f}s") from None
+        raise CutOff(f"cut off at {what}, after {seconds:.0f}s") from None
 
 
 class Proof:
@@ -69,12 +69,15 @@ class Proof:
             (self.out / "gpu_proof.txt").write_text(self.table() + "\n")
 
     def left(self) -> float:
+        """Seconds left of the budget."""
         return self.budget - (time.perf_counter() - self.started)
 
     def log(self, message: str) -> None:
+        """A progress line on stderr, with the seconds since the start."""
         print(f"[{time.perf_counter() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     def row(self, phase: str, what: str, value: str, note: str = "") -> None:
+        """Add a row to the table (and say it on stderr)."""
         self.rows.append({"phase": phase, "what": what, "value": value, "note": note})
         self.log(f"{phase}: {what} = {value} {note}")
 
@@ -91,10 +94,11 @@ class Proof:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         begun = time.perf_counter()
-        seconds = min(self.left() - MARGIN_S, limit if limit is not None else float("inf"))
+        budget_end = self.left() - MARGIN_S
+        own = limit is not None and limit < budget_end
         done = False
         try:
-            with limited(seconds):
+            with limited(limit if own else budget_end, "its limit" if own else "the budget's end"):
                 run()
             done = True
         except CutOff as error:
@@ -113,6 +117,7 @@ class Proof:
         return done
 
     def table(self) -> str:
+        """The rows as one aligned table, header first."""
         keys = ("phase", "what", "value")
         width = {key: max(len(key), *(len(row[key]) for row in self.rows)) for key in keys}
 
