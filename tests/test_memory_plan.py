@@ -236,7 +236,7 @@ def test_a_move_interrupted_by_a_cancel_is_undone_and_redone_by_the_next_request
     """A cancel mid-move leaves a module half on the GPU: it is sent home whole, its LoRA state
     forgotten, and the next need brings it again from its untouched home copy."""
     from flux_day import residency as residency_module
-    from flux_day.residency import Residency
+    from flux_day.residency import Residency, set_storage
 
     plan = plan_memory(SIZES, CARD["80"])
     modules = small_modules()
@@ -258,7 +258,7 @@ def test_a_move_interrupted_by_a_cancel_is_undone_and_redone_by_the_next_request
     def interrupted(self: Residency, name: str) -> None:
         calls.append(name)
         first = next(iter(self.modules[name].parameters()))
-        first.data = self._home[id(first)].to("cpu", copy=True)  # half moved
+        set_storage(first, self._home[id(first)].to("cpu", copy=True))  # half moved
         raise Interrupted
 
     monkeypatch.setattr(residency_module.Residency, "_bring", interrupted)

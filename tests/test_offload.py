@@ -126,7 +126,14 @@ def test_a_module_sent_home_holds_its_home_copy_which_no_visit_writes(recipe: st
     )
 
 
-SMALL = {"prompt": "a fox", "num_inference_steps": 2, "megapixels": "0.25", "seed": 3}
+# The safety models are resident on this card and not what is tested here: off, to keep the test fast.
+SMALL = {
+    "prompt": "a fox",
+    "num_inference_steps": 2,
+    "megapixels": "0.25",
+    "seed": 3,
+    "disable_safety_checker": True,
+}
 LORA_A = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(6))))
 LORA_B = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(7))))
 LORAS = {
@@ -202,9 +209,13 @@ def test_the_80gb_layout_serves_every_lora_combination_as_a_resident_engine_does
     offloading = make_engine(FLUX_DAY_FP8_CACHE="0", recipe=recipe, card=card)
     assert offloading.plan.names("offloaded") == ("schnell-fp8", "schnell-full")
     fp8_checked = 0
+    expected: dict[tuple[str, bool, str], np.ndarray] = {}
     for step, (model, go_fast, loras) in enumerate(ORDER):
         served = image(offloading, model, go_fast, loras)
-        expected = image(resident, model, go_fast, loras)
-        assert np.array_equal(served, expected), f"request {step}: {model} go_fast={go_fast} LoRAs {loras}"
+        if (model, go_fast, loras) not in expected:
+            expected[model, go_fast, loras] = image(resident, model, go_fast, loras)
+        assert np.array_equal(served, expected[model, go_fast, loras]), (
+            f"request {step}: {model} go_fast={go_fast} LoRAs {loras}"
+        )
         fp8_checked += assert_offloaded_modules_hold_only_their_home_copies(offloading)
     assert fp8_checked > 0  # the fp8 copy was checked at home, inner tensors and all
