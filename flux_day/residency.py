@@ -225,10 +225,11 @@ class Residency:
             if not keep_on:
                 set_storage(tensor, home)
         log.info(
-            "memory plan: %s's home copy, %.2f GB, in host memory (%s); %.2f GB of copies there in %.2f GB",
+            "memory plan: %s's home copy, %.2f GB, made in %s host memory, which now holds %.2f GB of"
+            " copies in %.2f GB",
             name,
             (self.host.tensor_bytes - before) / 1e9,
-            "pinned" if self.host.pin else "not pinned: no GPU",
+            "pinned" if self.host.pin else "ordinary (no GPU)",
             self.host.tensor_bytes / 1e9,
             self.host.pinned_bytes / 1e9,
         )

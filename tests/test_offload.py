@@ -14,7 +14,7 @@ from torch import nn
 from flux_day.engine import Card, Engine
 from flux_day.fast import quantized_weight
 from flux_day.loras.delta_math import inner_tensors
-from flux_day.memory_plan import plan_memory
+from flux_day.memory_plan import module_bytes, plan_memory
 from flux_day.memory_sim import card_offloading_schnell
 from flux_day.models import component_sizes
 from flux_day.request import GenerationRequest
@@ -108,6 +108,7 @@ def test_a_module_sent_home_holds_its_home_copy_which_no_visit_writes(recipe: st
     plan = plan_memory({"a": 100, "b": 100}, device_bytes=150, reserve_bytes=0)
     assert plan.names("offloaded") == ("a", "b")
     residency = Residency(modules, plan, torch.device("cpu"))
+    assert residency.host.tensor_bytes == sum(module_bytes(module) for module in modules.values())
     original = snapshot(modules["a"])
     residency.need(["a"])
     for inner in inner_tensors(modules["a"].weight).values():

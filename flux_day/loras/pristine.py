@@ -1,9 +1,9 @@
 """Where the pristine copies that undo a LoRA fuse live (a decision of the memory plan).
 
 On the GPU a copy stays on the device while the plan's room for pristine copies lasts, else it goes to
-pinned host memory (a restore then reads it over PCIe: no arithmetic runs on the host), packed with the
-offloaded modules' home copies into one `residency.PinnedArena`. On the CPU a
-weight's own memory becomes its pristine copy, and the fused weight gets fresh memory.
+pinned host memory (a restore then reads it over PCIe: no arithmetic runs on the host), into the same
+`residency.PinnedArena` as the offloaded modules' home copies. On the CPU a weight's own memory
+becomes its pristine copy, and the fused weight gets fresh memory.
 """
 
 from __future__ import annotations
