@@ -94,7 +94,7 @@ class Engine:
                 for model in models.transformers
             },
         )
-        self.loras = LoraManager(settings, PristineStore(self.plan, self.residency.home))
+        self.loras = LoraManager(settings, PristineStore(self.plan, self.residency.home, self.residency.host))
         self.residency.on_leave = self.loras.fuser.forget
         self.default_lora = default_lora or None  # requests add it: `GenerationRequest.with_default_lora`
         self.steps_done = 0  # denoising steps of the current request so far

@@ -27,6 +27,10 @@ from its pristine host copy on the GPU, layer by layer, into the fp8 copy that r
 Whatever GPU room is left after the resident set, the slot and the reserve is for LoRAs' pristine
 copies (`pristine_bytes`); copies beyond it go to pinned host memory.
 
+Pinned host memory (an offloaded component's home copy, LoRAs' host pristine copies) is laid out by
+`pinned_layout`: PyTorch's pinned allocator rounds every allocation up to a power of two, so tensors
+are packed into power-of-two chunks, and what is pinned stays within a few percent of the bytes.
+
 So (cards as torch reports them, 10 GiB reserve): 141 GB holds everything resident with ~57 GB
 for pristine copies; 80 GB keeps the encoders, VAE, dev in full precision and dev's fp8 copy
 resident and swaps schnell's two transformers through one 23.8 GB slot; 48 GB keeps the encoders
@@ -49,6 +53,8 @@ Placement = Literal["resident", "offloaded", "cpu-only"]
 Site = Literal["device", "host"]
 
 GIB: Final = 2**30
+PINNED_CHUNK: Final = 2**28  # 256 MiB: see `pinned_layout`
+PINNED_ALIGN: Final = 512  # every pinned tensor starts on a 512-byte boundary (DMA- and dtype-aligned)
 DEFAULT_RESERVE: Final = 10 * GIB  # activations of a 1440x1440 denoise and the VAE decode
 
 DEFAULT_PRIORITY: Final = (
@@ -135,6 +141,51 @@ def pristine_site(plan: MemoryPlan, used_device_bytes: int, nbytes: int) -> Site
     if plan.device_bytes is None or used_device_bytes + nbytes <= plan.pristine_bytes:
         return "device"
     return "host"
+
+
+class PinnedLayout(NamedTuple):
+    """Where tensors go in pinned host memory: the chunk sizes (each a power of two) and, per tensor in
+    the order given, its (chunk index, byte offset)."""
+
+    chunks: tuple[int, ...]
+    places: tuple[tuple[int, int], ...]
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(self.chunks)
+
+
+def pinned_layout(
+    sizes: Sequence[int], chunk_bytes: int = PINNED_CHUNK, align: int = PINNED_ALIGN
+) -> PinnedLayout:
+    """Pack tensors of `sizes` bytes into pinned chunks whose sizes are powers of two, so the pinned
+    allocator (`CachingHostAllocator`, which rounds each allocation up to one) adds nothing to them.
+
+    First fit, largest first, into `chunk_bytes` chunks (a tensor larger than that gets a chunk of its
+    own power of two, whose rest smaller tensors fill); then every chunk shrinks to the power of two
+    its contents need, so only a partly filled chunk (in practice the last) rounds up. FLUX.1 dev's
+    transformer (1160 tensors, 23.80 GB in bf16, the largest a double block's 113 MB AdaLN linear)
+    takes 24.19 GB in 256 MiB chunks (+1.6%, tails too short for the next tensor), its fp8 copy 11.92
+    GB takes 12.08 GB (+1.4%); pinned tensor by tensor they would take 1.56x.
+    """
+    if chunk_bytes & (chunk_bytes - 1) or align & (align - 1):
+        raise ValueError(f"chunk_bytes ({chunk_bytes}) and align ({align}) must be powers of two")
+    fills: list[int] = []
+    capacities: list[int] = []
+    places: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        size = -(-sizes[index] // align) * align
+        chunk = next((c for c, fill in enumerate(fills) if fill + size <= capacities[c]), len(fills))
+        if chunk == len(fills):
+            fills.append(0)
+            capacities.append(max(chunk_bytes, _power_of_two_at_least(size)))
+        places[index] = (chunk, fills[chunk])
+        fills[chunk] += size
+    return PinnedLayout(tuple(_power_of_two_at_least(fill) for fill in fills), tuple(places))
+
+
+def _power_of_two_at_least(size: int) -> int:
+    return 1 << max(0, size - 1).bit_length()
 
 
 def plan_memory(

@@ -8,24 +8,121 @@ LoRA restores read). Modules made on first use (fp8 copies) are built when first
 and given a home copy then if the plan offloads them. A `cpu-only` component (larger than any slot
 this card allows) runs where it is, on the CPU: slow, but served, and the setup log's table says so.
 
-Tensors are swapped with `param.data = ...`, as `nn.Module.to` does, so every `Parameter` object (the
-LoRA fuser's and torch.compile's references) stays the same.
+Home copies (and LoRAs' host pristine copies, `loras.pristine`) are views into one `PinnedArena`,
+packed into power-of-two chunks so the pinned allocator's rounding costs a few percent, not 1.5x.
+Every move goes through `set_storage`, which keeps each `Parameter` the same Python object (the LoRA
+fuser's and torch.compile's references) and carries a tensor subclass's inner tensors with it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from flux_day.memory_plan import MemoryPlan, visit
+from flux_day.memory_plan import PINNED_ALIGN, PINNED_CHUNK, MemoryPlan, pinned_layout, tensor_bytes, visit
 
 log = logging.getLogger(__name__)
 
 Builder = Callable[[torch.device], nn.Module]
+
+
+def set_storage(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Make `tensor` hold `value`'s storage and stay the same Python object (what the LoRA fuser's slots,
+    the home-copy table keyed by `id` and compiled graphs refer to).
+
+    `.data =` is enough for a plain tensor. A wrapper subclass (torchao's fp8 `Float8Tensor`) keeps its
+    storage in inner tensors (`qdata`, `scale`) that `.data =` would leave where they were, so it is
+    swapped whole with `torch.utils.swap_tensors`, as `nn.Module._apply` does for these.
+    """
+    if not _is_subclass(tensor) and not _is_subclass(value):
+        tensor.data = value
+        return
+    replacement = (
+        nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) else value.detach()
+    )
+    torch.utils.swap_tensors(tensor, replacement)
+
+
+def _is_subclass(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "__tensor_flatten__")
+
+
+def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `tensor`'s storage: itself, or a subclass's inner tensors."""
+    if not _is_subclass(tensor):
+        return [tensor.detach()]
+    names, _ = tensor.__tensor_flatten__()
+    return [leaf for name in names for leaf in _leaves(getattr(tensor, name))]
+
+
+def _rebuilt(tensor: torch.Tensor, leaves: Iterator[torch.Tensor]) -> torch.Tensor:
+    """`tensor` made of `leaves` (in `_leaves` order) instead of its own storage."""
+    if not _is_subclass(tensor):
+        return next(leaves)
+    names, meta = tensor.__tensor_flatten__()
+    inner = {name: _rebuilt(getattr(tensor, name), leaves) for name in names}
+    return type(tensor).__tensor_unflatten__(inner, meta, tensor.size(), tensor.stride())
+
+
+def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of `tensor` on `device`, leaf by leaf: a subclass's own `.to(copy=True)` may return its
+    inner tensors uncopied when the device is the same (torchao's does), and a visit must never write
+    the home copy (a CPU engine planned as a GPU runs exactly that move)."""
+    copies = (leaf.to(device, non_blocking=True, copy=True) for leaf in _leaves(tensor))
+    return _rebuilt(tensor, iter(copies))
+
+
+class PinnedArena:
+    """Host memory for copies kept for the server's life (home copies, pristine copies): views into
+    chunks whose sizes are powers of two, page-locked with `pin` (fast, asynchronous copies to a GPU).
+
+    Nothing is freed: the copies live as long as the modules they belong to. `pinned_bytes` is what
+    the chunks take (what the pinned allocator really reserves), `tensor_bytes` what the copies need.
+    """
+
+    def __init__(self, pin: bool, chunk_bytes: int = PINNED_CHUNK, align: int = PINNED_ALIGN) -> None:
+        self.pin, self.chunk_bytes, self.align = pin, chunk_bytes, align
+        self.pinned_bytes = self.tensor_bytes = 0
+        self._open: list[tuple[torch.Tensor, int]] = []  # chunks for `copy`, and how much of each is used
+
+    def copies(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Host copies of `tensors` (a subclass rebuilt around copies of its inner tensors), packed
+        together into new chunks by `memory_plan.pinned_layout`."""
+        leaves = [leaf for tensor in tensors for leaf in _leaves(tensor)]
+        layout = pinned_layout([tensor_bytes(leaf) for leaf in leaves], self.chunk_bytes, self.align)
+        chunks = [self._chunk(size) for size in layout.chunks]
+        copies = iter(
+            self._copy_into(chunks[chunk], offset, leaf)
+            for leaf, (chunk, offset) in zip(leaves, layout.places, strict=True)
+        )
+        return [_rebuilt(tensor, copies) for tensor in tensors]
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy of one plain tensor in the first chunk with room (a new one when none has): for
+        copies made one at a time (LoRAs' pristine copies), whose total is not known in advance."""
+        size = -(-tensor_bytes(tensor) // self.align) * self.align
+        index = next((i for i, (chunk, used) in enumerate(self._open) if used + size <= chunk.numel()), None)
+        if index is None:
+            alone = pinned_layout([size], self.chunk_bytes, self.align).pinned_bytes  # a bigger tensor's own
+            self._open.append((self._chunk(max(self.chunk_bytes, alone)), 0))
+            index = len(self._open) - 1
+        chunk, used = self._open[index]
+        self._open[index] = (chunk, used + size)
+        return self._copy_into(chunk, used, tensor.detach())
+
+    def _chunk(self, size: int) -> torch.Tensor:
+        self.pinned_bytes += size
+        return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+
+    def _copy_into(self, chunk: torch.Tensor, offset: int, tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor_bytes(tensor)
+        self.tensor_bytes += nbytes
+        view = chunk[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        return view.copy_(tensor)
 
 
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -35,19 +132,6 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
         if id(tensor) not in seen:
             seen.add(id(tensor))
             yield tensor
-
-
-def _pinned(tensor: torch.Tensor) -> torch.Tensor:
-    """A host copy in page-locked memory when CUDA is there (fast, asynchronous copies), else a copy.
-    A tensor subclass (a torchao fp8 weight) is rebuilt around pinned copies of its inner tensors."""
-    tensor = tensor.detach()
-    flatten = getattr(tensor, "__tensor_flatten__", None)
-    if flatten is not None:
-        names, meta = flatten()
-        inner = {name: _pinned(getattr(tensor, name)) for name in names}
-        return type(tensor).__tensor_unflatten__(inner, meta, tensor.size(), tensor.stride())
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
-    return host.copy_(tensor)
 
 
 class Residency:
@@ -66,12 +150,13 @@ class Residency:
         self.visitor: str | None = None
         self.on_leave: Callable[[str], None] = lambda name: None  # the LoRA fuser forgets its state
         self._home: dict[int, torch.Tensor] = {}  # id(tensor) -> its pristine host copy
+        self.host = PinnedArena(pin=device.type == "cuda")  # home copies; LoRAs' host pristine copies too
         for name, module in self.modules.items():
             placement = plan[name]
             if placement == "resident":
                 module.to(device)
             elif placement == "offloaded":
-                self._make_home(module)
+                self._make_home(name)
             else:
                 module.to("cpu")
 
@@ -128,22 +213,31 @@ class Residency:
         module = self.builders[name](torch.device("cpu") if placement == "cpu-only" else self.device)
         self.modules[name] = module
         if placement == "offloaded":  # built on the GPU as the visitor; its home copy is made now
-            self._make_home(module, keep_on=True)
+            self._make_home(name, keep_on=True)
 
-    def _make_home(self, module: nn.Module, keep_on: bool = False) -> None:
-        """Give every tensor of `module` a pinned host copy; the module then sits there (or, with
-        `keep_on`, stays where it is: a visitor just built on the GPU)."""
-        for tensor in _tensors(module):
-            home = _pinned(tensor)
+    def _make_home(self, name: str, keep_on: bool = False) -> None:
+        """Give every tensor of module `name` a host copy in the arena; the module then sits there (or,
+        with `keep_on`, stays where it is: a visitor just built on the GPU)."""
+        tensors = list(_tensors(self.modules[name]))
+        before = self.host.tensor_bytes
+        for tensor, home in zip(tensors, self.host.copies(tensors), strict=True):
             self._home[id(tensor)] = home
             if not keep_on:
-                tensor.data = home
+                set_storage(tensor, home)
+        log.info(
+            "memory plan: %s's home copy, %.2f GB, made in %s host memory, which now holds %.2f GB of"
+            " copies in %.2f GB",
+            name,
+            (self.host.tensor_bytes - before) / 1e9,
+            "pinned" if self.host.pin else "ordinary (no GPU)",
+            self.host.tensor_bytes / 1e9,
+            self.host.pinned_bytes / 1e9,
+        )
 
     def _bring(self, name: str) -> None:
         for tensor in _tensors(self.modules[name]):
-            home = self._home[id(tensor)]
-            tensor.data = home.to(self.device, non_blocking=True, copy=True)
+            set_storage(tensor, _copy_to(self._home[id(tensor)], self.device))
 
     def _send_home(self, name: str) -> None:
         for tensor in _tensors(self.modules[name]):
-            tensor.data = self._home[id(tensor)]
+            set_storage(tensor, self._home[id(tensor)])

@@ -3,10 +3,12 @@ simulator and the residency agree on what each request moves, and no LoRA math r
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from flux_day.memory_plan import DEFAULT_RESERVE, format_plan, module_bytes, plan_memory
+from flux_day.memory_plan import DEFAULT_RESERVE, format_plan, module_bytes, pinned_layout, plan_memory
 from flux_day.memory_sim import CARDS, DEFAULT_MIX, SimRequest, simulate
 from tests.harness.engines import EngineFactory
 
@@ -234,7 +236,7 @@ def test_a_move_interrupted_by_a_cancel_is_undone_and_redone_by_the_next_request
     """A cancel mid-move leaves a module half on the GPU: it is sent home whole, its LoRA state
     forgotten, and the next need brings it again from its untouched home copy."""
     from flux_day import residency as residency_module
-    from flux_day.residency import Residency
+    from flux_day.residency import Residency, set_storage
 
     plan = plan_memory(SIZES, CARD["80"])
     modules = small_modules()
@@ -256,7 +258,7 @@ def test_a_move_interrupted_by_a_cancel_is_undone_and_redone_by_the_next_request
     def interrupted(self: Residency, name: str) -> None:
         calls.append(name)
         first = next(iter(self.modules[name].parameters()))
-        first.data = self._home[id(first)].to("cpu", copy=True)  # half moved
+        set_storage(first, self._home[id(first)].to("cpu", copy=True))  # half moved
         raise Interrupted
 
     monkeypatch.setattr(residency_module.Residency, "_bring", interrupted)
@@ -269,3 +271,58 @@ def test_a_move_interrupted_by_a_cancel_is_undone_and_redone_by_the_next_request
     assert residency.visitor == "schnell-full"
     assert all(t.data_ptr() != home[id(t)].data_ptr() for t in schnell.parameters())  # moved again
     assert torch.equal(schnell.weight, home[id(schnell.weight)])  # pristine: no LoRA came back
+
+
+def flux_dev_tensor_sizes() -> dict[str, list[int]]:
+    """Bytes of every tensor of FLUX.1 dev's real transformer (built on the meta device: nothing is
+    allocated), in bf16 and as its fp8 copy holds them (1 byte per linear weight element plus a float32
+    scale per row, in their own tensors)."""
+    from diffusers import FluxTransformer2DModel
+
+    from flux_day.weights.random_models import PROFILES, transformer_config
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**transformer_config(PROFILES["full"], True)).to(torch.bfloat16)
+    bf16 = [t.numel() * t.element_size() for t in model.parameters()]
+    fp8: list[int] = []
+    for module in model.modules():
+        for key, t in module.named_parameters(recurse=False):
+            linear_weight = isinstance(module, torch.nn.Linear) and key == "weight"
+            fp8 += [t.numel(), t.shape[0] * 4] if linear_weight else [t.numel() * t.element_size()]
+    return {"bf16": bf16, "fp8": fp8}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_pinned_chunks_of_flux_take_within_two_percent_of_its_bytes(precision: str) -> None:
+    sizes = flux_dev_tensor_sizes()[precision]
+    assert sum(sizes) == pytest.approx(23.8e9 if precision == "bf16" else 11.92e9, rel=0.01)
+    layout = pinned_layout(sizes)
+    # Pinned tensor by tensor, the allocator's power-of-two rounding costs about half as much again.
+    assert sum(1 << (size - 1).bit_length() for size in sizes) > 1.5 * sum(sizes)
+    assert sum(sizes) <= layout.pinned_bytes <= 1.02 * sum(sizes)
+    assert all(chunk & (chunk - 1) == 0 for chunk in layout.chunks)  # nothing left for the allocator to round
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [3, 1000, 7, 512, 513, 1],  # smaller than a chunk, odd sizes
+        [5000, 300, 4096, 0, 2048, 2049],  # one larger than a chunk (4096), and an empty tensor
+        [1024] * 9,  # exactly full chunks
+    ],
+)
+def test_pinned_tensors_are_aligned_inside_their_chunk_and_never_overlap(sizes: list[int]) -> None:
+    layout = pinned_layout(sizes, chunk_bytes=4096, align=64)
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for size, (chunk, offset) in zip(sizes, layout.places, strict=True):
+        assert offset % 64 == 0 and offset + size <= layout.chunks[chunk]
+        spans.setdefault(chunk, []).append((offset, offset + size))
+    for chunk_spans in spans.values():
+        chunk_spans.sort()
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(chunk_spans))
+    assert sum(sizes) <= layout.pinned_bytes < sum(sizes) + len(sizes) * 64 + 4096
+
+
+def test_pinned_layout_refuses_chunks_that_are_not_powers_of_two() -> None:
+    with pytest.raises(ValueError, match="powers of two"):
+        pinned_layout([10], chunk_bytes=3000)

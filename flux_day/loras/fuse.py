@@ -37,6 +37,7 @@ from torch import nn
 
 from flux_day.loras.delta_math import ScaledDelta, fused_weight, inner_tensors
 from flux_day.loras.pristine import PristineStore
+from flux_day.residency import set_storage
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class WeightFuser:
                 # (clean pages the kernel may drop and read again) while the fused ones, written every
                 # switch, get ordinary memory (writing into the mapped file's pages is ~2x slower).
                 self._pristine[slot.name] = {"": slot.param.detach()}
-                slot.param.data = torch.empty_like(slot.param, memory_format=torch.contiguous_format)
+                set_storage(slot.param, torch.empty_like(slot.param, memory_format=torch.contiguous_format))
                 self._kept.add(slot.name)
             else:
                 self._pristine[slot.name] = {

@@ -1,8 +1,9 @@
 """Where the pristine copies that undo a LoRA fuse live (a decision of the memory plan).
 
 On the GPU a copy stays on the device while the plan's room for pristine copies lasts, else it goes to
-pinned host memory (a restore then reads it over PCIe: no arithmetic runs on the host). On the CPU a
-weight's own memory becomes its pristine copy, and the fused weight gets fresh memory.
+pinned host memory (a restore then reads it over PCIe: no arithmetic runs on the host), into the same
+`residency.PinnedArena` as the offloaded modules' home copies. On the CPU a weight's own memory
+becomes its pristine copy, and the fused weight gets fresh memory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from flux_day.memory_plan import MemoryPlan, pristine_site
+from flux_day.residency import PinnedArena
 
 
 class PristineStore:
@@ -19,16 +21,19 @@ class PristineStore:
     else in pinned host memory (restores then read them over PCIe; no arithmetic runs on the host).
 
     `home` names a pristine copy that already exists elsewhere (an offloaded module's host copy,
-    which the residency keeps pristine), so no second copy is made for it.
+    which the residency keeps pristine), so no second copy is made for it. `host` is where host copies
+    go: the residency's arena, so one count says what is pinned.
     """
 
     def __init__(
         self,
         plan: MemoryPlan | None = None,
         home: Callable[[torch.Tensor], torch.Tensor | None] = lambda tensor: None,
+        host: PinnedArena | None = None,
     ) -> None:
         self.plan = plan
         self.home = home
+        self.host = host or PinnedArena(pin=torch.cuda.is_available())
         self.device_bytes = 0  # kept on the GPU so far: what the plan's room is measured against
 
     def adopts(self, param: torch.Tensor) -> bool:
@@ -42,6 +47,6 @@ class PristineStore:
         nbytes = tensor.numel() * tensor.element_size()
         if tensor.is_cuda and self.plan is not None:
             if pristine_site(self.plan, self.device_bytes, nbytes) == "host":
-                return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+                return self.host.copy(tensor)
             self.device_bytes += nbytes
         return tensor.clone()
