@@ -124,9 +124,12 @@ def fp8_bytes(master: nn.Module) -> int:
 
 
 def _structure(master: nn.Module) -> nn.Module:
-    """A structural copy of `master` whose tensors are still `master`'s (replaced one by one after)."""
-    tensors = [*master.parameters(), *master.buffers()]
-    return copy.deepcopy(master, memo={id(t): t for t in tensors})
+    """A structural copy of `master` whose tensors are still `master`'s (replaced one by one after),
+    without `master`'s compiled blocks: a compiled call is a closure over the master's own module, so a
+    copy that kept it would run the master (and whatever LoRA it holds) instead of itself."""
+    memo: dict[int, object] = {id(t): t for t in [*master.parameters(), *master.buffers()]}
+    memo |= {id(m._compiled_call_impl): None for m in master.modules() if m._compiled_call_impl is not None}
+    return copy.deepcopy(master, memo=memo)
 
 
 def fp8_copy(
