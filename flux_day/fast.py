@@ -124,12 +124,14 @@ def fp8_bytes(master: nn.Module) -> int:
 
 
 def _structure(master: nn.Module) -> nn.Module:
-    """A structural copy of `master` whose tensors are still `master`'s (replaced one by one after),
-    without `master`'s compiled blocks: a compiled call is a closure over the master's own module, so a
-    copy that kept it would run the master (and whatever LoRA it holds) instead of itself."""
-    memo: dict[int, object] = {id(t): t for t in [*master.parameters(), *master.buffers()]}
-    memo |= {id(m._compiled_call_impl): None for m in master.modules() if m._compiled_call_impl is not None}
-    return copy.deepcopy(master, memo=memo)
+    """A structural copy of `master` whose tensors are still `master`'s (replaced one by one after).
+
+    It holds none of `master`'s compiled blocks: torch drops a module's compiled call
+    (`nn.Module.compile`, what `flux_day.compile` uses) when the module is copied, so the copy runs its
+    own blocks. (A compiled forward kept on the instance would be copied as the master's own, and the
+    copy would run the master: tests/test_compile.py checks the go_fast image.)"""
+    tensors = [*master.parameters(), *master.buffers()]
+    return copy.deepcopy(master, memo={id(t): t for t in tensors})
 
 
 def fp8_copy(
