@@ -90,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser.add_argument("--deep", type=Path, help="deep tree (default: written to a temp dir)")
     compile_parser.add_argument("--wide", type=Path, help="wide tree (default: written to a temp dir, GBs)")
     compile_parser.add_argument(
-        "--whole-sizes", type=int, default=1, help="seed token counts whole-model compiles (of 10)"
+        "--whole-sizes", type=int, default=2, help="seed token counts whole-model compiles (of 10)"
     )
     compile_parser.add_argument("--wide-side", type=int, default=256, help="the wide tree's image side")
     compile_parser.add_argument("--steps", type=int, default=1, help="denoising steps per image")
-    compile_parser.add_argument("--repeats", type=int, default=3)
+    compile_parser.add_argument("--repeats", type=int, default=5)
     plan_parser = commands.add_parser("plan", help="memory plan and bytes moved per request, per card")
     plan_parser.add_argument("--card", choices=["24", "48", "80", "141"], help="one card (default: all)")
     return parser
