@@ -38,16 +38,16 @@ from flux_day.sizes import ASPECT_RATIOS, MEGAPIXEL_SIDE_SCALE, SIZE_STEP, aspec
 
 log = logging.getLogger(__name__)
 
-# What huggingface/flux-fast measured on FLUX on an H100, passed to inductor with each compile.
-# (`conv_1x1_as_mm` is left out: only the VAE has convolutions, and it is not compiled.)
+# huggingface/flux-fast's choices for FLUX on an H100, passed to inductor with each compile (only
+# inductor takes them). `conv_1x1_as_mm` is left out: only the VAE has convolutions, and it is not compiled.
 INDUCTOR_OPTIONS: Final[dict[str, Any]] = {
-    # Tune each generated Triton kernel's launch configuration beyond inductor's heuristics: a few
-    # percent per denoising step, paid once at compile time and kept in the cache.
+    # Tune each generated Triton kernel's launch configuration beyond inductor's heuristics: paid once
+    # per kernel at compile time, kept in the compile cache, faster every step after.
     "coordinate_descent_tuning": True,
-    # ... searching every direction, not only the first that helps (the same search, a better optimum).
+    # ... trying every direction at each step of that search, not only the first that helps.
     "coordinate_descent_check_all_directions": True,
-    # Keep matmul epilogues (bias, gating) out of the matmul templates: the fused templates measured
-    # slower for FLUX's shapes.
+    # Leave pointwise epilogues (bias, gates, residual adds) to their own fused kernels instead of
+    # matmul-template epilogues, which flux-fast found slower for FLUX's shapes.
     "epilogue_fusion": False,
 }
 # Not a seed token count, odd, and not a text length (256, 512): the size that makes dynamo settle the
@@ -89,7 +89,7 @@ def warm_up_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return [*reversed(by_tokens.values()), ODD_SIZE, ONE_TOKEN]
 
 
-def use_compile_cache(cache_dir: Path) -> bool:
+def use_compile_cache(cache_dir: Path) -> None:
     """Point inductor's caches at `cache_dir` (read by inductor at each compile); a folder that cannot be
     made or written is a warning, and inductor keeps its own temporary folder."""
     try:
@@ -103,9 +103,8 @@ def use_compile_cache(cache_dir: Path) -> bool:
             cache_dir,
             error.strerror or type(error).__name__,
         )
-        return False
+        return
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
-    return True
 
 
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
