@@ -1,26 +1,34 @@
-"""torch.compile for the transformers: the seed's sizes compiled at setup, one dynamic graph for the rest.
+"""torch.compile, regional: the transformers' repeated blocks, compiled once with the token count dynamic.
 
-FLUX's transformer sees an image only through its token count ((width/16) x (height/16); the
-positions are values), so the seed's 22 sizes (11 aspect ratios x 2 megapixel settings) are a dozen
-static graphs per transformer. `CompiledTransformers` routes a call by its token count: a seed size
-runs its static graph (compiled at setup: the engine runs one step of each), any other size
-(img2img follows the input image; `custom`) runs one graph compiled with dynamic shapes on first
-use, so odd sizes never recompile and never eat the recompile budget, which is set to what the
-static graphs need.
+FLUX's transformer is 19 double and 38 single blocks of two classes; everything around them (embeddings,
+RoPE, the final norm) is a few small ops. diffusers' `compile_repeated_blocks` compiles each block
+class's forward; dynamo keys its graphs on the code and guards on shapes and dtypes, not on which block
+instance runs it, so every block of a class runs one graph: a handful of block graphs per setup
+instead of a whole-model graph per image size (minutes each on a GPU). The token dimension is dynamic
+(`dynamic=True`): the seed's 22 sizes (10 token counts), img2img's sizes that follow the input image and
+`custom` sizes all run those graphs. Setup runs one denoising step at each seed token count, at one
+odd size (`ODD_SIZE`) and at a single token (dynamo specialises a dimension of size 1: a 16x16 input
+image has graphs of its own), so whatever dynamo specialises happens at setup, never in a request.
+
+LoRA fuses write into the same tensors in place (fp8 ones into their qdata and scale), and dynamo
+guards a parameter on its metadata, never on its values: a LoRA switch never recompiles.
 
 Compiled artifacts persist in `FLUX_DAY_COMPILE_CACHE` (inductor's FX-graph, AOTAutograd and kernel
-caches, via `TORCHINDUCTOR_CACHE_DIR`): a restarted server traces again (seconds) but does not
-generate or build kernels again (the minutes). LoRA fuses write into the same tensors in place, so a
-LoRA switch never invalidates a graph (tests/test_compile.py counts them).
+caches, via `TORCHINDUCTOR_CACHE_DIR`): a restarted server traces again (seconds for a few blocks) but
+does not generate or build kernels again. A folder that cannot be written is a warning: inductor then
+uses its own temporary folder, and compiles again after a restart.
+
+Inductor's options are set here, on each compile (`INDUCTOR_OPTIONS`), never in its global config,
+which is why the torchao configs say `set_inductor_config=False` (`flux_day.fast`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
@@ -29,6 +37,23 @@ from flux_day.errors import SettingsError
 from flux_day.sizes import ASPECT_RATIOS, MEGAPIXEL_SIDE_SCALE, SIZE_STEP, aspect_ratio_size
 
 log = logging.getLogger(__name__)
+
+# huggingface/flux-fast's choices for FLUX on an H100, passed to inductor with each compile (only
+# inductor takes them). `conv_1x1_as_mm` is left out: only the VAE has convolutions, and it is not compiled.
+INDUCTOR_OPTIONS: Final[dict[str, Any]] = {
+    # Tune each generated Triton kernel's launch configuration beyond inductor's heuristics: paid once
+    # per kernel at compile time, kept in the compile cache, faster every step after.
+    "coordinate_descent_tuning": True,
+    # ... trying every direction at each step of that search, not only the first that helps.
+    "coordinate_descent_check_all_directions": True,
+    # Leave pointwise epilogues (bias, gates, residual adds) to their own fused kernels instead of
+    # matmul-template epilogues, which flux-fast found slower for FLUX's shapes.
+    "epilogue_fusion": False,
+}
+# Not a seed token count, odd, and not a text length (256, 512): the size that makes dynamo settle the
+# dynamic graphs at setup, so the first img2img or custom request compiles nothing.
+ODD_SIZE: Final = (336, 464)
+ONE_TOKEN: Final = (16, 16)  # the smallest img2img size (`sizes.image_size`): one token
 
 
 def compile_backend(setting: str, device: torch.device) -> str | None:
@@ -57,57 +82,66 @@ def image_tokens(width: int, height: int) -> int:
     return (width // SIZE_STEP) * (height // SIZE_STEP)
 
 
-def _static_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return module._flux_day_forward(*args, **kwargs)
+def warm_up_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """One size per token count of `sizes` (the transformer sees nothing else of a size), then `ODD_SIZE`
+    and `ONE_TOKEN`."""
+    by_tokens = {image_tokens(w, h): (w, h) for w, h in reversed(sizes)}
+    return [*reversed(by_tokens.values()), ODD_SIZE, ONE_TOKEN]
 
 
-def _dynamic_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    # Its own code object: dynamo keeps its cache entries apart from the static graphs'.
-    return module._flux_day_forward(*args, **kwargs)
+def use_compile_cache(cache_dir: Path) -> None:
+    """Point inductor's caches at `cache_dir` (read by inductor at each compile); a folder that cannot be
+    made or written is a warning, and inductor keeps its own temporary folder."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as error:
+        log.warning(
+            "compile: FLUX_DAY_COMPILE_CACHE=%s cannot be written (%s); compiled kernels are not kept "
+            "across restarts",
+            cache_dir,
+            error.strerror or type(error).__name__,
+        )
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+
+
+def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The blocks regional compilation compiles: those whose class the model names in `_repeated_blocks`."""
+    names = set(getattr(transformer, "_repeated_blocks", ()))
+    return [module for module in transformer.modules() if type(module).__name__ in names]
 
 
 class CompiledTransformers:
-    """Installs a token-count router as each transformer's forward, and compiles the seed sizes."""
+    """Compiles transformers' repeated blocks (`install`) and runs them once per warm-up size (`warm_up`)."""
 
     def __init__(self, backend: str, sizes: Sequence[tuple[int, int]], cache_dir: Path | None) -> None:
         self.backend = backend
-        self.static_tokens = frozenset(image_tokens(w, h) for w, h in sizes)
-        self.sizes = list(sizes)
+        self.sizes = warm_up_sizes(sizes)
+        self.options = INDUCTOR_OPTIONS if backend == "inductor" else None
         if cache_dir is not None and backend == "inductor":
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read by inductor at each compile
-        self._static = torch.compile(_static_call, backend=backend, dynamic=False)
-        self._dynamic = torch.compile(_dynamic_call, backend=backend, dynamic=True)
+            use_compile_cache(cache_dir)
         self.transformers: list[nn.Module] = []
 
     def install(self, transformers: Iterable[nn.Module]) -> None:
-        """Route every call of these transformers through the compiled graphs."""
+        """Compile the repeated blocks of these transformers (each on its first call, as torch does)."""
         for transformer in transformers:
-            if getattr(transformer, "_flux_day_forward", None) is not None:
+            if any(block._compiled_call_impl is not None for block in repeated_blocks(transformer)):
                 continue
-            transformer._flux_day_forward = transformer.forward
-            transformer.forward = self._router(transformer)
+            transformer.compile_repeated_blocks(backend=self.backend, dynamic=True, options=self.options)
             self.transformers.append(transformer)
-        # One static graph per (transformer, token count) under one code object, plus slack for a
-        # graph dynamo splits; the dynamic graphs live under their own. (Dynamo's config: torch 2.13
-        # has no public setting for these limits; `torch.compiler.config` holds none.)
-        limit = len(self.static_tokens) * max(1, len(self.transformers)) + 8
+        # Dynamo keeps one cache per block class's forward, shared by every transformer: per parameter
+        # format (full precision, fp8) up to four graphs (one token or more; the single blocks' text
+        # states contiguous or a slice), with room for a split. (torch 2.13 has no public setting.)
+        limit = 4 * max(1, len(self.transformers)) + 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 2 * limit
         )
 
-    def _router(self, transformer: nn.Module) -> Callable[..., Any]:
-        static, dynamic, tokens = self._static, self._dynamic, self.static_tokens
-
-        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            compiled = static if hidden_states.shape[1] in tokens else dynamic
-            return compiled(transformer, hidden_states, *args, **kwargs)
-
-        return forward
-
     def warm_up(self, pipe: Any, embeds: tuple[torch.Tensor, torch.Tensor], text_tokens: int) -> None:
-        """Compile `pipe`'s transformer for every seed size now: one denoising step each, through the
+        """Run `pipe`'s transformer at every warm-up size now: one denoising step each, through the
         pipeline itself, so the graphs are guarded on exactly what requests pass."""
         prompt_embeds, pooled = embeds
         for width, height in self.sizes:

@@ -85,7 +85,7 @@ class Settings:
     hf_endpoint: str
     compile: str  # "auto" (CUDA: inductor; CPU: off), "off", or a torch.compile backend name
     compile_models: tuple[str, ...]  # transformers compiled at setup: "dev-fp8", "schnell-full", ...
-    compile_cache: Path  # inductor's caches, so a restarted server does not build kernels again
+    compile_cache: Path  # inductor's caches, kept across restarts; unwritable: a warning, not a failure
     fp8_cache: Path | None  # go_fast's fp8 copies, so a restarted server does not quantize again
 
     @classmethod

@@ -141,7 +141,8 @@ class Engine:
         return build
 
     def _compile(self, progress: Callable[[str], None]) -> CompiledTransformers | None:
-        """With compilation on, the chosen transformers compiled now for every seed size."""
+        """With compilation on, the chosen transformers' repeated blocks compiled now (an fp8 copy's own,
+        built here), and run at every warm-up size, so no request compiles."""
         backend = compile_backend(self.settings.compile, self.device)
         if backend is None:
             return None
@@ -160,7 +161,8 @@ class Engine:
             self.residency.need([name])
             compiled.warm_up(pipe, embeds, MODELS[model].max_sequence_length)
             progress(
-                f"compile: {name} for {len(compiled.sizes)} sizes in {time.perf_counter() - started:.1f}s"
+                f"compile: {name}'s blocks warmed at {len(compiled.sizes)} sizes in "
+                f"{time.perf_counter() - started:.1f}s"
             )
         return compiled
 

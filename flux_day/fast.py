@@ -124,7 +124,12 @@ def fp8_bytes(master: nn.Module) -> int:
 
 
 def _structure(master: nn.Module) -> nn.Module:
-    """A structural copy of `master` whose tensors are still `master`'s (replaced one by one after)."""
+    """A structural copy of `master` whose tensors are still `master`'s (replaced one by one after).
+
+    It holds none of `master`'s compiled blocks: torch drops a module's compiled call
+    (`nn.Module.compile`, what `flux_day.compile` uses) when the module is copied, so the copy runs its
+    own blocks. (A compiled forward kept on the instance would be copied as the master's own, and the
+    copy would run the master: tests/test_compile.py checks the go_fast image.)"""
     tensors = [*master.parameters(), *master.buffers()]
     return copy.deepcopy(master, memo={id(t): t for t in tensors})
 

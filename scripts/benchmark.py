@@ -6,6 +6,8 @@
     python scripts/benchmark.py plan [--card 24|48|80|141]
     python scripts/benchmark.py fast [--model dev|schnell|both] [--steps N] [--megapixels 1] [--compile]
                                      [--weights DIR | --random-full-size] [--repeats N]
+    python scripts/benchmark.py compile [--deep DIR] [--wide DIR] [--whole-sizes N] [--wide-side PX]
+                                        [--steps N] [--repeats N]
 
 `overhead`: a request through the Cog `Predictor` (validation, generation, encoding the file) against
 a bare diffusers pipeline call with the same arguments, and that call plus saving the same file.
@@ -17,10 +19,14 @@ switch against torchao quantizing the whole transformer.
 --random-full-size (CUDA only) times FLUX.1 at its real size with random weights instead.
 `setup`: the predictor's setup against reading the same weight files, and its peak RSS against their
 bytes, each in its own process.
+`compile`: setup's compile with inductor on the CPU, whole-model static graphs (before) against regional
+compilation: compile time and graphs on the deep tree, one image against eager on the wide tree
+(trees written to a temporary folder when not given: the wide one is GBs).
 `plan`: the memory plan of FLUX.1 at its real size for 24, 48, 80 and 141 GB cards, and what each
 request of a mix moves between host and GPU and where its LoRA arithmetic runs (flux_day.memory_sim).
 Weights default to a tiny random tree written to a temporary folder. Each question is a module of
-`scripts/bench/` (overhead, lora_switch, setup, fast, plan); timing and tables are `scripts/bench/timing.py`.
+`scripts/bench/` (overhead, lora_switch, setup, fast, plan, compile); timing and tables are
+`scripts/bench/timing.py`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 # Every module below imports torch and the models only when its question runs: --help stays fast.
 from flux_day.sizes import ASPECT_RATIOS  # noqa: E402
+from scripts.bench.compile import compile_benchmark  # noqa: E402
 from scripts.bench.fast import fast, fast_random_full_size  # noqa: E402
 from scripts.bench.lora_switch import lora_switch  # noqa: E402
 from scripts.bench.overhead import overhead  # noqa: E402
@@ -77,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", type=Path, help="weights root (default: tiny weights in a temp dir)"
     )
     setup_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    compile_parser = commands.add_parser(
+        "compile", help="setup compile and per-image time: whole-model static graphs against regional"
+    )
+    compile_parser.add_argument("--deep", type=Path, help="deep tree (default: written to a temp dir)")
+    compile_parser.add_argument("--wide", type=Path, help="wide tree (default: written to a temp dir, GBs)")
+    compile_parser.add_argument(
+        "--whole-sizes", type=int, default=2, help="seed token counts whole-model compiles (of 10)"
+    )
+    compile_parser.add_argument("--wide-side", type=int, default=256, help="the wide tree's image side")
+    compile_parser.add_argument("--steps", type=int, default=1, help="denoising steps per image")
+    compile_parser.add_argument("--repeats", type=int, default=5)
     plan_parser = commands.add_parser("plan", help="memory plan and bytes moved per request, per card")
     plan_parser.add_argument("--card", choices=["24", "48", "80", "141"], help="one card (default: all)")
     return parser
@@ -88,6 +106,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "plan":
         plan(args)
+        return
+    if args.command == "compile":
+        with tempfile.TemporaryDirectory(prefix="flux-day-trees-") as scratch:
+            compile_trees(args, Path(scratch))
         return
     if args.command == "fast":
         if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.warmup < 1:
@@ -105,6 +127,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flux-day-tiny-") as scratch:
         args.weights = write_tiny_weights(Path(scratch))
         run(args)
+
+
+def compile_trees(args: argparse.Namespace, scratch: Path) -> None:
+    """`compile` on the deep and wide trees given, writing under `scratch` those that are not."""
+    from flux_day.weights.tiny import write_tiny_weights
+
+    if not 1 <= args.whole_sizes <= 10 or args.steps < 1 or args.repeats < 1:
+        raise SystemExit("--whole-sizes must be 1 to 10; --steps and --repeats at least 1")
+    for profile in ("deep", "wide"):
+        if getattr(args, profile) is None:
+            setattr(args, profile, write_tiny_weights(scratch / profile, profile=profile))
+    compile_benchmark(args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +32,25 @@ def print_table(
     unit: str = "s",
     ratio_label: str | None = None,
     extra: tuple[tuple[str, Callable[[float], float]], ...] = (),
+    columns: tuple[tuple[str, Mapping[str, str]], ...] = (),
 ) -> None:
     """Median/min/max of each row in `unit` (s or ms), `extra` columns (header, value from the median
-    in seconds), and its median over the baseline's."""
+    in seconds), `columns` measured apart (header, text by row name), and its median over the baseline's."""
     factor = {"s": 1, "ms": 1000}[unit]
     base = statistics.median(dict(rows)[baseline])
     width = max(34, *(len(name) for name, _ in rows))
     ratio = ratio_label or f"vs {baseline}"
-    extra_header = "".join(f" {header:>{max(9, len(header))}}" for header, _ in extra)
+    extra_header = "".join(f" {header:>{max(9, len(header))}}" for header, _ in (*extra, *columns))
     print(f"\n{title}")
     print(f"{'variant':<{width}} {'median ' + unit:>9} {'min ' + unit:>8} {'max ' + unit:>8}", end="")
     print(f"{extra_header} {ratio:>16}")
     for name, seconds in rows:
         median = statistics.median(seconds)
         low, high = min(seconds) * factor, max(seconds) * factor
-        columns = "".join(f" {column(median):>{max(9, len(header))}.1f}" for header, column in extra)
+        cells = "".join(f" {column(median):>{max(9, len(header))}.1f}" for header, column in extra)
+        cells += "".join(f" {texts.get(name, '-'):>{max(9, len(header))}}" for header, texts in columns)
         print(f"{name:<{width}} {median * factor:>9.3f} {low:>8.3f} {high:>8.3f}", end="")
-        print(f"{columns} {median / base:>15.3f}x")
+        print(f"{cells} {median / base:>15.3f}x")
 
 
 def progress(message: str) -> None:
