@@ -57,7 +57,7 @@ def test_the_tiny_proof_runs_every_phase_headline_first_and_prints_one_table(
     headline = "go_fast (fp8 + compile)" if compiled else "go_fast (fp8 eager)"
     speed = [row["what"] for row in rows if row["phase"].startswith(("dev 512²", "schnell 512²"))]
     assert speed[:4] == ["first request after setup", headline] * 2  # dev, then schnell: before the rest
-    for variant in ("full precision", "bare diffusers FluxPipeline (bf16)", "go_fast (fp8 eager)"):
+    for variant in ("full precision", "bare diffusers FluxPipeline (float32)", "go_fast (fp8 eager)"):
         assert speed.count(variant) == 2, variant  # dev and schnell
     phases = {row["phase"] for row in rows}
     for phase in ("build", "img2img 512² go_fast", "inpaint 512² go_fast", "80 GB card (H100)"):

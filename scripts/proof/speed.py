@@ -70,7 +70,8 @@ def comparisons(run: Run, model: str) -> None:
                 max_sequence_length=MODELS[model].max_sequence_length,
             ).images[0]
 
-    measure("bare diffusers FluxPipeline (bf16)", "bare", bare_call, "bf16")
+    dtype = str(engine.dtype).removeprefix("torch.")
+    measure(f"bare diffusers FluxPipeline ({dtype})", "bare", bare_call, "bf16")
 
 
 def comparisons_needs(run: Run, model: str) -> float:
