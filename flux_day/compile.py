@@ -143,18 +143,33 @@ class CompiledTransformers:
     def warm_up(self, pipe: Any, embeds: tuple[torch.Tensor, torch.Tensor], text_tokens: int) -> None:
         """Run `pipe`'s transformer at every warm-up size now: one denoising step each, through the
         pipeline itself, so the graphs are guarded on exactly what requests pass."""
-        prompt_embeds, pooled = embeds
-        for width, height in self.sizes:
-            with torch.inference_mode():
-                pipe(
-                    prompt_embeds=prompt_embeds,
-                    pooled_prompt_embeds=pooled,
-                    width=width,
-                    height=height,
-                    num_inference_steps=1,
-                    max_sequence_length=text_tokens,
-                    output_type="latent",
-                )
+        for size in self.sizes:
+            denoise_latents(pipe, embeds, size, 1, text_tokens)
+
+
+def denoise_latents(
+    pipe: Any,
+    embeds: tuple[torch.Tensor, torch.Tensor],
+    size: tuple[int, int],
+    steps: int,
+    text_tokens: int,
+    generator: torch.Generator | None = None,
+) -> Any:
+    """`steps` denoising steps of one image at `size` (width, height) from precomputed prompt
+    embeddings, latents out: the transformer's work alone (what compiling warms and benchmarks time)."""
+    prompt_embeds, pooled = embeds
+    width, height = size
+    with torch.inference_mode():
+        return pipe(
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            max_sequence_length=text_tokens,
+            generator=generator,
+            output_type="latent",
+        )
 
 
 def encode_nothing(pipe: Any, device: torch.device, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,6 +121,7 @@ class _Waiting:
             if self.on_wait is not None:
                 self.on_wait()
                 self.on_wait = None
+            stop_if_cancelled()
             time.sleep(pause)
             pause = min(pause * 2, LAST_POLL_S)
         return True

@@ -173,6 +173,7 @@ class Fetcher:
         )
         written, next_report = 0, PROGRESS_EVERY_BYTES
         while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
+            stop_if_cancelled()
             written += len(chunk)
             declared.feed(chunk)
             if written > limit:

@@ -218,20 +218,9 @@ def image(
     """One image's denoising at `size` (width, height) from the precomputed embeddings, latents out."""
     import torch
 
-    prompt_embeds, pooled = embeds
-    width, height = size
+    from flux_day.compile import denoise_latents
 
     def run() -> None:
-        with torch.inference_mode():
-            pipe(
-                prompt_embeds=prompt_embeds,
-                pooled_prompt_embeds=pooled,
-                width=width,
-                height=height,
-                num_inference_steps=steps,
-                max_sequence_length=text_tokens,
-                generator=torch.Generator("cpu").manual_seed(42),
-                output_type="latent",
-            )
+        denoise_latents(pipe, embeds, size, steps, text_tokens, torch.Generator("cpu").manual_seed(42))
 
     return run
