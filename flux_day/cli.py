@@ -149,7 +149,8 @@ def ignored_inputs(inputs: dict[str, Any]) -> list[str]:
         if given:
             notes.append(f"{', '.join(given)}: ignored with --image; the image's own size is used.")
     elif sides and inputs.get("aspect_ratio") != "custom":
-        notes.append(f"{' and '.join(sides)}: ignored unless --aspect-ratio custom; add it to use them.")
+        them = "them" if len(sides) > 1 else "it"
+        notes.append(f"{' and '.join(sides)}: ignored unless --aspect-ratio custom; add that to use {them}.")
     if "prompt_strength" in inputs and "image" not in inputs:
         notes.append("prompt_strength: ignored without --image; it applies to image-to-image only.")
     if "output_quality" in inputs and inputs.get("output_format") == "png":
