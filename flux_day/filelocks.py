@@ -42,6 +42,8 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
+from flux_day.cancel import stop_if_cancelled
+
 FIRST_POLL_S = 0.01
 LAST_POLL_S = 0.25
 
@@ -121,6 +123,7 @@ class _Waiting:
             if self.on_wait is not None:
                 self.on_wait()
                 self.on_wait = None
+            stop_if_cancelled()
             time.sleep(pause)
             pause = min(pause * 2, LAST_POLL_S)
         return True

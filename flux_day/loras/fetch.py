@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import requests
 import urllib3
 
+from flux_day.cancel import stop_if_cancelled
 from flux_day.config import Settings
 from flux_day.errors import LoraError
 from flux_day.loras.netguard import PrivateAddressError, PublicOnlyAdapter, caused_by, endpoint, is_public
@@ -173,6 +174,7 @@ class Fetcher:
         )
         written, next_report = 0, PROGRESS_EVERY_BYTES
         while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
+            stop_if_cancelled()
             written += len(chunk)
             declared.feed(chunk)
             if written > limit:
