@@ -23,7 +23,7 @@ from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
 from flux_day.scheduler import GpuScheduler
 from flux_day.server_log import keep_internals_out_of_predictions
-from flux_day.serving import declared_inputs_only, user_facing_errors
+from flux_day.serving import declared_inputs_only, running_predictions_file, user_facing_errors
 from flux_day.uploads import client_file
 
 
@@ -35,7 +35,7 @@ class Predictor(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         keep_internals_out_of_predictions()
         self.engine = Engine(Settings.from_env(), default_lora=str(weights) if weights else None)
-        self.scheduler = GpuScheduler(self.engine)
+        self.scheduler = GpuScheduler(self.engine, running_predictions_file())
         self.outputs = OutputStore()
         # Without a schema file coglet hands run() every key of the request: refuse unknown ones by name.
         self.run = declared_inputs_only(self.run)  # type: ignore[method-assign]

@@ -18,9 +18,11 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 from flux_day.cancel import CancelFlag, cancellable
@@ -40,20 +42,36 @@ class GpuScheduler:
     """Prepares requests concurrently and runs them on the engine's GPU one at a time, in order of
     readiness; each request's `timing.queue` is how long it waited for its turn."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, running_file: Path | None = None) -> None:
         self.engine = engine
+        self.running_file = running_file  # holds `running`, for the preStop hook (scripts/health_probe.py)
         self._turn = asyncio.Lock()
         self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="flux-day")
         self.running = 0  # predictions inside `admitted` blocks (changed on the event loop's thread only)
+        self._publish()
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
         """A prediction's whole `run`, counted in `running` (its files are read by Cog only after it)."""
         self.running += 1
+        self._publish()
         try:
             yield
         finally:
             self.running -= 1
+            self._publish()
+
+    def _publish(self) -> None:
+        """Write `running` to `running_file`: coglet's health check says READY while a slot is free,
+        so only this tells the preStop hook whether a prediction still runs."""
+        if self.running_file is None:
+            return
+        partial = self.running_file.with_name(f"{self.running_file.name}.{os.getpid()}")
+        try:
+            partial.write_text(str(self.running))
+            os.replace(partial, self.running_file)
+        except OSError as error:  # the hook then waits for READY alone; predictions go on
+            server_log.warning("cannot write %s: %s", self.running_file, error)
 
     async def in_thread(self, work: Callable[..., Result], *args: object, **kwargs: object) -> Result:
         """`work(*args, **kwargs)` in a thread of its own, under the caller's context (Cog's log routing

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from cog.input import FieldInfo
@@ -81,3 +83,9 @@ def declared_inputs_only(run: Callable[..., Result]) -> Callable[..., Result]:
         return run(**completed(inputs))
 
     return checked
+
+
+def running_predictions_file() -> Path:
+    """Where the server keeps how many predictions run, for `scripts/health_probe.py idle` (which
+    computes the same path: /tmp, not TMPDIR, which a client's files share, and the server's port)."""
+    return Path("/tmp") / f"flux-day-running-{os.environ.get('PORT') or 5000}"
