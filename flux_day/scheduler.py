@@ -7,6 +7,10 @@ first come, first served, and a newcomer never jumps a waiter, so a request is o
 those whose LoRAs were ready before its own — no request starves, and one with a slow download never
 holds up those behind it.
 
+Memory stays bounded: the LoRAs parsed for requests waiting for the GPU (or on it) count against
+`FLUX_DAY_PARSED_LORA_BYTES`; while they fill it, a new request waits to read (download and parse)
+its own until one of them is done and lets go of its LoRAs.
+
 A cancel reaches a request's task as `CancelledError` wherever it waits: waiting for its LoRAs or for
 its turn, it just leaves; running, its threads see its `CancelFlag`, and its turn is given up only
 once its thread has stopped and restored its LoRAs, so the next request never sees them half-made.
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from flux_day.cancel import CancelFlag, cancellable
-from flux_day.engine import Engine
+from flux_day.engine import Engine, PreparedRequest
 from flux_day.generation import Generation
 from flux_day.request import GenerationRequest
 from flux_day.server_log import log as server_log
@@ -48,6 +52,8 @@ class GpuScheduler:
         self._turn = asyncio.Lock()
         self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="flux-day")
         self.running = 0  # predictions inside `admitted` blocks (changed on the event loop's thread only)
+        self.held_bytes = 0  # parsed LoRAs of prepared requests not yet done with the GPU
+        self._freed = asyncio.Event()  # set (and replaced) whenever `held_bytes` shrinks
         self._publish()
 
     @contextlib.contextmanager
@@ -83,21 +89,40 @@ class GpuScheduler:
         """`request`'s images and metrics, as `Engine.generate` gives them, plus `timing.queue`."""
         flag = CancelFlag()
         with cancellable(flag):  # `in_thread` carries it into this request's threads
+            await self._room_to_parse()
             prepared = await self._until_done(flag, self.engine.prepare, request)
-            ready = time.perf_counter()
-            async with self._turn:
-                prepared.timings["queue"] = time.perf_counter() - ready
-                try:
-                    return await self._until_done(flag, self.engine.run_prepared, prepared)
-                except asyncio.CancelledError:
-                    # Cog closed the prediction's log at the cancel: the engine's line about it is
-                    # lost there, so the operator's log says where it stopped.
-                    server_log.info(
-                        "request cancelled after %d of %d denoising steps; every LoRA restored",
-                        self.engine.steps_done,
-                        request.num_inference_steps * request.num_outputs,
-                    )
-                    raise
+            held = sum({id(w): w.held_bytes for w in prepared.loras if w is not None}.values())
+            self.held_bytes += held
+            try:
+                ready = time.perf_counter()
+                async with self._turn:
+                    prepared.timings["queue"] = time.perf_counter() - ready
+                    return await self._on_the_gpu(flag, prepared)
+            finally:
+                self.held_bytes -= held
+                self._freed.set()
+                self._freed = asyncio.Event()
+
+    async def _room_to_parse(self) -> None:
+        """Wait while the LoRAs of requests waiting for the GPU (or on it) fill the parsed-LoRA budget;
+        with none held, any request goes, however large its LoRAs."""
+        while self.held_bytes and self.held_bytes >= self.engine.settings.parsed_lora_bytes:
+            await self._freed.wait()
+
+    async def _on_the_gpu(self, flag: CancelFlag, prepared: PreparedRequest) -> Generation:
+        """The GPU part of `prepared`; a cancel stops it, and the operator's log says where."""
+        try:
+            return await self._until_done(flag, self.engine.run_prepared, prepared)
+        except asyncio.CancelledError:
+            # Cog closed the prediction's log at the cancel: the engine's line about it is lost
+            # there, so the operator's log says where it stopped.
+            request = prepared.request
+            server_log.info(
+                "request cancelled after %d of %d denoising steps; every LoRA restored",
+                self.engine.steps_done,
+                request.num_inference_steps * request.num_outputs,
+            )
+            raise
 
     async def _until_done(self, flag: CancelFlag, work: Callable[..., Result], *args: object) -> Result:
         """`work(*args)` in a thread. Cancelled meanwhile, the thread is told (`flag`) and awaited to its

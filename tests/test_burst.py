@@ -131,3 +131,28 @@ def test_cancels_of_waiting_and_running_requests_and_a_failed_download_touch_no_
     assert 1 <= done < asked == 50
     assert lone(server, **lf.FAST) == base
     assert lone(server, **last_inputs) == expected_last
+
+
+def test_a_request_waits_to_read_its_loras_while_those_of_waiting_requests_fill_the_budget(
+    tiny_weights: Path, tmp_path: Path, files: HttpFiles
+) -> None:
+    """With FLUX_DAY_PARSED_LORA_BYTES full of a running request's LoRA, the next request's download
+    starts only once that request is done with the GPU."""
+    env = server_env(
+        tiny_weights, tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1", FLUX_DAY_PARSED_LORA_BYTES="1000"
+    )
+    with CogServer.ready(env, tmp_path / "cog.log") as server:
+        since = len(server.log_path.read_text())
+        running_lora = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(300))))
+        running = in_background(server, prediction_id="big", **SLOW, replicate_weights=running_lora)
+        wait_for(lambda: re.search(r"\b[1-9]\d*/50 \[", server.log_path.read_text()[since:]), "a step done")
+        url, gate = files.gated("/budget.safetensors", lf.to_bytes(lf.kohya(lf.random_lora(301))))
+        gate.set()
+        waiting = in_background(server, **lf.FAST, replicate_weights=url)
+        time.sleep(1.0)
+        assert files.hits["/budget.safetensors"] == 0 and not running[1]  # no room: not even downloading
+        assert server.cancel("big") == 200
+        running[0].join(60)
+        waiting[0].join(60)
+        assert waiting[1].get("status") == "succeeded", waiting[1].get("error")
+        assert files.hits["/budget.safetensors"] == 1
