@@ -50,6 +50,7 @@ def concurrency(args: argparse.Namespace) -> None:
         makespans = {name: seconds[0] for name, seconds in rows}
         assert all(outputs == alone for outputs in images.values()), "an image differs from its lone run"
         assert makespans[f"concurrency {args.concurrency}"] < makespans["concurrency 1"] / 2, makespans
+        assert refusals[f"concurrency {args.concurrency}"] == 0, "a request of the burst met a 409"
 
 
 def burst_requests(files: HttpFiles, count: int, file_seconds: float) -> list[dict[str, Any]]:
