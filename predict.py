@@ -6,8 +6,9 @@ implicitly concatenated strings or call `.format`). `flux_day.schema` is the sam
 (checks, defaults, the CLI); tests hold both equal to the published seed.
 
 No logic lives here: `GenerationRequest` checks every input (the server enforces the schema only in a
-built image), `client_file` lets a request read only what it uploaded, `Engine` generates,
-`OutputStore` writes the files Cog turns into URLs.
+built image), `client_file` lets a request read only what it uploaded, `GpuScheduler` runs up to
+`concurrency.max` requests at once (cog.yaml) on the one `Engine`, `OutputStore` writes the files Cog
+turns into URLs. `run` is async: what blocks runs in threads, so requests overlap.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from flux_day.config import Settings
 from flux_day.engine import Engine
 from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
+from flux_day.scheduler import GpuScheduler
 from flux_day.server_log import keep_internals_out_of_predictions
-from flux_day.serving import declared_inputs_only, user_facing_errors
+from flux_day.serving import declared_inputs_only, running_predictions_file, user_facing_errors
 from flux_day.uploads import client_file
 
 
@@ -33,11 +35,12 @@ class Predictor(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         keep_internals_out_of_predictions()
         self.engine = Engine(Settings.from_env(), default_lora=str(weights) if weights else None)
+        self.scheduler = GpuScheduler(self.engine, running_predictions_file())
         self.outputs = OutputStore()
         # Without a schema file coglet hands run() every key of the request: refuse unknown ones by name.
         self.run = declared_inputs_only(self.run)  # type: ignore[method-assign]
 
-    def run(
+    async def run(
         self,
         prompt: str = Input(
             description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image."
@@ -148,8 +151,9 @@ class Predictor(BaseRunner):
         ),
     ) -> list[Path]:
         """Generate images; see the input descriptions."""
-        with user_facing_errors():
-            request = GenerationRequest.from_inputs(
+        with self.scheduler.admitted(), user_facing_errors():
+            request = await self.scheduler.in_thread(
+                GenerationRequest.from_inputs,
                 prompt=prompt,
                 image=client_file("image", image),  # only files Cog made from the client's upload
                 mask=client_file("mask", mask),
@@ -171,9 +175,16 @@ class Predictor(BaseRunner):
                 lora_scale=lora_scale,
                 extra_lora=extra_lora,
                 extra_lora_scale=extra_lora_scale,
-            ).with_default_lora(self.engine.default_lora)
-            generation = self.engine.generate(request)
+            )
+            request = request.with_default_lora(self.engine.default_lora)
+            generation = await self.scheduler.generate(request)
             for key, value in generation.metrics.items():
                 self.record_metric(key, value)
-            saved = self.outputs.save(generation.images, request.output_format, request.output_quality)
+            saved = await self.scheduler.in_thread(
+                self.outputs.save,
+                generation.images,
+                request.output_format,
+                request.output_quality,
+                others_running=self.scheduler.running > 1,
+            )
             return [Path(p) for p in saved]

@@ -1,9 +1,10 @@
 """`Engine`: owns everything loaded and turns a checked request into images.
 
-`generate` reads as the algorithm: bring what the request runs on to the GPU, fuse its LoRAs into
-that (CLIP first, then the transformer), encode the prompt once, then run one pipeline call per output
-with its own generator seeded `seed + i`, so each image is exactly what a single-output request with
-that seed gives.
+`generate` reads as the algorithm: read the request's LoRAs (`prepare`: no GPU, many requests at
+once), then, one request at a time (`run_prepared`), bring what it runs on to the GPU, fuse its LoRAs
+into that (CLIP first, then the transformer), encode the prompt once, then run one pipeline call per
+output with its own generator seeded `seed + i`, so each image is exactly what a single-output request
+with that seed gives.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
+from flux_day.cancel import stop_if_cancelled
 from flux_day.compile import CompiledTransformers, compile_backend, encode_nothing, seed_sizes
 from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
 from flux_day.config import Settings
 from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.fast import Fp8Cache, Fp8Transformers, Recipe
 from flux_day.generation import Generation, call_arguments, log_summary, timed
+from flux_day.loras.formats import LoraWeights
 from flux_day.loras.fuse import PristineStore
 from flux_day.loras.manager import LoraManager, LoraTargets
 from flux_day.loras.refs import LoraRequest
@@ -44,6 +47,16 @@ class Card:
 
     total_bytes: int
     reserve_bytes: int = DEFAULT_RESERVE
+
+
+@dataclass
+class PreparedRequest:
+    """A request with everything it needs before the GPU: its LoRAs read (None for scale 0 ones), and
+    the seconds that took (`timings`, which the GPU part adds to)."""
+
+    request: GenerationRequest
+    loras: list[LoraWeights | None]
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -187,11 +200,24 @@ class Engine:
 
     def generate(self, request: GenerationRequest) -> Generation:
         """Run `request`: its images in output order, and what it took (timings, counts)."""
+        return self.run_prepared(self.prepare(request))
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Everything of `request` before the GPU: whether it fits, its LoRAs downloaded and parsed.
+        Touches no weight: many requests' threads may prepare while one runs (`run_prepared`)."""
         self._check_fits(request)
         timings: dict[str, float] = {}
+        with timed(timings, "loras"):
+            loras = self.loras.prepare(request.model, self.lora_components(request.model), request.loras)
+        return PreparedRequest(request, loras, timings)
+
+    def run_prepared(self, prepared: PreparedRequest) -> Generation:
+        """The GPU part of a prepared request: one request at a time (the caller's to keep). A cancel
+        stops it at the next denoising step (`flux_day.cancel`), its LoRAs restored."""
+        request, timings = prepared.request, prepared.timings
         self.steps_done = 0
         try:
-            images = self._run(request, timings)
+            images = self._run(prepared, timings)
         except BaseException as error:
             self._abandon(request, error)
             raise
@@ -207,20 +233,23 @@ class Engine:
         log_summary(request, generation)
         return generation
 
-    def _run(self, request: GenerationRequest, timings: dict[str, float]) -> list[Image.Image]:
+    def _run(self, prepared: PreparedRequest, timings: dict[str, float]) -> list[Image.Image]:
         """The algorithm, and everything a failure or a cancel must undo: LoRAs, denoising, safety."""
+        request, loras = prepared.request, prepared.loras
         if request.go_fast and not request.fp8:
             log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
         pipe = self.pipeline(request.model, request.mode, request.fp8)
         targets = self._targets(request.model, request.fp8)
-        # Every LoRA is read (and downloaded) first, and CLIP's part fused before the prompt is
-        # encoded; the transformer's once it is on the GPU (T5 may share its slot on small cards).
+        # Every LoRA was read (and downloaded) by `prepare`; CLIP's part is fused before the prompt is
+        # encoded, the transformer's once it is on the GPU (T5 may share its slot on small cards).
         with timed(timings, "loras"):
-            self.loras.activate(request.model, targets, request.loras, request.fp8, ("text_encoder",))
+            self.loras.activate(
+                request.model, targets, request.loras, request.fp8, ("text_encoder",), prepared=loras
+            )
         prompt_embeds, pooled_prompt_embeds = self._encode(pipe, request)
         self.residency.need([VAE, request.transformer])
         with timed(timings, "loras"):
-            self.loras.activate(request.model, targets, request.loras, go_fast=request.fp8)
+            self.loras.activate(request.model, targets, request.loras, go_fast=request.fp8, prepared=loras)
         with timed(timings, "generate"):
             images = self._denoise(pipe, request, prompt_embeds, pooled_prompt_embeds)
         if not request.disable_safety_checker:
@@ -291,8 +320,10 @@ class Engine:
             ]
 
     def _count_step(self, pipe: object, step: int, timestep: object, tensors: dict) -> dict:
-        """diffusers' per-step hook: counts steps, so a cancel's log line says where it stopped."""
+        """diffusers' per-step hook: counts steps, so a cancel's log line says where it stopped, and
+        stops a cancelled request (an async cancel does not reach this thread by itself)."""
         self.steps_done += 1
+        stop_if_cancelled()
         return tensors
 
     def lora_components(self, model: str) -> dict[str, nn.Module]:

@@ -42,6 +42,8 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
+from flux_day.cancel import stop_if_cancelled
+
 FIRST_POLL_S = 0.01
 LAST_POLL_S = 0.25
 

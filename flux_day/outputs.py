@@ -1,9 +1,12 @@
-"""Encoding images to files: one fresh directory per prediction, the previous one removed."""
+"""Encoding images to files: one fresh directory per prediction, earlier ones removed once Cog has
+read them."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Final
 
@@ -11,6 +14,9 @@ from PIL import Image
 
 # Schema choice -> Pillow format name.
 OUTPUT_FORMATS: Final[dict[str, str]] = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+# coglet reads (or uploads) a prediction's files after its `run()` returns. With other predictions
+# running, a directory saved this recently may still be being read: it goes at a later save.
+READ_GRACE_S: Final = 60.0
 
 
 def save_image(image: Image.Image, path: Path, output_format: str, quality: int) -> Path:
@@ -21,40 +27,57 @@ def save_image(image: Image.Image, path: Path, output_format: str, quality: int)
 
 
 class OutputStore:
-    """Writes each prediction's images into its own directory and deletes the one before.
+    """Writes each prediction's images into its own directory and deletes earlier ones.
 
-    Cog reads the returned files after `run()` returns, so a prediction's files may only go when
-    the next prediction starts (or the store is closed).
+    Cog reads the returned files after `run()` returns, so a prediction's files may only go when no
+    prediction of its own is running: a later one that saves while others run (concurrent
+    predictions) leaves those saved within `READ_GRACE_S`, and one that saves alone removes them all.
     """
 
     def __init__(self, parent: Path | None = None, prefix: str = "flux-day-out-") -> None:
         self._parent = parent
         self._prefix = prefix
-        self._current: Path | None = None
+        self._saved: list[tuple[Path, float]] = []  # directories still on disk, and when each was made
+        self._guard = threading.Lock()  # predictions save in threads of their own
 
-    def save(self, images: list[Image.Image], output_format: str, quality: int) -> list[Path]:
+    def save(
+        self, images: list[Image.Image], output_format: str, quality: int, others_running: bool = False
+    ) -> list[Path]:
         """Encode `images` as `out-<token>-<i>.<format>` in a fresh directory; return their paths.
+        `others_running`: other predictions are under way, whose files Cog may still be reading.
 
         With `--upload-url`, Cog PUTs each file to that URL plus its name, so names differ between
         predictions (the directory's random token): a plain upload server never overwrites an output.
         """
-        self.clear()
+        self._remove_read(others_running)
         if self._parent is not None:
             self._parent.mkdir(parents=True, exist_ok=True)
-        self._current = Path(tempfile.mkdtemp(prefix=self._prefix, dir=self._parent))
-        token = self._current.name.removeprefix(self._prefix)
+        current = Path(tempfile.mkdtemp(prefix=self._prefix, dir=self._parent))
+        token = current.name.removeprefix(self._prefix)
         names = [f"out-{token}-{i}.{output_format}" for i in range(len(images))]
         try:
-            return [
-                save_image(image, self._current / name, output_format, quality)
+            saved = [
+                save_image(image, current / name, output_format, quality)
                 for image, name in zip(images, names, strict=True)
             ]
         except BaseException:  # a failed or cancelled save leaves no half-written file
-            self.clear()
+            shutil.rmtree(current, ignore_errors=True)
             raise
+        with self._guard:
+            self._saved.append((current, time.monotonic()))
+        return saved
+
+    def _remove_read(self, others_running: bool) -> None:
+        """Remove the directories Cog is done with: all of them, or, while other predictions run,
+        those older than `READ_GRACE_S`."""
+        with self._guard:
+            now = time.monotonic()
+            recent = [(d, made) for d, made in self._saved if others_running and now - made < READ_GRACE_S]
+            done = [directory for directory, made in self._saved if (directory, made) not in recent]
+            self._saved = recent
+        for directory in done:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def clear(self) -> None:
-        """Remove the last prediction's directory, if any."""
-        if self._current is not None:
-            shutil.rmtree(self._current, ignore_errors=True)
-            self._current = None
+        """Remove every directory saved so far."""
+        self._remove_read(others_running=False)

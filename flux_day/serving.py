@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from cog.input import FieldInfo
@@ -55,16 +57,35 @@ def declared_inputs_only(run: Callable[..., Result]) -> Callable[..., Result]:
     parameters = inspect.signature(run).parameters
     accepted = ", ".join(parameters)
 
-    @functools.wraps(run)
-    def checked(**inputs: Any) -> Result:
+    def completed(inputs: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(inputs) - set(parameters))
         if unknown:
             raise InputError(
                 f"{unknown[0]}: not an input of this model; leave it out. The inputs are: {accepted}."
             )
-        for name, parameter in parameters.items():
-            if name not in inputs and isinstance(parameter.default, FieldInfo):
-                inputs[name] = parameter.default.default
-        return run(**inputs)
+        defaults = {
+            name: parameter.default.default
+            for name, parameter in parameters.items()
+            if name not in inputs and isinstance(parameter.default, FieldInfo)
+        }
+        return inputs | defaults
+
+    if inspect.iscoroutinefunction(run):  # coglet runs an async `run` concurrently only if it is one
+
+        @functools.wraps(run)
+        async def checked_async(**inputs: Any) -> Any:
+            return await run(**completed(inputs))
+
+        return checked_async  # type: ignore[return-value]
+
+    @functools.wraps(run)
+    def checked(**inputs: Any) -> Result:
+        return run(**completed(inputs))
 
     return checked
+
+
+def running_predictions_file() -> Path:
+    """Where the server keeps how many predictions run, for `scripts/health_probe.py idle` (which
+    computes the same path: /tmp, not TMPDIR, which a client's files share, and the server's port)."""
+    return Path("/tmp") / f"flux-day-running-{os.environ.get('PORT') or 5000}"

@@ -4,6 +4,7 @@
     python scripts/benchmark.py lora-switch [--weights DIR] [--repeats N] [--rank N [N ...]]
     python scripts/benchmark.py setup [--weights DIR] [--device cpu|cuda]
     python scripts/benchmark.py plan [--card 24|48|80|141]
+    python scripts/benchmark.py concurrency [--weights DIR] [--burst N] [--concurrency N] [--file-seconds S]
     python scripts/benchmark.py fast [--model dev|schnell|both] [--steps N] [--megapixels 1] [--compile]
                                      [--weights DIR | --random-full-size] [--repeats N]
     python scripts/benchmark.py compile [--deep DIR] [--wide DIR] [--whole-sizes N] [--wide-side PX]
@@ -22,10 +23,13 @@ bytes, each in its own process.
 `compile`: setup's compile with inductor on the CPU, whole-model static graphs (before) against regional
 compilation: compile time and graphs on the deep tree, one image against eager on the wide tree
 (trees written to a temporary folder when not given: the wide one is GBs).
+`concurrency`: a burst of requests, each with its own cold LoRA from a loopback host that takes
+--file-seconds per file, through the real Cog server at --concurrency against 1: makespans, 409s, and
+every image against the same request run alone (and asserts the burst takes under half the time).
 `plan`: the memory plan of FLUX.1 at its real size for 24, 48, 80 and 141 GB cards, and what each
 request of a mix moves between host and GPU and where its LoRA arithmetic runs (flux_day.memory_sim).
 Weights default to a tiny random tree written to a temporary folder. Each question is a module of
-`scripts/bench/` (overhead, lora_switch, setup, fast, plan, compile); timing and tables are
+`scripts/bench/` (overhead, lora_switch, setup, fast, plan, compile, concurrency); timing and tables are
 `scripts/bench/timing.py`.
 """
 
@@ -42,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 # Every module below imports torch and the models only when its question runs: --help stays fast.
 from flux_day.sizes import ASPECT_RATIOS  # noqa: E402
 from scripts.bench.compile import compile_benchmark  # noqa: E402
+from scripts.bench.concurrency import concurrency  # noqa: E402
 from scripts.bench.fast import fast, fast_random_full_size  # noqa: E402
 from scripts.bench.lora_switch import lora_switch  # noqa: E402
 from scripts.bench.overhead import overhead  # noqa: E402
@@ -95,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser.add_argument("--wide-side", type=int, default=256, help="the wide tree's image side")
     compile_parser.add_argument("--steps", type=int, default=1, help="denoising steps per image")
     compile_parser.add_argument("--repeats", type=int, default=5)
+    burst = commands.add_parser("concurrency", help="a burst with cold LoRAs: concurrency N against 1")
+    burst.add_argument("--weights", type=Path, help="weights root (default: tiny weights in a temp dir)")
+    burst.add_argument("--burst", type=int, default=8, help="requests sent at once")
+    burst.add_argument("--concurrency", type=int, default=8, help="the server's COG_MAX_CONCURRENCY")
+    burst.add_argument("--file-seconds", type=float, default=2.0, help="seconds the host takes per LoRA")
+
     plan_parser = commands.add_parser("plan", help="memory plan and bytes moved per request, per card")
     plan_parser.add_argument("--card", choices=["24", "48", "80", "141"], help="one card (default: all)")
     return parser
@@ -118,7 +129,13 @@ def main() -> None:
         if args.random_full_size:
             fast_random_full_size(args)
             return
-    run = {"overhead": overhead, "lora-switch": lora_switch, "fast": fast, "setup": setup}[args.command]
+    run = {
+        "overhead": overhead,
+        "lora-switch": lora_switch,
+        "fast": fast,
+        "setup": setup,
+        "concurrency": concurrency,
+    }[args.command]
     if args.weights is not None:
         run(args)
         return

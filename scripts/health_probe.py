@@ -7,12 +7,15 @@ DEFUNCT), so an `httpGet` probe cannot tell them apart; this reads the status fr
 
 - `started` (startupProbe): setup has finished, well or not (anything but STARTING and no answer),
   so that the liveness probe takes over at once and restarts a container whose setup failed.
-- `ready` (readinessProbe): READY. The server runs one prediction at a time and answers 409 while
-  busy, so a busy replica leaves the Service's endpoints until it is free again.
+- `ready` (readinessProbe): READY. The server takes up to its concurrency (cog.yaml) predictions at
+  once and answers 409 past it (BUSY), so a replica with every slot taken leaves the Service's
+  endpoints until one is free again.
 - `alive` (livenessProbe): the server answers, and its setup has not failed (SETUP_FAILED, DEFUNCT):
   a failed setup (a weights volume not filled yet, say) restarts the container, with backoff.
 - `idle` (preStop hook): wait `--settle` seconds for the Service to stop sending requests here, then
   until no prediction runs (at most `--timeout` seconds), so the SIGTERM that follows cuts none off.
+  READY only says a slot is free: the predictor keeps the number running in
+  `/tmp/flux-day-running-<port>` (`flux_day.serving.running_predictions_file`), and this waits for 0.
 
 Exit status 0 when the condition holds, 1 when not, with the status on stdout (`kubectl describe pod`
 shows it). Standard library only: a probe starts a fresh interpreter every few seconds.
@@ -26,6 +29,7 @@ import os
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 CHECKS = {
     "started": {"READY", "BUSY", "SETUP_FAILED", "DEFUNCT"},
@@ -43,13 +47,21 @@ def status(port: int, timeout_s: float = 3) -> str:
         return "UNREACHABLE"
 
 
+def running(port: int) -> int:
+    """How many predictions the server on `port` says run (0 when it keeps no count)."""
+    try:
+        return int(Path("/tmp", f"flux-day-running-{port}").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
 def wait_until_idle(port: int, timeout_s: float, settle_s: float) -> str:
-    """Sleep `settle_s`, then poll until the server is not BUSY or `timeout_s` has passed."""
+    """Sleep `settle_s`, then poll until no prediction runs or `timeout_s` has passed."""
     deadline = time.monotonic() + timeout_s
     time.sleep(settle_s)
-    while (now := status(port)) == "BUSY" and time.monotonic() < deadline:
-        time.sleep(1)
-    return now
+    while ((now := status(port)) == "BUSY" or running(port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return now if not running(port) else "BUSY"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Soak: many mixed predictions through the real Cog server on tiny weights, then what leaked.
 
-Usage: `python scripts/soak.py [--count 300] [--seed 0] [--keep]`.
+Usage: `python scripts/soak.py [--count 300] [--seed 0] [--clients 4] [--keep]`.
 
 A server that passes every test once can still fail on the thousandth request: a LoRA switch that a
 cancel interrupted, a file descriptor or temp file left per request, memory that creeps. This drives
@@ -27,6 +27,10 @@ flat: within 1% from #100 to #1500 in a run of 1500. Measured from prediction 50
 3 of 8 runs of 300 missed the 5% target with no leak behind it. Short runs (the test's 30) measure
 mostly that climb: their RSS verdict means little.
 
+`--clients` clients send the mix at once, each one request at a time (the server takes up to its
+`concurrency.max`), so requests overlap: downloads beside denoising, cancels of running and of waiting
+requests; every probe must still give its first bytes.
+
 Exit status 1 when a target is not met. The core is `tests/harness/soak.py` (its table:
 `tests/harness/soak_report.py`); `tests/test_soak.py` runs the same code with 30 predictions.
 """
@@ -52,11 +56,23 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--count", type=int, default=300, help="predictions in the mix (default 300)")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=4,
+        help="clients sending at once, each one request at a time (default 4)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the mix (default 0)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (weights, server log)")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="flux-day-soak-"))
-    report = run_soak(args.count, args.seed, workdir, progress=lambda line: print(line, file=sys.stderr))
+    report = run_soak(
+        args.count,
+        args.seed,
+        workdir,
+        progress=lambda line: print(line, file=sys.stderr),
+        clients=args.clients,
+    )
     print(format_report(report))
     if args.keep or not report.ok:
         print(f"\nwork folder kept: {workdir} (server log: {workdir / 'cog.log'})")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -120,26 +124,36 @@ def test_the_operators_default_lora_stands_in_only_when_replicate_weights_is_emp
 
 
 class RecordingEngine:
-    """Stands in for `Engine`: records the requests it is asked to generate, and generates nothing."""
+    """Stands in for `Engine` and its `GpuScheduler`: records the requests it is asked to generate, and
+    generates nothing."""
 
     def __init__(self, default_lora: str | None = None) -> None:
         self.default_lora = default_lora
         self.requests: list[GenerationRequest] = []
 
-    def generate(self, request: GenerationRequest) -> Generation:
+    running = 1
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        yield
+
+    async def in_thread(self, work: Callable[..., Any], *args: object, **kwargs: object) -> Any:
+        return work(*args, **kwargs)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
         self.requests.append(request)
         return Generation([], {})
 
 
 def test_a_malformed_lora_reference_fails_the_prediction_before_the_engine_is_called(tmp_path: Path) -> None:
     predictor = Predictor()
-    predictor.engine = RecordingEngine(default_lora="https://example.com/trained.tar")
+    predictor.engine = predictor.scheduler = RecordingEngine(default_lora="https://example.com/trained.tar")
     predictor.outputs = OutputStore(tmp_path)
     run = declared_inputs_only(predictor.run)  # fills omitted inputs with their defaults, as setup does
     with pytest.raises(LoraError, match=r"^extra_lora: 'lora' is not a LoRA reference"):
-        run(prompt="a fox", extra_lora="lora")
+        asyncio.run(run(prompt="a fox", extra_lora="lora"))
     assert predictor.engine.requests == []
-    assert run(prompt="a fox", extra_lora="o/m", extra_lora_scale=0.4) == []
+    assert asyncio.run(run(prompt="a fox", extra_lora="o/m", extra_lora_scale=0.4)) == []
     (request,) = predictor.engine.requests
     assert [(lora.input_name, lora.ref.shown, lora.scale) for lora in request.loras] == [
         ("COG_WEIGHTS", "https://example.com/trained.tar", 1.0),

@@ -109,7 +109,7 @@ def test_cog_build_reads_the_published_schema_from_predict_py_without_running_it
     run = next(
         node
         for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.FunctionDef) and node.name == "run"
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "run"
     )
     parameters = run.args.args[1:]
     seed = seed_schema()["inputs"]

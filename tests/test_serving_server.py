@@ -77,6 +77,8 @@ def test_cancel_stops_denoising_and_leaves_nothing_behind(cog_server: CogServer,
     thread.join(60)
     assert result["status"] == "canceled", result
     assert not result.get("output")
+    # An async prediction is answered "canceled" at once; its thread stops at its next step.
+    wait_until_logged(cog_server, CANCELLED.pattern, since)
     done, asked = cancellations(cog_server)[cancels_before]
     assert 1 <= done < asked == 50
     assert "CancelationException" not in result.get("logs", "") + cog_server.log_path.read_text()[since:]

@@ -1,4 +1,5 @@
-"""The soak script, short: 30 mixed predictions through a real Cog server must leave nothing behind.
+"""The soak script, short: 30 mixed predictions from 4 concurrent clients through a real Cog server must
+leave nothing behind.
 
 `scripts/soak.py --count 300` is the real soak (a few minutes); this runs its core (`tests/harness/soak.py`)
 on a tenth of it, so a leaked file, descriptor or thread, or a LoRA switch undone wrong, shows up in the
@@ -16,7 +17,7 @@ from tests.harness.soak_report import format_report
 
 
 def test_a_short_soak_has_no_unexpected_failure_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    report = run_soak(count=30, seed=0, workdir=tmp_path)
+    report = run_soak(count=30, seed=0, workdir=tmp_path, clients=4)
     print(format_report(report))
     assert report.unexpected == [], format_report(report)
     for key in ("fds", "threads", "tmp", "coglet_files", "lora_cache"):

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import requests
 import urllib3
 
+from flux_day.cancel import stop_if_cancelled
 from flux_day.config import Settings
 from flux_day.errors import LoraError
 from flux_day.loras.netguard import PrivateAddressError, PublicOnlyAdapter, caused_by, endpoint, is_public

@@ -3,13 +3,16 @@
 Parsed LoRAs are kept in an in-memory LRU keyed by reference and model and bounded by the bytes their
 tensors hold (`FLUX_DAY_PARSED_LORA_BYTES`), so asking again for a LoRA just used costs only the fuse;
 asking for exactly the LoRAs already fused costs nothing.
-Everything that can fail (download, parse, fit) happens before any weight is touched.
+Everything that can fail (download, parse, fit) happens before any weight is touched: `prepare` does it
+(many requests' threads at once, one read per LoRA), `activate` fuses (one request at a time).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -78,6 +81,12 @@ class LoraManager:
         self._indexes: dict[str, ModuleIndex] = {}
         self._slots: dict[str, Slot] = {}
         self._groups: tuple[str, ...] = ()  # what the last activation wrote into
+        # Requests prepare at once in threads: the parsed memory and the indexes change under `_guard`,
+        # and one LoRA is read by one thread at a time, so the others find it parsed.
+        self._guard = threading.Lock()
+        self._reading: weakref.WeakValueDictionary[tuple[str, str], threading.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     def activate(
         self,
@@ -86,17 +95,21 @@ class LoraManager:
         loras: Sequence[LoraRequest],
         go_fast: bool = False,
         parts: Sequence[str] = LORA_PARTS,
+        prepared: Sequence[LoraWeights | None] | None = None,
     ) -> FusedState:
         """Fuse exactly `loras` (scale 0 ones skipped) into what the request runs on, restoring what
         else was fused there; other models and precisions keep their state. `parts` limits the
         write to the text encoder or the transformer (the engine fuses CLIP before encoding and the
-        transformer once it is on the GPU). `go_fast` applies the schema's 1.5x to every scale."""
+        transformer once it is on the GPU). `go_fast` applies the schema's 1.5x to every scale.
+        `prepared`: what `prepare` read for these `loras`, else they are read here."""
         index = self._index(model, targets.components)
         multiplier = GO_FAST_LORA_MULTIPLIER if go_fast else 1.0
+        if prepared is None:
+            prepared = self.prepare(model, targets.components, loras)
         chosen = [
-            (lora, self.weights(lora, model, targets.components), lora.scale * multiplier)
-            for lora in loras
-            if lora.scale != 0
+            (lora, weights, lora.scale * multiplier)
+            for lora, weights in zip(loras, prepared, strict=True)
+            if weights is not None and lora.scale != 0
         ]
         plan: dict[Slot, list[ScaledDelta]] = defaultdict(list)
         for _, weights, scale in chosen:
@@ -148,15 +161,36 @@ class LoraManager:
         """Unfuse everything: every touched weight back to its pristine bytes."""
         self.fuser.restore_all()
 
+    def prepare(
+        self, model: str, components: dict[str, nn.Module], loras: Sequence[LoraRequest]
+    ) -> list[LoraWeights | None]:
+        """Download, check and parse `loras` for `model` without touching any weight (None for a scale
+        0 one, never read); safe in many threads at once."""
+        return [self.weights(lora, model, components) if lora.scale != 0 else None for lora in loras]
+
     def weights(self, lora: LoraRequest, model: str, components: dict[str, nn.Module]) -> LoraWeights:
         """The parsed LoRA for `model`: from memory when used recently, else from the cache or the web.
         Its errors are `LoraError`s named for `lora.input_name`, here, once."""
         key = (lora.ref.identity_digest, model)
-        if key in self._parsed:
-            weights, parsed_at = self._parsed[key]
-            if not _unversioned(lora.ref) or time.monotonic() - parsed_at < UNVERSIONED_RECHECK_S:
-                self._parsed.move_to_end(key)
-                return weights
+        with self._guard:
+            reading = self._reading.setdefault(key, threading.Lock())
+        with reading:
+            remembered = self._remembered(key, lora)
+            return remembered if remembered is not None else self._read(key, lora, model, components)
+
+    def _remembered(self, key: tuple[str, str], lora: LoraRequest) -> LoraWeights | None:
+        """The parsed LoRA kept for `key`, while it may still be trusted to be what `lora` names."""
+        with self._guard:
+            if key in self._parsed:
+                weights, parsed_at = self._parsed[key]
+                if not _unversioned(lora.ref) or time.monotonic() - parsed_at < UNVERSIONED_RECHECK_S:
+                    self._parsed.move_to_end(key)
+                    return weights
+        return None
+
+    def _read(
+        self, key: tuple[str, str], lora: LoraRequest, model: str, components: dict[str, nn.Module]
+    ) -> LoraWeights:
         started = time.perf_counter()
         index = self._index(model, components)
         opened = nullcontext(self.lora_bytes(lora)) if self.lora_bytes else self._lora_file(lora.ref)
@@ -178,20 +212,24 @@ class LoraManager:
         """Keep `weights` parsed, the least recently used others leaving while the total passes the
         budget; one larger than the whole budget serves the request that read it and is not kept."""
         budget = self.settings.parsed_lora_bytes
-        self._parsed.pop(key, None)
-        if weights.held_bytes > budget:
-            log.info(
-                "not keeping the parsed LoRA: %d bytes, over the %d-byte budget", weights.held_bytes, budget
-            )
-            return
-        self._parsed[key] = (weights, time.monotonic())
-        while self.parsed_bytes > budget:
-            self._parsed.popitem(last=False)
+        with self._guard:
+            self._parsed.pop(key, None)
+            if weights.held_bytes > budget:
+                log.info(
+                    "not keeping the parsed LoRA: %d bytes, over the %d-byte budget",
+                    weights.held_bytes,
+                    budget,
+                )
+                return
+            self._parsed[key] = (weights, time.monotonic())
+            while sum(held.held_bytes for held, _ in self._parsed.values()) > budget:
+                self._parsed.popitem(last=False)
 
     @property
     def parsed_bytes(self) -> int:
         """Bytes the parsed LoRAs kept for reuse hold."""
-        return sum(weights.held_bytes for weights, _ in self._parsed.values())
+        with self._guard:
+            return sum(weights.held_bytes for weights, _ in self._parsed.values())
 
     def cached_file(self, ref: LoraRef) -> AbstractContextManager[Path]:
         """The ready .safetensors for `ref` in the disk cache, downloaded when absent (`LoraDownloads`)."""
@@ -199,12 +237,14 @@ class LoraManager:
 
     def forget_parsed(self) -> None:
         """Forget every parsed LoRA: each is read and parsed again on its next use (a cold switch)."""
-        self._parsed.clear()
+        with self._guard:
+            self._parsed.clear()
 
     def _index(self, model: str, components: dict[str, nn.Module]) -> ModuleIndex:
-        if model not in self._indexes:
-            self._indexes[model] = ModuleIndex(components)
-        return self._indexes[model]
+        with self._guard:
+            if model not in self._indexes:
+                self._indexes[model] = ModuleIndex(components)
+            return self._indexes[model]
 
     @contextmanager
     def _lora_file(self, ref: LoraRef) -> Iterator[LoraSource]:

@@ -8,6 +8,7 @@ The predictor's input defaults come from cog's own reading of `predict.py`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import shutil
@@ -43,6 +44,7 @@ def overhead(args: argparse.Namespace) -> None:
     width, height = {"1": (1024, 1024), "0.25": (512, 512)}[args.megapixels]
     bare = bare_call(predictor.engine.pipelines["dev"]["txt2img"], inputs, width, height)
     scratch = Path(tempfile.mkdtemp(prefix="flux-day-bench-"))
+    loop = asyncio.new_event_loop()  # `run` is async (concurrent predictions); one loop, as coglet's
 
     def bare_and_save() -> None:
         save_image(bare(), scratch / "out.webp", "webp", inputs["output_quality"])
@@ -50,7 +52,7 @@ def overhead(args: argparse.Namespace) -> None:
     runs = {
         BASELINE: bare,
         "bare call + save webp": bare_and_save,
-        "flux-day Predictor.run": lambda: predictor.run(**inputs),
+        "flux-day Predictor.run": lambda: loop.run_until_complete(predictor.run(**inputs)),
     }
     results: dict[str, list[float]] = {name: [] for name in runs}
     for function in runs.values():

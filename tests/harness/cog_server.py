@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,10 +61,20 @@ def health_probe(port: int, *args: str) -> tuple[int, str]:
     return done.returncode, done.stdout.strip()
 
 
+def declared_concurrency() -> int:
+    """cog.yaml's `concurrency.max`, which `cog build` bakes into the image as COG_MAX_CONCURRENCY."""
+    return int(yaml.safe_load((ROOT / "cog.yaml").read_text())["concurrency"]["max"])
+
+
 def server_env(weights: Path, tmp: Path | None = None, **settings: str) -> dict[str, str]:
     """A test server's environment: these weights and never a base-weight download; `tmp` its TMPDIR
-    (so a test can see what the server leaves behind); `settings` more variables (FLUX_DAY_*, tokens)."""
-    env = {"FLUX_DAY_WEIGHTS": str(weights), "FLUX_DAY_OFFLINE": "1"}
+    (so a test can see what the server leaves behind); `settings` more variables (FLUX_DAY_*, tokens,
+    COG_MAX_CONCURRENCY). The concurrency is cog.yaml's, as a built image has it, unless given."""
+    env = {
+        "FLUX_DAY_WEIGHTS": str(weights),
+        "FLUX_DAY_OFFLINE": "1",
+        "COG_MAX_CONCURRENCY": str(declared_concurrency()),
+    }
     if tmp is not None:
         env["TMPDIR"] = str(tmp)
     return env | settings
@@ -159,13 +170,18 @@ class CogServer:
         return False
 
     def predict(
-        self, timeout: float = 300, prediction_id: str | None = None, **inputs: Any
+        self,
+        timeout: float = 300,
+        prediction_id: str | None = None,
+        retry_at_capacity: bool = True,
+        **inputs: Any,
     ) -> dict[str, Any]:
         """Run a prediction synchronously; return the response body (status, output, error, logs).
 
         With `prediction_id` it is `PUT /predictions/<id>`, so another thread can cancel it by id.
-        coglet frees its single slot a moment after a sync response is sent, so a request sent at
-        once may be answered "At capacity" (409); like any client of a busy server, we retry.
+        coglet frees a slot a moment after a sync response is sent, so a request sent at once may be
+        answered "At capacity" (409); like any client of a busy server, we retry, unless told not to
+        (then the body has `http_status` 409).
         """
         body = json.dumps({"input": inputs}).encode()
         path, method = (
@@ -181,7 +197,7 @@ class CogServer:
                     return json.load(response)
             except urllib.error.HTTPError as error:
                 result = json.loads(error.read() or b"{}") | {"http_status": error.code}
-            if result["http_status"] != 409 or time.monotonic() > deadline:
+            if result["http_status"] != 409 or not retry_at_capacity or time.monotonic() > deadline:
                 return result
             time.sleep(0.05)
 

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,22 +208,36 @@ def send(server: CogServer, request: Planned, prediction_id: str) -> dict[str, A
 
 
 class Driver:
-    """Sends planned requests one after another and judges each response."""
+    """Sends planned requests from `clients` concurrent clients (each one request at a time) and judges
+    each response."""
 
-    def __init__(self, server: CogServer, id_prefix: str) -> None:
-        self.server, self.id_prefix = server, id_prefix
+    def __init__(self, server: CogServer, id_prefix: str, clients: int = 1) -> None:
+        self.server, self.id_prefix, self.clients = server, id_prefix, clients
         self.probes: dict[str, list[bytes]] = {}
         self.sent = 0
+        self._counting = threading.Lock()
+
+    def run_all(self, requests: list[Planned], first: int = 1, step: int = 1) -> Iterator[Outcome]:
+        """Each request's outcome, in order (request `i` numbered `first + i * step`)."""
+        numbered = [(request, first + i * step) for i, request in enumerate(requests)]
+        with ThreadPoolExecutor(self.clients) as clients:
+            yield from clients.map(lambda pair: self.run(*pair), numbered)
 
     def run(self, request: Planned, index: int) -> Outcome:
-        self.sent += 1
+        with self._counting:
+            self.sent += 1
+            prediction_id = f"{self.id_prefix}{self.sent:05d}"
         # The previous response's slot frees a moment after it was sent; a cancel must not race that.
-        self.ready_again()
+        # Alone, the server is READY between requests; with other clients it may stay BUSY.
+        alone = self.clients == 1
+        if alone:
+            self.ready_again()
         started = time.monotonic()
-        result = send(self.server, request, f"{self.id_prefix}{self.sent:05d}")
+        result = send(self.server, request, prediction_id)
         seconds = time.monotonic() - started
-        problem = problem_with(request, result, self.probes)
-        if problem is None and not self.ready_again():
+        with self._counting:  # the first run of a probe is what the others must equal
+            problem = problem_with(request, result, self.probes)
+        if problem is None and alone and not self.ready_again():
             problem = f"server not READY within {READY_TIMEOUT_S:.0f} s after the response"
         return Outcome(index, request.kind, request.expect, status_of(result), seconds, problem)
 
@@ -248,9 +263,14 @@ def soak_server(workdir: Path) -> Iterator[tuple[CogServer, HttpFiles, Path, Pat
 
 
 def run_soak(
-    count: int, seed: int, workdir: Path, progress: Callable[[str], None] = lambda _: None
+    count: int,
+    seed: int,
+    workdir: Path,
+    progress: Callable[[str], None] = lambda _: None,
+    clients: int = 1,
 ) -> SoakReport:
-    """Start a server in `workdir`, warm it up, drive `count` mixed requests, and measure what grew."""
+    """Start a server in `workdir`, warm it up, drive `count` mixed requests from `clients` concurrent
+    clients, and measure what grew."""
     report = SoakReport(count, seed)
     started = time.monotonic()
     images = Images.make()
@@ -259,9 +279,9 @@ def run_soak(
         footprint = Footprint(server, server_tmp, lora_cache, id_prefix)
         try:
             loras = serve_loras(files)
-            driver = Driver(server, id_prefix)
+            driver = Driver(server, id_prefix, clients)
             report.setup_s = time.monotonic() - started
-            report.framing += [driver.run(request, 0) for request in warm_up(loras, images, count, seed)]
+            report.framing += list(driver.run_all(warm_up(loras, images, count, seed), first=0, step=0))
             start, warm_up_sent = footprint.take(), driver.sent
             run_started = time.monotonic()
             drive(driver, plan(count, seed, loras, images), footprint, report, progress)
@@ -284,8 +304,8 @@ def drive(
     progress: Callable[[str], None],
 ) -> None:
     """Send the mix, recording each outcome and the server's RSS after it."""
-    for index, request in enumerate(requests, start=1):
-        report.outcomes.append(driver.run(request, index))
+    for index, outcome in enumerate(driver.run_all(requests), start=1):
+        report.outcomes.append(outcome)
         report.rss.append(footprint.rss_kib())
         if index % 25 == 0 or index == len(requests):
             progress(f"{index}/{len(requests)} predictions, {len(report.unexpected)} unexpected")

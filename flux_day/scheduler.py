@@ -1,0 +1,144 @@
+"""`GpuScheduler`: many requests at once on one GPU, for Cog's async `run` with `concurrency.max`.
+
+What waits on the network or the disk runs concurrently, in threads: checking the inputs, reading the
+images, downloading and parsing the LoRAs (`Engine.prepare`). What needs the GPU runs one request at a
+time (`Engine.run_prepared`), in the order requests become ready: `asyncio.Lock` wakes its waiters
+first come, first served, and a newcomer never jumps a waiter, so a request is overtaken only by
+those whose LoRAs were ready before its own — no request starves, and one with a slow download never
+holds up those behind it.
+
+Memory stays bounded: the LoRAs parsed for requests waiting for the GPU (or on it) count against
+`FLUX_DAY_PARSED_LORA_BYTES`; while they fill it, a new request waits to read (download and parse)
+its own until one of them is done and lets go of its LoRAs.
+
+A cancel reaches a request's task as `CancelledError` wherever it waits: waiting for its LoRAs or for
+its turn, it just leaves; running, its threads see its `CancelFlag`, and its turn is given up only
+once its thread has stopped and restored its LoRAs, so the next request never sees them half-made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from flux_day.cancel import CancelFlag, cancellable
+from flux_day.engine import Engine, PreparedRequest
+from flux_day.generation import Generation
+from flux_day.request import GenerationRequest
+from flux_day.server_log import log as server_log
+
+Result = TypeVar("Result")
+# asyncio's default executor has min(32, CPUs + 4) threads: on a small machine fewer than the requests
+# that may wait on downloads at once, and one more would wait for a thread, not its download. Cog's
+# slots bound how many requests there are; this bounds nothing they need.
+THREADS = 64
+
+
+class GpuScheduler:
+    """Prepares requests concurrently and runs them on the engine's GPU one at a time, in order of
+    readiness; each request's `timing.queue` is how long it waited for its turn."""
+
+    def __init__(self, engine: Engine, running_file: Path | None = None) -> None:
+        self.engine = engine
+        self.running_file = running_file  # holds `running`, for the preStop hook (scripts/health_probe.py)
+        self._turn = asyncio.Lock()
+        self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="flux-day")
+        self.running = 0  # predictions inside `admitted` blocks (changed on the event loop's thread only)
+        self.held_bytes = 0  # parsed LoRAs of prepared requests not yet done with the GPU
+        self._freed = asyncio.Event()  # set (and replaced) whenever `held_bytes` shrinks
+        self._publish()
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """A prediction's whole `run`, counted in `running` (its files are read by Cog only after it)."""
+        self.running += 1
+        self._publish()
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._publish()
+
+    def _publish(self) -> None:
+        """Write `running` to `running_file`: coglet's health check says READY while a slot is free,
+        so only this tells the preStop hook whether a prediction still runs."""
+        if self.running_file is None:
+            return
+        partial = self.running_file.with_name(f"{self.running_file.name}.{os.getpid()}")
+        try:
+            partial.write_text(str(self.running))
+            os.replace(partial, self.running_file)
+        except OSError as error:  # the hook then waits for READY alone; predictions go on
+            server_log.warning("cannot write %s: %s", self.running_file, error)
+
+    async def in_thread(self, work: Callable[..., Result], *args: object, **kwargs: object) -> Result:
+        """`work(*args, **kwargs)` in a thread of its own, under the caller's context (Cog's log routing
+        and metrics scope, this request's cancel flag), as `asyncio.to_thread` runs it."""
+        call = functools.partial(contextvars.copy_context().run, work, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        """`request`'s images and metrics, as `Engine.generate` gives them, plus `timing.queue`."""
+        flag = CancelFlag()
+        with cancellable(flag):  # `in_thread` carries it into this request's threads
+            await self._room_to_parse()
+            prepared = await self._until_done(flag, self.engine.prepare, request)
+            held = sum({id(w): w.held_bytes for w in prepared.loras if w is not None}.values())
+            self.held_bytes += held
+            try:
+                ready = time.perf_counter()
+                async with self._turn:
+                    prepared.timings["queue"] = time.perf_counter() - ready
+                    return await self._on_the_gpu(flag, prepared)
+            finally:
+                self.held_bytes -= held
+                self._freed.set()
+                self._freed = asyncio.Event()
+
+    async def _room_to_parse(self) -> None:
+        """Wait while the LoRAs of requests waiting for the GPU (or on it) fill the parsed-LoRA budget;
+        with none held, any request goes, however large its LoRAs."""
+        while self.held_bytes and self.held_bytes >= self.engine.settings.parsed_lora_bytes:
+            await self._freed.wait()
+
+    async def _on_the_gpu(self, flag: CancelFlag, prepared: PreparedRequest) -> Generation:
+        """The GPU part of `prepared`; a cancel stops it, and the operator's log says where."""
+        try:
+            return await self._until_done(flag, self.engine.run_prepared, prepared)
+        except asyncio.CancelledError:
+            # Cog closed the prediction's log at the cancel: the engine's line about it is lost
+            # there, so the operator's log says where it stopped.
+            request = prepared.request
+            server_log.info(
+                "request cancelled after %d of %d denoising steps; every LoRA restored",
+                self.engine.steps_done,
+                request.num_inference_steps * request.num_outputs,
+            )
+            raise
+
+    async def _until_done(self, flag: CancelFlag, work: Callable[..., Result], *args: object) -> Result:
+        """`work(*args)` in a thread. Cancelled meanwhile, the thread is told (`flag`) and awaited to its
+        end before the cancel goes on: what it holds (the GPU, fused LoRAs, a lock) is let go first."""
+        return await _settled_on_cancel(flag, asyncio.ensure_future(self.in_thread(work, *args)))
+
+
+async def _settled_on_cancel(flag: CancelFlag, thread: asyncio.Future[Result]) -> Result:
+    """`thread`'s result; cancelled, `flag` set and `thread` awaited to its end, then the cancel."""
+    try:
+        return await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        flag.set()
+        while not thread.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({thread})
+        if not thread.cancelled():
+            thread.exception()  # retrieved: its `Cancelled` (or failure) is this cancel's, not news
+        raise
