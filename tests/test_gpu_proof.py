@@ -73,8 +73,8 @@ def test_the_tiny_proof_runs_every_phase_headline_first_and_prints_one_table(
 def test_the_80gb_phase_runs_the_lora_leak_sequence_and_reports_its_checks(
     tiny_proof: TinyProof,
 ) -> None:
-    """Only that the checks ran and say yes or no: whether the fp8 copy goes home whole (and no LoRA
-    leaks) is tests/test_offload.py's to assert; these rows show it on the GPU too."""
+    """The checks ran and pass: the fp8 copy goes home whole and no LoRA leaks (tests/test_offload.py
+    holds the engine to it under both recipes; these rows show it on the GPU too)."""
     rows = tiny_proof.rows
     card = [row for row in rows if row["phase"] == "80 GB card (H100)"]
     value = {row["what"]: row["value"] for row in card}
@@ -83,9 +83,9 @@ def test_the_80gb_phase_runs_the_lora_leak_sequence_and_reports_its_checks(
     steps = [row["what"] for row in card if row["what"][:2] in {"1.", "2.", "3."}]
     assert [step[: len(prefix)] for step, prefix in zip(steps, SEQUENCE, strict=True)] == list(SEQUENCE)
     assert value["LoRA A changes the image"] == "yes"
-    assert value["3rd image = the reference (no LoRA leaked)"] in {"yes", "NO: LoRA A leaked"}
+    assert value["3rd image = the reference (no LoRA leaked)"] == "yes"
     at_home, _, weights = value["fp8 copy sent home: weights wholly in their home copy"].split()
-    assert int(weights) > 0 and 0 <= int(at_home) <= int(weights)
+    assert int(weights) > 0 and int(at_home) == int(weights)
 
 
 def test_the_preflight_passes_on_this_cpu_in_its_cpu_mode(tmp_path: Path) -> None:
