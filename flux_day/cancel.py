@@ -2,9 +2,10 @@
 
 Cog cancels an async prediction by cancelling its task: the `CancelledError` lands at the task's
 `await`, not in the threads the task waits on (a download, the GPU). So each request's threads run
-under its `CancelFlag` (a context variable: `GpuScheduler.in_thread` copies it into them), and the loops
-that can run long — a download's chunks, a wait on another's download, the denoising steps — call
-`stop_if_cancelled`, which raises `Cancelled` there, as Cog's own cancel of a sync predictor would.
+under its cancel flag (a `threading.Event` in a context variable: `GpuScheduler.in_thread` copies
+it into them), and the loops that can run long — a download's chunks, a wait on another's download,
+the denoising steps — call `stop_if_cancelled`, which raises `Cancelled` there, as Cog's own cancel
+of a sync predictor would.
 """
 
 from __future__ import annotations
@@ -20,26 +21,12 @@ class Cancelled(BaseException):
     `except Exception` on the way turns it into a failure."""
 
 
-class CancelFlag:
-    """Set once by whoever cancels a request; its threads stop at their next check."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        """Tell the request's threads to stop."""
-        self._event.set()
-
-    def is_set(self) -> bool:
-        """Whether the request was cancelled."""
-        return self._event.is_set()
-
-
-_current: ContextVar[CancelFlag | None] = ContextVar("flux_day_cancel", default=None)
+# A request's cancel flag: a `threading.Event` set once by whoever cancels it.
+_current: ContextVar[threading.Event | None] = ContextVar("flux_day_cancel", default=None)
 
 
 @contextmanager
-def cancellable(flag: CancelFlag) -> Iterator[None]:
+def cancellable(flag: threading.Event) -> Iterator[None]:
     """Run the block, and the threads it starts with its context (`asyncio.to_thread`), under `flag`."""
     token = _current.set(flag)
     try:

@@ -71,10 +71,6 @@ class Recipe:
             return PRODUCTION
         return Recipe(torch.bfloat16, WEIGHT_ONLY.fp8)
 
-    @property
-    def name(self) -> str:
-        return f"{str(self.dtype).removeprefix('torch.')} + {type(self.fp8).__name__}"
-
 
 # torchao's configs would otherwise set inductor's global options on every `quantize_` (the fp8 build
 # and each go_fast LoRA fuse): compiles would depend on whether this process has quantized yet.

@@ -12,7 +12,7 @@ Memory stays bounded: the LoRAs parsed for requests waiting for the GPU (or on i
 its own until one of them is done and lets go of its LoRAs.
 
 A cancel reaches a request's task as `CancelledError` wherever it waits: waiting for its LoRAs or for
-its turn, it just leaves; running, its threads see its `CancelFlag`, and its turn is given up only
+its turn, it just leaves; running, its threads see its cancel flag, and its turn is given up only
 once its thread has stopped and restored its LoRAs, so the next request never sees them half-made.
 """
 
@@ -23,13 +23,14 @@ import contextlib
 import contextvars
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from flux_day.cancel import CancelFlag, cancellable
+from flux_day.cancel import cancellable
 from flux_day.engine import Engine, PreparedRequest
 from flux_day.generation import Generation
 from flux_day.request import GenerationRequest
@@ -87,7 +88,7 @@ class GpuScheduler:
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """`request`'s images and metrics, as `Engine.generate` gives them, plus `timing.queue`."""
-        flag = CancelFlag()
+        flag = threading.Event()  # set by a cancel: `flux_day.cancel`
         with cancellable(flag):  # `in_thread` carries it into this request's threads
             await self._room_to_parse()
             prepared = await self._until_done(flag, self.engine.prepare, request)
@@ -109,7 +110,7 @@ class GpuScheduler:
         while self.held_bytes and self.held_bytes >= self.engine.settings.parsed_lora_bytes:
             await self._freed.wait()
 
-    async def _on_the_gpu(self, flag: CancelFlag, prepared: PreparedRequest) -> Generation:
+    async def _on_the_gpu(self, flag: threading.Event, prepared: PreparedRequest) -> Generation:
         """The GPU part of `prepared`; a cancel stops it, and the operator's log says where."""
         try:
             return await self._until_done(flag, self.engine.run_prepared, prepared)
@@ -124,13 +125,13 @@ class GpuScheduler:
             )
             raise
 
-    async def _until_done(self, flag: CancelFlag, work: Callable[..., Result], *args: object) -> Result:
+    async def _until_done(self, flag: threading.Event, work: Callable[..., Result], *args: object) -> Result:
         """`work(*args)` in a thread. Cancelled meanwhile, the thread is told (`flag`) and awaited to its
         end before the cancel goes on: what it holds (the GPU, fused LoRAs, a lock) is let go first."""
         return await _settled_on_cancel(flag, asyncio.ensure_future(self.in_thread(work, *args)))
 
 
-async def _settled_on_cancel(flag: CancelFlag, thread: asyncio.Future[Result]) -> Result:
+async def _settled_on_cancel(flag: threading.Event, thread: asyncio.Future[Result]) -> Result:
     """`thread`'s result; cancelled, `flag` set and `thread` awaited to its end, then the cancel."""
     try:
         return await asyncio.shield(thread)
