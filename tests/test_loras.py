@@ -441,11 +441,10 @@ def test_images_with_a_lora_differ_from_the_base(engine: Engine) -> None:
     assert np.abs(changed - base).mean() > 1.0
 
 
-def test_full_size_kohya_files_go_through_diffusers_and_agree_with_the_layout_table(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """At FLUX.1's real widths diffusers' kohya converter works; its result must equal our split."""
+def test_full_size_kohya_files_split_by_the_layout_table_agree_with_diffusers_converter() -> None:
+    """At FLUX.1's real widths diffusers' kohya converter works; our split must give its updates."""
     from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
     from flux_day.loras import formats
     from flux_day.loras.flux_layout import ModuleIndex
@@ -460,15 +459,18 @@ def test_full_size_kohya_files_go_through_diffusers_and_agree_with_the_layout_ta
         kohya[f"lora_unet_{name}.lora_down.weight"] = torch.randn(2, columns, generator=g)
         kohya[f"lora_unet_{name}.lora_up.weight"] = torch.randn(rows, 2, generator=g)
         kohya[f"lora_unet_{name}.alpha"] = torch.tensor(1.0)
-    with caplog.at_level("INFO", logger="flux_day.loras.formats"):
-        parsed = formats.read_lora(lf.to_bytes(kohya), index, "FLUX.1 [dev]")
-    assert "splitting by layout" not in caplog.text
-    assert len(parsed.deltas) == 3 + 4
-    table = formats._deltas_from_groups(formats._group(kohya), index, {})
-    for module, delta in table.items():
-        torch.testing.assert_close(
-            parsed.deltas[module].matrix(torch.device("cpu")), delta.matrix(torch.device("cpu")), msg=module
-        )
+    parsed = formats.read_lora(lf.to_bytes(kohya), index, "FLUX.1 [dev]")
+    converted, alphas = FluxLoraLoaderMixin.lora_state_dict(
+        {key: value.clone() for key, value in kohya.items()}, return_alphas=True
+    )
+    theirs = {key.removesuffix(".lora_A.weight") for key in converted if key.endswith(".lora_A.weight")}
+    assert set(parsed.deltas) == theirs and len(theirs) == 3 + 4
+    cpu = torch.device("cpu")
+    for module in theirs:
+        up, down = converted[f"{module}.lora_B.weight"], converted[f"{module}.lora_A.weight"]
+        alpha = (alphas or {}).get(f"{module}.alpha")
+        expected = up @ down * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+        torch.testing.assert_close(parsed.deltas[module].rows(slice(None), cpu), expected, msg=module)
 
 
 def test_a_downloaded_lora_is_parsed_from_its_cache_file_as_its_bytes_are(

@@ -9,6 +9,7 @@ all, so this table, built from the loaded model's own shapes, is the one place t
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from torch import nn
@@ -44,46 +45,10 @@ _TOP_LEVEL = {
 }
 # BFL's final modulation emits (shift, scale); diffusers' `norm_out` emits (scale, shift).
 SWAPPED_HALVES = frozenset({"final_layer.adaLN_modulation.1"})
-
-
-@dataclass(frozen=True)
-class Split:
-    """Rows `start:stop` of a BFL module's output are the output of diffusers module `target`."""
-
-    target: str
-    start: int
-    stop: int
-
-
-def bfl_table(transformer: nn.Module) -> dict[str, tuple[Split, ...]]:
-    """Every BFL module name of this transformer, mapped to the diffusers linears that hold its rows."""
-    modules = dict(transformer.named_modules())
-    table: dict[str, tuple[Split, ...]] = {}
-
-    def add(bfl_name: str, targets: tuple[str, ...]) -> None:
-        if not all(isinstance(modules.get(t), nn.Linear) for t in targets):
-            return  # e.g. guidance_in on schnell, which has no guidance embedder
-        splits, start = [], 0
-        for target in targets:
-            rows = modules[target].out_features
-            splits.append(Split(target, start, start + rows))
-            start += rows
-        table[bfl_name] = tuple(splits)
-
-    for name, module in modules.items():
-        if not isinstance(module, nn.ModuleList):
-            continue
-        blocks = {"transformer_blocks": ("double_blocks", _DOUBLE_BLOCK)}
-        blocks["single_transformer_blocks"] = ("single_blocks", _SINGLE_BLOCK)
-        if name not in blocks:
-            continue
-        bfl_prefix, layout = blocks[name]
-        for index in range(len(module)):
-            for bfl_suffix, targets in layout.items():
-                add(f"{bfl_prefix}.{index}.{bfl_suffix}", tuple(f"{name}.{index}.{t}" for t in targets))
-    for bfl_name, targets in _TOP_LEVEL.items():
-        add(bfl_name, targets)
-    return table
+BLOCKS = {
+    "transformer_blocks": ("double_blocks", _DOUBLE_BLOCK),
+    "single_transformer_blocks": ("single_blocks", _SINGLE_BLOCK),
+}
 
 
 @dataclass(frozen=True)
@@ -94,6 +59,31 @@ class Target:
     start: int
     stop: int
     swap_halves: bool = False
+
+
+def bfl_table(transformer: nn.Module) -> dict[str, tuple[Target, ...]]:
+    """Every BFL module name of this transformer, mapped to the diffusers linears that hold its rows."""
+    modules = dict(transformer.named_modules())
+    layout = dict(_TOP_LEVEL)
+    for name, module in modules.items():
+        if name in BLOCKS:
+            bfl_prefix, block = BLOCKS[name]
+            for i in range(len(module)):
+                layout |= {
+                    f"{bfl_prefix}.{i}.{bfl}": tuple(f"{name}.{i}.{t}" for t in ts)
+                    for bfl, ts in block.items()
+                }
+    table: dict[str, tuple[Target, ...]] = {}
+    for bfl_name, names in layout.items():
+        if not all(isinstance(modules.get(name), nn.Linear) for name in names):
+            continue  # e.g. guidance_in on schnell, which has no guidance embedder
+        stops = list(itertools.accumulate(modules[name].out_features for name in names))
+        swap = bfl_name in SWAPPED_HALVES
+        table[bfl_name] = tuple(
+            Target(f"transformer.{name}", stop - modules[name].out_features, stop, swap)
+            for name, stop in zip(names, stops, strict=True)
+        )
+    return table
 
 
 class ModuleIndex:
@@ -134,9 +124,7 @@ class ModuleIndex:
                         ]
                 self.aliases.update(dict.fromkeys(spellings, whole))
         if "transformer" in components:
-            for bfl_name, splits in bfl_table(components["transformer"]).items():
-                swap = bfl_name in SWAPPED_HALVES
-                targets = tuple(Target(f"transformer.{s.target}", s.start, s.stop, swap) for s in splits)
+            for bfl_name, targets in bfl_table(components["transformer"]).items():
                 flat = bfl_name.replace(".", "_")
                 spellings = (bfl_name, f"diffusion_model.{bfl_name}", f"lora_unet_{flat}", f"lycoris_{flat}")
                 self.aliases.update(dict.fromkeys(spellings, targets))

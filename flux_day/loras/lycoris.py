@@ -1,12 +1,9 @@
 """LyCORIS LoKr and LoHa updates, kept in their factors until the fuse expands them row by row.
 
-diffusers 0.42.1 reads LoKr only for FLUX.2 and LoHa not at all, and PEFT 0.21 computes these updates
-only whole, inside layers it has injected (`LoKrLayer.get_delta_weight` → `make_kron`, one full-size
-`torch.kron`), so the two formulas are written here (LyCORIS' own definitions): LoKr `kron(w1, w2)`,
-LoHa `(w1_a @ w1_b) * (w2_a @ w2_b)`, each times alpha/rank where LyCORIS applies it. Expanded whole, a
-full-coverage LoKr is a second transformer in memory; kept factored it is a fraction of that, and the
-fuse computes only the rows it is adding (`delta_math.fused_weight`), entry for entry as `torch.kron`.
-Tucker-decomposed (convolution) factors cannot occur in FLUX's linears and are refused.
+Written here because diffusers 0.42.1 reads LoKr only for FLUX.2 and LoHa not at all, and PEFT 0.21
+computes them only whole (one full-size `torch.kron`): expanded whole, a full-coverage LoKr is a second
+transformer in memory. The formulas are LyCORIS' own: LoKr `kron(w1, w2)`, LoHa `(w1_a @ w1_b) *
+(w2_a @ w2_b)`, each times alpha/rank where LyCORIS applies it.
 """
 
 from __future__ import annotations
@@ -18,21 +15,8 @@ import torch
 from flux_day.errors import LoraError
 from flux_day.loras.delta_math import rotated_rows
 
-LYCORIS_ROLES = (
-    "lokr_w1",
-    "lokr_w1_a",
-    "lokr_w1_b",
-    "lokr_w2",
-    "lokr_w2_a",
-    "lokr_w2_b",
-    "lokr_t2",
-    "hada_w1_a",
-    "hada_w1_b",
-    "hada_w2_a",
-    "hada_w2_b",
-    "hada_t1",
-    "hada_t2",
-)
+LYCORIS_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LYCORIS_ROLES += ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
 @dataclass(frozen=True)
@@ -49,16 +33,13 @@ class Product:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(rows, columns) of the matrix."""
         return (self.a.shape[0], (self.a if self.b is None else self.b).shape[1])
 
     def rows(self, rows: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Rows `rows` of the matrix, in float32 on `device`."""
         a = self.a[rows].to(device, torch.float32)
         return a if self.b is None else a @ self.b.to(device, torch.float32)
 
     def moved(self, device: torch.device) -> Product:
-        """The same factors, in float32 on `device`."""
         b = None if self.b is None else self.b.to(device, torch.float32)
         return Product(self.a.to(device, torch.float32), b)
 
@@ -83,17 +64,11 @@ class Kronecker:
 
     @property
     def height(self) -> int:
-        """Rows of the whole kron(w1, w2)."""
         return self.w1.shape[0] * self.w2.shape[0]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """(count, w1's columns · w2's columns)."""
         return (self.count, self.w1.shape[1] * self.w2.shape[1])
-
-    def matrix(self, device: torch.device) -> torch.Tensor:
-        """The update in float32 on `device`."""
-        return self.rows(slice(None), device)
 
     def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
         """`times · scale ·` rows `rows`: row r of kron(w1, w2) is w1[r // h2] ⊗ w2[r % h2] (h2: w2's rows),
@@ -120,7 +95,6 @@ class Kronecker:
         return abs(self.scale) * self.w1.bound() * self.w2.bound()
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """Every factor."""
         return tuple(t for w in (self.w1, self.w2) for t in (w.a, w.b) if t is not None)
 
 
@@ -134,12 +108,7 @@ class Hadamard:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """(rows, columns) of both products."""
         return self.first.shape
-
-    def matrix(self, device: torch.device) -> torch.Tensor:
-        """The update in float32 on `device`."""
-        return self.rows(slice(None), device)
 
     def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
         """`times · scale · (a1[rows] @ b1) * (a2[rows] @ b2)`. CPU BLAS computes a row of a product alike
@@ -162,7 +131,6 @@ class Hadamard:
         return abs(self.scale) * self.first.bound() * self.second.bound()
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The four factors."""
         return tuple(t for p in (self.first, self.second) for t in (p.a, p.b) if t is not None)
 
 

@@ -1,9 +1,7 @@
 """What a LoRA file may hold that flux-day does not apply, refused by the name a user knows it by.
 
-Each check runs on the raw keys, before any converter, so the refusal says what the file is (a T5
-LoRA, a DoRA, a Control LoRA) rather than that some modules match nothing. diffusers drops several of
-these silently (DoRA's `dora_scale`, T5 modules), which would give a different image than the LoRA's
-author saw.
+Checked on the raw keys, so the refusal says what the file is (a T5 LoRA, a DoRA, a Control LoRA);
+diffusers drops several silently, which would give another image than the LoRA's author saw.
 """
 
 from __future__ import annotations
