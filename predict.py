@@ -1,14 +1,9 @@
-"""The Cog surface of flux-day: the published inputs as `cog build` reads them, and delegation.
+"""The Cog surface of flux-day: the published inputs, and delegation to `GenerationRequest` (checks),
+`GpuScheduler` (runs requests on the one `Engine`; blocking work in threads, so requests overlap) and
+`OutputStore` (the files Cog returns).
 
-`cog build` reads these declarations without running this file (cog's static schema generator): so
-every `Input(...)` argument is a literal, each description one string literal (it does not join
-implicitly concatenated strings or call `.format`). `flux_day.schema` is the same table for the code
-(checks, defaults, the CLI); tests hold both equal to the published seed.
-
-No logic lives here: `GenerationRequest` checks every input (the server enforces the schema only in a
-built image), `client_file` lets a request read only what it uploaded, `GpuScheduler` runs up to
-`concurrency.max` requests at once (cog.yaml) on the one `Engine`, `OutputStore` writes the files Cog
-turns into URLs. `run` is async: what blocks runs in threads, so requests overlap.
+`cog build` reads these declarations without running this file, so every `Input(...)` argument is a
+literal and each description one string literal; `flux_day.schema` is the same table for the code.
 """
 
 from __future__ import annotations
@@ -151,31 +146,11 @@ class Predictor(BaseRunner):
         ),
     ) -> list[Path]:
         """Generate images; see the input descriptions."""
+        inputs = {name: value for name, value in locals().items() if name != "self"}
         with self.scheduler.admitted(), user_facing_errors():
-            request = await self.scheduler.in_thread(
-                GenerationRequest.from_inputs,
-                prompt=prompt,
-                image=client_file("image", image),  # only files Cog made from the client's upload
-                mask=client_file("mask", mask),
-                aspect_ratio=aspect_ratio,
-                height=height,
-                width=width,
-                prompt_strength=prompt_strength,
-                model=model,
-                num_outputs=num_outputs,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                seed=seed,
-                output_format=output_format,
-                output_quality=output_quality,
-                disable_safety_checker=disable_safety_checker,
-                go_fast=go_fast,
-                megapixels=megapixels,
-                replicate_weights=replicate_weights,
-                lora_scale=lora_scale,
-                extra_lora=extra_lora,
-                extra_lora_scale=extra_lora_scale,
-            )
+            # A file input is read only if Cog made it from the client's upload.
+            inputs |= {name: client_file(name, inputs[name]) for name in ("image", "mask")}
+            request = await self.scheduler.in_thread(GenerationRequest.from_inputs, **inputs)
             request = request.with_default_lora(self.engine.default_lora)
             generation = await self.scheduler.generate(request)
             for key, value in generation.metrics.items():

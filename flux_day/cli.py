@@ -1,9 +1,8 @@
 """Command line: `python -m flux_day generate "prompt" [options]` runs a generation outside Cog.
 
-Every option but a few of the machine's own (`--weights`, `--out`, `--lora`, ...) is an input of the
-published schema, built from `flux_day.schema` with its choices, range, default and description, and
-checked by the same `GenerationRequest` before torch is imported. What the server refuses on purpose,
-a person may do on their own machine: a LoRA may be a local file or folder, and any number of them.
+Every option but the machine's own (`--weights`, `--out`, `--lora`, `--download`) is an input of the
+published schema, built from `flux_day.schema` and checked by `GenerationRequest` before torch is
+imported. Unlike the server, it takes local LoRA files and folders, and any number of LoRAs.
 """
 
 from __future__ import annotations
@@ -18,12 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flux_day.cli_loras import SCHEMA_LORAS, command_line_loras
+from flux_day.cli_loras import command_line_loras
 from flux_day.config import Settings
 from flux_day.errors import FluxDayError, InputError, WeightsError
 from flux_day.outputs import save_image
 from flux_day.request import GenerationRequest
-from flux_day.schema import INPUTS, SchemaInput
+from flux_day.schema import INPUTS, LORA_INPUTS, SchemaInput
 
 log = logging.getLogger("flux_day")
 
@@ -99,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
                 type=_value_type(field),
                 choices=field.choices or None,
                 metavar=field.name.upper(),
-                help=_schema_help(field) + (LOCAL_LORA_HELP if field.name in SCHEMA_LORAS else ""),
+                help=_schema_help(field) + (LOCAL_LORA_HELP if field.name in LORA_INPUTS else ""),
             )
     own = gen.add_argument_group("this machine")
     own.add_argument("--weights", type=Path, help="weights root (default: FLUX_DAY_WEIGHTS, else ./weights)")
@@ -108,9 +107,6 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="download the base weights when the weights root lacks them (about 60 GB from the Hugging "
         "Face Hub; FLUX.1 [dev] is gated: HF_TOKEN must be of an account that accepted its licence)",
-    )
-    own.add_argument(
-        "--tiny", action="store_true", help="write tiny random weights to the weights root if it has none"
     )
     own.add_argument(
         "--out", type=Path, default=Path("outputs"), help="folder for the images (default: outputs)"
@@ -183,23 +179,18 @@ def request_from(args: argparse.Namespace) -> GenerationRequest:
 
 
 def ready_settings(args: argparse.Namespace) -> Settings:
-    """Settings with `--weights`; base weights present, tiny ones written, or a download agreed to."""
+    """Settings with `--weights`; base weights present, or a download agreed to."""
     from flux_day.weights.download import download_notice, missing_folders
 
     # --weights stands for FLUX_DAY_WEIGHTS, so what defaults under it (the LoRA cache) follows it.
     overrides = {"FLUX_DAY_WEIGHTS": str(args.weights)} if args.weights is not None else {}
     settings = Settings.from_env({**os.environ, **overrides})
     missing = missing_folders(Path(settings.weights))
-    if missing and args.tiny:
-        from flux_day.weights.tiny import write_tiny_weights
-
-        log.info("writing tiny random weights to %s", settings.weights)
-        write_tiny_weights(settings.weights)
-    elif missing and not args.download:
+    if missing and not args.download:
         raise WeightsError(
             f"{download_notice(Path(settings.weights), missing)} To fetch them, add --download to this "
             f"command or run `python scripts/download_weights.py --weights {settings.weights}`; "
-            "--tiny writes random test weights instead."
+            f"`python scripts/make_tiny_weights.py {settings.weights}` writes random test weights instead."
         )
     return settings
 

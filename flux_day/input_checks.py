@@ -1,10 +1,5 @@
-"""Checks of single inputs against the published schema, each refusing a bad value by name.
-
-Each returns the value as it is used, or raises `InputError` naming the input, the value given and
-what is allowed.
-
-`GenerationRequest.from_inputs` combines them; the bounds and choices are `flux_day.schema`'s.
-"""
+"""Checks of single inputs, driven by `flux_day.schema`'s table: each returns the value as it is used, or
+raises `InputError` naming the input, the value given and what is allowed."""
 
 from __future__ import annotations
 
@@ -17,16 +12,10 @@ from typing import Any, Final
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flux_day.errors import InputError
-from flux_day.schema import INPUTS
+from flux_day.schema import SCHEMA, SchemaInput
 
 log = logging.getLogger(__name__)
 
-# The published schema's bounds and choices, by input (`flux_day.schema` states them once).
-NUMBER_BOUNDS: Final[dict[str, tuple[float, float]]] = {
-    field.name: field.bounds for field in INPUTS if field.bounds is not None
-}
-INTEGER_INPUTS: Final = frozenset(field.name for field in INPUTS if field.kind == "integer")
-CHOICES: Final[dict[str, tuple[str, ...]]] = {field.name: field.choices for field in INPUTS if field.choices}
 MAX_SEED: Final = 2**63 - 1  # seed + i must stay a valid torch seed
 RANDOM_SEED_BITS: Final = 32
 MASK_ASPECT_TOLERANCE: Final = 0.02
@@ -38,52 +27,57 @@ def shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def integer(name: str, value: Any) -> int:
-    # JSON clients may send 2.0 for 2; anything else that is not a whole number is refused.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InputError(f"{name}: {shown(value)} is not an integer; give a whole number.")
-    if isinstance(value, float) and not value.is_integer():
-        raise InputError(f"{name}: {shown(value)} is not an integer; give a whole number.")
-    return int(value)
+def checked(name: str, value: Any) -> Any:
+    """Input `name`'s `value` as it is used, checked against the table's kind, choices and bounds. Files
+    pass as they are: `open_image` reads them once the request knows which it needs."""
+    field = SCHEMA[name]
+    if value is None and field.default is None:
+        if field.required:  # the prompt
+            raise InputError(f"{name}: missing; give a text prompt describing the image.")
+        return None  # left empty, as the schema allows
+    if field.kind == "file":
+        return value
+    if field.kind == "boolean":
+        if not isinstance(value, bool):
+            raise InputError(f"{name}: {shown(value)} is not a boolean; give true or false.")
+        return value
+    if field.choices:
+        if value not in field.choices:
+            allowed = ", ".join(field.choices)
+            raise InputError(f"{name}: {shown(value)} is not one of the choices; use one of {allowed}.")
+        return value
+    if field.kind == "text":
+        if not isinstance(value, str):
+            fix = "give a text prompt" if field.required else "give a string or leave it empty"
+            raise InputError(f"{name}: {shown(value)} is not text; {fix}.")
+        return value if field.required else value.strip() or None
+    return _number(field, value)
 
 
-def real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError(f"{name}: {shown(value)} is not a number; give a number.")
-    return float(value)
-
-
-def bounded(name: str, value: Any) -> Any:
-    """Check type and the schema's bounds for a numeric input; return it as int or float."""
-    low, high = NUMBER_BOUNDS[name]
-    number = integer(name, value) if name in INTEGER_INPUTS else real(name, value)
-    if not low <= number <= high:
-        kind = "an integer" if name in INTEGER_INPUTS else "a number"
-        raise InputError(f"{name}: {shown(value)} is out of range; use {kind} from {low:g} to {high:g}.")
-    return number
-
-
-def choice(name: str, value: Any) -> str:
-    allowed = CHOICES[name]
-    if value not in allowed:
+def _number(field: SchemaInput, value: Any) -> int | float:
+    """A number within the field's bounds; JSON clients may send 2.0 for the integer 2."""
+    whole = field.kind == "integer"
+    kind = "an integer" if whole else "a number"
+    wrong = isinstance(value, bool) or not isinstance(value, int | float)
+    if isinstance(value, float):
+        wrong = not (value.is_integer() if whole else math.isfinite(value))
+    if wrong:
+        fix = "a whole number" if whole else kind
+        raise InputError(f"{field.name}: {shown(value)} is not {kind}; give {fix}.")
+    low, high = field.bounds or (0, MAX_SEED)  # the seed, unbounded in the schema: any valid torch seed
+    if not low <= value <= high:
+        empty = ", or leave it empty for a random seed" if field.name == "seed" else ""
         raise InputError(
-            f"{name}: {shown(value)} is not one of the choices; use one of {', '.join(allowed)}."
+            f"{field.name}: {shown(value)} is out of range; use {kind} from {low} to {high}{empty}."
         )
-    return value
+    return int(value) if whole else float(value)
 
 
-def flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"{name}: {shown(value)} is not a boolean; give true or false.")
-    return value
-
-
-def optional_text(name: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InputError(f"{name}: {shown(value)} is not text; give a string or leave it empty.")
-    return value.strip() or None
+def random_seed() -> int:
+    """A seed for a request that gave none, logged so its images can be made again."""
+    drawn = secrets.randbits(RANDOM_SEED_BITS)
+    log.info("seed not given; using random seed %d", drawn)
+    return drawn
 
 
 def open_image(name: str, path: Any, mode: str) -> Image.Image:
@@ -108,20 +102,6 @@ def open_image(name: str, path: Any, mode: str) -> Image.Image:
         raise InputError(
             f"{name}: the file is not an image that can be read; give a PNG, JPEG or WebP image."
         ) from None
-
-
-def seed_value(seed: Any) -> int:
-    if seed is None:
-        drawn = secrets.randbits(RANDOM_SEED_BITS)
-        log.info("seed not given; using random seed %d", drawn)
-        return drawn
-    value = integer("seed", seed)
-    if not 0 <= value <= MAX_SEED:
-        raise InputError(
-            f"seed: {shown(seed)} is out of range; use an integer from 0 to {MAX_SEED}, "
-            "or leave it empty for a random seed."
-        )
-    return value
 
 
 def fit_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
