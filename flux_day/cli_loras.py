@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from flux_day.errors import InputError, LoraError
-from flux_day.input_checks import checked
 from flux_day.loras.refs import LoraRef, LoraRequest
 from flux_day.schema import DEFAULTS, LORA_INPUTS, SCHEMA
 
@@ -74,7 +73,7 @@ def command_line_loras(
         text = inputs.get(name)
         if text and local_path(name, text.strip()) is not None:
             local[name] = lora_request(
-                name, text, checked(scale_name, inputs.get(scale_name, DEFAULTS[scale_name]))
+                name, text, SCHEMA[scale_name].check(inputs.get(scale_name, DEFAULTS[scale_name]))
             )
             inputs = {**inputs, name: None}
     extra = tuple(lora_option(option) for option in options)

@@ -7,17 +7,18 @@ it touches no model state, so a refused request changes nothing.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Final, Literal
 
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flux_day.components import transformer_component
 from flux_day.errors import InputError
-from flux_day.input_checks import checked, fit_mask, open_image, random_seed
 from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
-from flux_day.schema import DEFAULTS, LORA_INPUTS, refuse_unknown
+from flux_day.schema import DEFAULTS, LORA_INPUTS, SCHEMA, refuse_unknown, shown
 from flux_day.sizes import CUSTOM, aspect_ratio_size
 from flux_day.sizes import custom_size as round_custom_size
 from flux_day.sizes import image_size as image_generation_size
@@ -25,6 +26,8 @@ from flux_day.sizes import image_size as image_generation_size
 log = logging.getLogger(__name__)
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
+RANDOM_SEED_BITS: Final = 32
+MASK_ASPECT_TOLERANCE: Final = 0.02
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class GenerationRequest:
         """Check every input of the published schema (omitted ones at the table's default), then combine
         them: the LoRA references, the files, the size."""
         refuse_unknown(inputs)
-        given = {name: checked(name, value) for name, value in (DEFAULTS | inputs).items()}
+        given = {name: SCHEMA[name].check(value) for name, value in (DEFAULTS | inputs).items()}
         loras = tuple(
             LoraRequest.parse(name, given[name], given[scale])
             for name, scale in LORA_INPUTS.items()
@@ -102,7 +105,7 @@ class GenerationRequest:
             num_outputs=given["num_outputs"],
             num_inference_steps=given["num_inference_steps"],
             guidance_scale=given["guidance_scale"],
-            seed=random_seed() if given["seed"] is None else given["seed"],
+            seed=_random_seed() if given["seed"] is None else given["seed"],
             output_format=given["output_format"],
             output_quality=given["output_quality"],
             disable_safety_checker=given["disable_safety_checker"],
@@ -120,10 +123,10 @@ def _images(image: Any, mask: Any) -> tuple[Image.Image | None, Image.Image | No
             "mask: given without image; inpainting repaints `image` where the mask is white, "
             "so give the image too (or drop the mask)."
         )
-    source = None if image is None else open_image("image", image, "RGB")
-    mask_image = None if mask is None else open_image("mask", mask, "L")
+    source = None if image is None else _open_image("image", image, "RGB")
+    mask_image = None if mask is None else _open_image("mask", mask, "L")
     if source is not None and mask_image is not None:
-        mask_image = fit_mask(mask_image, source)
+        mask_image = _fit_mask(mask_image, source)
     return source, mask_image
 
 
@@ -146,3 +149,47 @@ def _size(image: Image.Image | None, given: Mapping[str, Any]) -> tuple[int, int
             )
         return round_custom_size(given["width"], given["height"])
     return aspect_ratio_size(given["aspect_ratio"], given["megapixels"])
+
+
+def _random_seed() -> int:
+    """A seed for a request that gave none, logged so its images can be made again."""
+    drawn = secrets.randbits(RANDOM_SEED_BITS)
+    log.info("seed not given; using random seed %d", drawn)
+    return drawn
+
+
+def _open_image(name: str, path: Any, mode: str) -> Image.Image:
+    """Read an uploaded file as an image, upright (EXIF orientation applied), in `mode`."""
+    if not isinstance(path, str | Path):
+        raise InputError(f"{name}: {shown(path)} is not a file; give an image URL or upload.")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            upright = ImageOps.exif_transpose(opened)
+            return upright.convert(mode)
+    except (FileNotFoundError, IsADirectoryError):
+        raise InputError(
+            f"{name}: there is no such file; give the path of a PNG, JPEG or WebP image."
+        ) from None
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"{name}: the image has too many pixels to read safely; give one under "
+            f"{Image.MAX_IMAGE_PIXELS} pixels."
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InputError(
+            f"{name}: the file is not an image that can be read; give a PNG, JPEG or WebP image."
+        ) from None
+
+
+def _fit_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
+    """The mask at the image's size; a mask of another shape would repaint the wrong place."""
+    if mask.size == image.size:
+        return mask
+    mask_ratio, image_ratio = mask.width / mask.height, image.width / image.height
+    if abs(mask_ratio / image_ratio - 1) > MASK_ASPECT_TOLERANCE:
+        raise InputError(
+            f"mask: its size {mask.width}x{mask.height} does not have the image's aspect ratio "
+            f"({image.width}x{image.height}); give a mask of the image's shape."
+        )
+    return mask.resize(image.size, Image.Resampling.NEAREST)

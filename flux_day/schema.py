@@ -1,11 +1,12 @@
 """The published input schema as one table (names, order, kinds, defaults, bounds, choices, descriptions),
-read by the request checks, the request's defaults and the CLI. Torch-free, so the CLI can refuse a bad
-value before loading anything. `predict.py` restates it as literals because `cog build` reads that file
-without running it; tests hold both equal to the published seed.
+and the check of a value against its row; the request, its defaults and the CLI read it. Torch-free, so
+the CLI can refuse a bad value before loading anything. `predict.py` restates it as literals because
+`cog build` reads that file without running it; tests hold both equal to the published seed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -17,6 +18,7 @@ from flux_day.outputs import OUTPUT_FORMATS
 from flux_day.sizes import ASPECT_RATIOS, CUSTOM, MEGAPIXEL_SIDE_SCALE
 
 Kind = Literal["text", "file", "integer", "number", "boolean"]
+MAX_SEED: Final = 2**63 - 1  # seed + i must stay a valid torch seed
 
 _LORA = (
     "Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/"
@@ -83,6 +85,51 @@ class SchemaInput:
     def description(self) -> str:
         return _DESCRIPTIONS[self.name]
 
+    def check(self, value: Any) -> Any:
+        """`value` as it is used, or an `InputError` naming the input, the value and what is allowed.
+        Files pass as they are: the request reads them once it knows which it needs."""
+        name = self.name
+        if value is None and self.default is None:
+            if self.required:  # the prompt
+                raise InputError(f"{name}: missing; give a text prompt describing the image.")
+            return None  # left empty, as the schema allows
+        if self.kind == "file":
+            return value
+        if self.kind == "boolean":
+            if not isinstance(value, bool):
+                raise InputError(f"{name}: {shown(value)} is not a boolean; give true or false.")
+            return value
+        if self.choices:
+            if value not in self.choices:
+                allowed = ", ".join(self.choices)
+                raise InputError(f"{name}: {shown(value)} is not one of the choices; use one of {allowed}.")
+            return value
+        if self.kind == "text":
+            if not isinstance(value, str):
+                fix = "give a text prompt" if self.required else "give a string or leave it empty"
+                raise InputError(f"{name}: {shown(value)} is not text; {fix}.")
+            return value if self.required else value.strip() or None
+        return self._number(value)
+
+    def _number(self, value: Any) -> int | float:
+        """A number within the bounds; JSON clients may send 2.0 for the integer 2."""
+        whole = self.kind == "integer"
+        kind = "an integer" if whole else "a number"
+        wrong = isinstance(value, bool) or not isinstance(value, int | float)
+        if isinstance(value, float):
+            wrong = not (value.is_integer() if whole else math.isfinite(value))
+        if wrong:
+            raise InputError(
+                f"{self.name}: {shown(value)} is not {kind}; give {'a whole number' if whole else kind}."
+            )
+        low, high = self.bounds or (0, MAX_SEED)  # the seed, unbounded in the schema: any valid torch seed
+        if not low <= value <= high:
+            empty = ", or leave it empty for a random seed" if self.name == "seed" else ""
+            raise InputError(
+                f"{self.name}: {shown(value)} is out of range; use {kind} from {low} to {high}{empty}."
+            )
+        return int(value) if whole else float(value)
+
 
 INPUTS: Final[tuple[SchemaInput, ...]] = (
     SchemaInput("prompt", "text", required=True),
@@ -122,3 +169,9 @@ def refuse_unknown(given: Iterable[str], accepted: Sequence[str] = tuple(SCHEMA)
         raise InputError(
             f"{unknown[0]}: not an input of this model; leave it out. The inputs are: {', '.join(accepted)}."
         )
+
+
+def shown(value: Any) -> str:
+    """A value as it may appear in an error: short, and never a local path or object repr."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
