@@ -130,12 +130,6 @@ def _top_parser() -> argparse.ArgumentParser:
     return top
 
 
-def schema_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """The schema's inputs from parsed arguments: given ones, others at the schema's default."""
-    inputs = {field.name: getattr(args, field.name) for field in INPUTS}
-    return {name: value for name, value in inputs.items() if value is not None}
-
-
 def ignored_inputs(inputs: dict[str, Any]) -> list[str]:
     """A note for each input given that this request will not use, so nothing is ignored in silence."""
     notes = []
@@ -155,8 +149,7 @@ def ignored_inputs(inputs: dict[str, Any]) -> list[str]:
 
 
 def writable_folder(out: Path) -> Path:
-    """`--out`, created if needed and proven writable before any work, so a long run never ends in a
-    failed write."""
+    """`--out`, created and proven writable before any work: a long run never ends in a failed write."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -169,8 +162,11 @@ def writable_folder(out: Path) -> Path:
 
 
 def request_from(args: argparse.Namespace) -> GenerationRequest:
-    """The checked request: the schema's checks, with local and any number of LoRAs added (CLI only)."""
-    inputs = schema_inputs(args)
+    """The checked request: the schema's checks, with local and any number of LoRAs added (CLI only).
+    Inputs not given take the schema's default."""
+    inputs = {
+        field.name: getattr(args, field.name) for field in INPUTS if getattr(args, field.name) is not None
+    }
     for note in ignored_inputs(inputs):
         log.warning("%s", note)
     completed, inputs = command_line_loras(inputs, args.lora)
@@ -201,9 +197,7 @@ def output_path(out: Path, request: GenerationRequest, seed: int) -> Path:
     fast = "-fast" if request.fp8 else ""
     stem = f"{request.model}-{request.mode}{fast}-{seed}"
     for attempt in range(1, 10_000):
-        path = out / (
-            f"{stem}.{request.output_format}" if attempt == 1 else f"{stem}-{attempt}.{request.output_format}"
-        )
+        path = out / f"{stem}{'' if attempt == 1 else f'-{attempt}'}.{request.output_format}"
         try:
             path.open("xb").close()  # claimed: a run beside this one picks another name
             return path
@@ -213,8 +207,7 @@ def output_path(out: Path, request: GenerationRequest, seed: int) -> Path:
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
-    """Run one generation from parsed arguments; return the written files. Everything a user can get
-    wrong is checked before torch is imported."""
+    """Run one generation; return the written files. All a user can get wrong is checked before torch."""
     out = writable_folder(args.out)
     request = request_from(args)
     settings = ready_settings(args)
