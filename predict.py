@@ -1,14 +1,9 @@
-"""The Cog surface of flux-day: the published inputs as `cog build` reads them, and delegation.
+"""The Cog surface of flux-day: the published inputs, and delegation to `GenerationRequest` (checks),
+`GpuScheduler` (runs requests on the one `Engine`; blocking work in threads, so requests overlap) and
+`OutputStore` (the files Cog returns).
 
-`cog build` reads these declarations without running this file (cog's static schema generator): so
-every `Input(...)` argument is a literal, each description one string literal (it does not join
-implicitly concatenated strings or call `.format`). `flux_day.schema` is the same table for the code
-(checks, defaults, the CLI); tests hold both equal to the published seed.
-
-No logic lives here: `GenerationRequest` checks every input (the server enforces the schema only in a
-built image), `client_file` lets a request read only what it uploaded, `GpuScheduler` runs up to
-`concurrency.max` requests at once (cog.yaml) on the one `Engine`, `OutputStore` writes the files Cog
-turns into URLs. `run` is async: what blocks runs in threads, so requests overlap.
+`cog build` reads these declarations without running this file, so every `Input(...)` argument is a
+literal and each description one string literal; `flux_day.schema` is the same table for the code.
 """
 
 from __future__ import annotations
@@ -40,142 +35,38 @@ class Predictor(BaseRunner):
         # Without a schema file coglet hands run() every key of the request: refuse unknown ones by name.
         self.run = declared_inputs_only(self.run)  # type: ignore[method-assign]
 
+    # One line per input, so the published schema reads as a table.
+    # fmt: off
     async def run(
         self,
-        prompt: str = Input(
-            description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image."
-        ),
-        image: Path | None = Input(
-            default=None,
-            description="Input image for image to image or inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored.",
-        ),
-        mask: Path | None = Input(
-            default=None,
-            description="Image mask for image inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored.",
-        ),
-        aspect_ratio: str = Input(
-            default="1:1",
-            choices=[
-                "1:1",
-                "16:9",
-                "21:9",
-                "3:2",
-                "2:3",
-                "4:5",
-                "5:4",
-                "3:4",
-                "4:3",
-                "9:16",
-                "9:21",
-                "custom",
-            ],
-            description="Aspect ratio for the generated image. If custom is selected, uses height and width below & will run in bf16 mode",
-        ),
-        height: int | None = Input(
-            default=None,
-            ge=256,
-            le=1440,
-            description="Height of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
-        ),
-        width: int | None = Input(
-            default=None,
-            ge=256,
-            le=1440,
-            description="Width of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
-        ),
-        prompt_strength: float = Input(
-            default=0.8,
-            ge=0,
-            le=1,
-            description="Prompt strength when using img2img. 1.0 corresponds to full destruction of information in image",
-        ),
-        model: str = Input(
-            default="dev",
-            choices=["dev", "schnell"],
-            description="Which model to run inference with. The dev model performs best with around 28 inference steps but the schnell model only needs 4 steps.",
-        ),
+        prompt: str = Input(description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image."),
+        image: Path | None = Input(default=None, description="Input image for image to image or inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored."),
+        mask: Path | None = Input(default=None, description="Image mask for image inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored."),
+        aspect_ratio: str = Input(default="1:1", choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"], description="Aspect ratio for the generated image. If custom is selected, uses height and width below & will run in bf16 mode"),
+        height: int | None = Input(default=None, ge=256, le=1440, description="Height of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation"),
+        width: int | None = Input(default=None, ge=256, le=1440, description="Width of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation"),
+        prompt_strength: float = Input(default=0.8, ge=0, le=1, description="Prompt strength when using img2img. 1.0 corresponds to full destruction of information in image"),
+        model: str = Input(default="dev", choices=["dev", "schnell"], description="Which model to run inference with. The dev model performs best with around 28 inference steps but the schnell model only needs 4 steps."),
         num_outputs: int = Input(default=1, ge=1, le=4, description="Number of outputs to generate"),
-        num_inference_steps: int = Input(
-            default=28,
-            ge=1,
-            le=50,
-            description="Number of denoising steps. More steps can give more detailed images, but take longer.",
-        ),
-        guidance_scale: float = Input(
-            default=3,
-            ge=0,
-            le=10,
-            description="Guidance scale for the diffusion process. Lower values can give more realistic images. Good values to try are 2, 2.5, 3 and 3.5",
-        ),
+        num_inference_steps: int = Input(default=28, ge=1, le=50, description="Number of denoising steps. More steps can give more detailed images, but take longer."),
+        guidance_scale: float = Input(default=3, ge=0, le=10, description="Guidance scale for the diffusion process. Lower values can give more realistic images. Good values to try are 2, 2.5, 3 and 3.5"),
         seed: int | None = Input(default=None, description="Random seed. Set for reproducible generation"),
-        output_format: str = Input(
-            default="webp", choices=["webp", "jpg", "png"], description="Format of the output images"
-        ),
-        output_quality: int = Input(
-            default=80,
-            ge=0,
-            le=100,
-            description="Quality when saving the output images, from 0 to 100. 100 is best quality, 0 is lowest quality. Not relevant for .png outputs",
-        ),
-        disable_safety_checker: bool = Input(
-            default=False, description="Disable safety checker for generated images."
-        ),
-        go_fast: bool = Input(
-            default=False,
-            description="Run faster predictions with model optimized for speed (currently fp8 quantized); disable to run in original bf16",
-        ),
-        megapixels: str = Input(
-            default="1",
-            choices=["1", "0.25"],
-            description="Approximate number of megapixels for generated image",
-        ),
-        replicate_weights: str | None = Input(
-            default=None,
-            description="Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'",
-        ),
-        lora_scale: float = Input(
-            default=1,
-            ge=-1,
-            le=3,
-            description="Determines how strongly the main LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora.",
-        ),
-        extra_lora: str | None = Input(
-            default=None,
-            description="Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'",
-        ),
-        extra_lora_scale: float = Input(
-            default=1,
-            ge=-1,
-            le=3,
-            description="Determines how strongly the extra LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora.",
-        ),
+        output_format: str = Input(default="webp", choices=["webp", "jpg", "png"], description="Format of the output images"),
+        output_quality: int = Input(default=80, ge=0, le=100, description="Quality when saving the output images, from 0 to 100. 100 is best quality, 0 is lowest quality. Not relevant for .png outputs"),
+        disable_safety_checker: bool = Input(default=False, description="Disable safety checker for generated images."),
+        go_fast: bool = Input(default=False, description="Run faster predictions with model optimized for speed (currently fp8 quantized); disable to run in original bf16"),
+        megapixels: str = Input(default="1", choices=["1", "0.25"], description="Approximate number of megapixels for generated image"),
+        replicate_weights: str | None = Input(default=None, description="Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'"),
+        lora_scale: float = Input(default=1, ge=-1, le=3, description="Determines how strongly the main LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora."),
+        extra_lora: str | None = Input(default=None, description="Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'"),
+        extra_lora_scale: float = Input(default=1, ge=-1, le=3, description="Determines how strongly the extra LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora."),
     ) -> list[Path]:
         """Generate images; see the input descriptions."""
+        inputs = {name: value for name, value in locals().items() if name != "self"}
         with self.scheduler.admitted(), user_facing_errors():
-            request = await self.scheduler.in_thread(
-                GenerationRequest.from_inputs,
-                prompt=prompt,
-                image=client_file("image", image),  # only files Cog made from the client's upload
-                mask=client_file("mask", mask),
-                aspect_ratio=aspect_ratio,
-                height=height,
-                width=width,
-                prompt_strength=prompt_strength,
-                model=model,
-                num_outputs=num_outputs,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                seed=seed,
-                output_format=output_format,
-                output_quality=output_quality,
-                disable_safety_checker=disable_safety_checker,
-                go_fast=go_fast,
-                megapixels=megapixels,
-                replicate_weights=replicate_weights,
-                lora_scale=lora_scale,
-                extra_lora=extra_lora,
-                extra_lora_scale=extra_lora_scale,
-            )
+            # A file input is read only if Cog made it from the client's upload.
+            inputs |= {name: client_file(name, inputs[name]) for name in ("image", "mask")}
+            request = await self.scheduler.in_thread(GenerationRequest.from_inputs, **inputs)
             request = request.with_default_lora(self.engine.default_lora)
             generation = await self.scheduler.generate(request)
             for key, value in generation.metrics.items():
@@ -188,3 +79,4 @@ class Predictor(BaseRunner):
                 others_running=self.scheduler.running > 1,
             )
             return [Path(p) for p in saved]
+    # fmt: on

@@ -1,9 +1,8 @@
 """Command line: `python -m flux_day generate "prompt" [options]` runs a generation outside Cog.
 
-Every option but a few of the machine's own (`--weights`, `--out`, `--lora`, ...) is an input of the
-published schema, built from `flux_day.schema` with its choices, range, default and description, and
-checked by the same `GenerationRequest` before torch is imported. What the server refuses on purpose,
-a person may do on their own machine: a LoRA may be a local file or folder, and any number of them.
+Every option but the machine's own (`--weights`, `--out`, `--lora`, `--download`) is an input of the
+published schema, built from `flux_day.schema` and checked by `GenerationRequest` before torch is
+imported. Unlike the server, it takes local LoRA files and folders, and any number of LoRAs.
 """
 
 from __future__ import annotations
@@ -18,12 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flux_day.cli_loras import SCHEMA_LORAS, command_line_loras
+from flux_day.cli_loras import command_line_loras
 from flux_day.config import Settings
 from flux_day.errors import FluxDayError, InputError, WeightsError
 from flux_day.outputs import save_image
 from flux_day.request import GenerationRequest
-from flux_day.schema import INPUTS, SchemaInput
+from flux_day.schema import INPUTS, LORA_INPUTS, SchemaInput
 
 log = logging.getLogger("flux_day")
 
@@ -99,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
                 type=_value_type(field),
                 choices=field.choices or None,
                 metavar=field.name.upper(),
-                help=_schema_help(field) + (LOCAL_LORA_HELP if field.name in SCHEMA_LORAS else ""),
+                help=_schema_help(field) + (LOCAL_LORA_HELP if field.name in LORA_INPUTS else ""),
             )
     own = gen.add_argument_group("this machine")
     own.add_argument("--weights", type=Path, help="weights root (default: FLUX_DAY_WEIGHTS, else ./weights)")
@@ -108,9 +107,6 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="download the base weights when the weights root lacks them (about 60 GB from the Hugging "
         "Face Hub; FLUX.1 [dev] is gated: HF_TOKEN must be of an account that accepted its licence)",
-    )
-    own.add_argument(
-        "--tiny", action="store_true", help="write tiny random weights to the weights root if it has none"
     )
     own.add_argument(
         "--out", type=Path, default=Path("outputs"), help="folder for the images (default: outputs)"
@@ -134,12 +130,6 @@ def _top_parser() -> argparse.ArgumentParser:
     return top
 
 
-def schema_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """The schema's inputs from parsed arguments: given ones, others at the schema's default."""
-    inputs = {field.name: getattr(args, field.name) for field in INPUTS}
-    return {name: value for name, value in inputs.items() if value is not None}
-
-
 def ignored_inputs(inputs: dict[str, Any]) -> list[str]:
     """A note for each input given that this request will not use, so nothing is ignored in silence."""
     notes = []
@@ -159,8 +149,7 @@ def ignored_inputs(inputs: dict[str, Any]) -> list[str]:
 
 
 def writable_folder(out: Path) -> Path:
-    """`--out`, created if needed and proven writable before any work, so a long run never ends in a
-    failed write."""
+    """`--out`, created and proven writable before any work: a long run never ends in a failed write."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -173,8 +162,11 @@ def writable_folder(out: Path) -> Path:
 
 
 def request_from(args: argparse.Namespace) -> GenerationRequest:
-    """The checked request: the schema's checks, with local and any number of LoRAs added (CLI only)."""
-    inputs = schema_inputs(args)
+    """The checked request: the schema's checks, with local and any number of LoRAs added (CLI only).
+    Inputs not given take the schema's default."""
+    inputs = {
+        field.name: getattr(args, field.name) for field in INPUTS if getattr(args, field.name) is not None
+    }
     for note in ignored_inputs(inputs):
         log.warning("%s", note)
     completed, inputs = command_line_loras(inputs, args.lora)
@@ -183,23 +175,18 @@ def request_from(args: argparse.Namespace) -> GenerationRequest:
 
 
 def ready_settings(args: argparse.Namespace) -> Settings:
-    """Settings with `--weights`; base weights present, tiny ones written, or a download agreed to."""
+    """Settings with `--weights`; base weights present, or a download agreed to."""
     from flux_day.weights.download import download_notice, missing_folders
 
     # --weights stands for FLUX_DAY_WEIGHTS, so what defaults under it (the LoRA cache) follows it.
     overrides = {"FLUX_DAY_WEIGHTS": str(args.weights)} if args.weights is not None else {}
     settings = Settings.from_env({**os.environ, **overrides})
     missing = missing_folders(Path(settings.weights))
-    if missing and args.tiny:
-        from flux_day.weights.tiny import write_tiny_weights
-
-        log.info("writing tiny random weights to %s", settings.weights)
-        write_tiny_weights(settings.weights)
-    elif missing and not args.download:
+    if missing and not args.download:
         raise WeightsError(
             f"{download_notice(Path(settings.weights), missing)} To fetch them, add --download to this "
             f"command or run `python scripts/download_weights.py --weights {settings.weights}`; "
-            "--tiny writes random test weights instead."
+            f"`python scripts/make_tiny_weights.py {settings.weights}` writes random test weights instead."
         )
     return settings
 
@@ -210,9 +197,7 @@ def output_path(out: Path, request: GenerationRequest, seed: int) -> Path:
     fast = "-fast" if request.fp8 else ""
     stem = f"{request.model}-{request.mode}{fast}-{seed}"
     for attempt in range(1, 10_000):
-        path = out / (
-            f"{stem}.{request.output_format}" if attempt == 1 else f"{stem}-{attempt}.{request.output_format}"
-        )
+        path = out / f"{stem}{'' if attempt == 1 else f'-{attempt}'}.{request.output_format}"
         try:
             path.open("xb").close()  # claimed: a run beside this one picks another name
             return path
@@ -222,8 +207,7 @@ def output_path(out: Path, request: GenerationRequest, seed: int) -> Path:
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
-    """Run one generation from parsed arguments; return the written files. Everything a user can get
-    wrong is checked before torch is imported."""
+    """Run one generation; return the written files. All a user can get wrong is checked before torch."""
     out = writable_folder(args.out)
     request = request_from(args)
     settings = ready_settings(args)

@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from flux_day.errors import InputError, LoraError
-from flux_day.input_checks import NUMBER_BOUNDS, bounded
 from flux_day.loras.refs import LoraRef, LoraRequest
-from flux_day.schema import DEFAULTS
+from flux_day.schema import DEFAULTS, LORA_INPUTS, SCHEMA
 
-SCHEMA_LORAS = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
 LORA_OPTION = "--lora"
 PATH_STARTS = ("/", "./", "../", "~", "file://")
 
@@ -48,7 +46,7 @@ def lora_option(text: str) -> LoraRequest:
     if colon and ref:
         with contextlib.suppress(ValueError):  # otherwise not a scale: a colon of the reference itself
             scale, text = float(tail), ref
-    low, high = NUMBER_BOUNDS["lora_scale"]
+    low, high = SCHEMA["lora_scale"].bounds  # type: ignore[misc]
     if not low <= scale <= high:
         raise InputError(
             f"{LORA_OPTION}: scale {tail} is out of range; use a number from {low:g} to {high:g}."
@@ -71,17 +69,17 @@ def command_line_loras(
     """`inputs` without the local LoRA paths the schema's checks would refuse, and the function that
     completes the checked request's LoRAs: the schema's two in their order, then every `--lora`."""
     local = {}
-    for name, scale_name in SCHEMA_LORAS.items():
+    for name, scale_name in LORA_INPUTS.items():
         text = inputs.get(name)
         if text and local_path(name, text.strip()) is not None:
             local[name] = lora_request(
-                name, text, bounded(scale_name, inputs.get(scale_name, DEFAULTS[scale_name]))
+                name, text, SCHEMA[scale_name].check(inputs.get(scale_name, DEFAULTS[scale_name]))
             )
             inputs = {**inputs, name: None}
     extra = tuple(lora_option(option) for option in options)
 
     def completed(checked: Sequence[LoraRequest]) -> tuple[LoraRequest, ...]:
         named = {lora.input_name: lora for lora in (*checked, *local.values())}
-        return (*(named[name] for name in SCHEMA_LORAS if name in named), *extra)
+        return (*(named[name] for name in LORA_INPUTS if name in named), *extra)
 
     return completed, inputs

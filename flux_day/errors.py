@@ -16,10 +16,7 @@ class InputError(FluxDayError, ValueError):
 
 class LoraError(InputError):
     """A LoRA cannot be used: its reference, download or file is wrong, and the message says the fix.
-
-    Raised inside `flux_day.loras` without the input's name, which the code reading a LoRA for an input
-    adds once (`for_input`), so the message still starts `<input>: ` as every input error does.
-    """
+    Raised without the input's name, which `for_input` adds once, so the message starts `<input>: `."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

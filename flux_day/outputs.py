@@ -1,5 +1,4 @@
-"""Encoding images to files: one fresh directory per prediction, earlier ones removed once Cog has
-read them."""
+"""Encoding images to files: one fresh directory per prediction, removed once Cog has read it."""
 
 from __future__ import annotations
 
@@ -12,10 +11,8 @@ from typing import Final
 
 from PIL import Image
 
-# Schema choice -> Pillow format name.
 OUTPUT_FORMATS: Final[dict[str, str]] = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
-# coglet reads (or uploads) a prediction's files after its `run()` returns. With other predictions
-# running, a directory saved this recently may still be being read: it goes at a later save.
+# With other predictions running, a directory saved this recently may still be being read by coglet.
 READ_GRACE_S: Final = 60.0
 
 
@@ -27,12 +24,8 @@ def save_image(image: Image.Image, path: Path, output_format: str, quality: int)
 
 
 class OutputStore:
-    """Writes each prediction's images into its own directory and deletes earlier ones.
-
-    Cog reads the returned files after `run()` returns, so a prediction's files may only go when no
-    prediction of its own is running: a later one that saves while others run (concurrent
-    predictions) leaves those saved within `READ_GRACE_S`, and one that saves alone removes them all.
-    """
+    """Writes each prediction's images into its own directory and deletes earlier ones at a later save:
+    Cog reads the files after `run()` returns, so a save while others run leaves the recent ones."""
 
     def __init__(self, parent: Path | None = None, prefix: str = "flux-day-out-") -> None:
         self._parent = parent
@@ -43,22 +36,18 @@ class OutputStore:
     def save(
         self, images: list[Image.Image], output_format: str, quality: int, others_running: bool = False
     ) -> list[Path]:
-        """Encode `images` as `out-<token>-<i>.<format>` in a fresh directory; return their paths.
-        `others_running`: other predictions are under way, whose files Cog may still be reading.
-
-        With `--upload-url`, Cog PUTs each file to that URL plus its name, so names differ between
-        predictions (the directory's random token): a plain upload server never overwrites an output.
-        """
+        """Encode `images` as `out-<token>-<i>.<format>` in a fresh directory; return their paths. The
+        directory's random token in each name keeps a plain upload server (`--upload-url`, which PUTs to
+        the URL plus the name) from overwriting an output."""
         self._remove_read(others_running)
         if self._parent is not None:
             self._parent.mkdir(parents=True, exist_ok=True)
         current = Path(tempfile.mkdtemp(prefix=self._prefix, dir=self._parent))
         token = current.name.removeprefix(self._prefix)
-        names = [f"out-{token}-{i}.{output_format}" for i in range(len(images))]
         try:
             saved = [
-                save_image(image, current / name, output_format, quality)
-                for image, name in zip(images, names, strict=True)
+                save_image(image, current / f"out-{token}-{i}.{output_format}", output_format, quality)
+                for i, image in enumerate(images)
             ]
         except BaseException:  # a failed or cancelled save leaves no half-written file
             shutil.rmtree(current, ignore_errors=True)
@@ -68,8 +57,7 @@ class OutputStore:
         return saved
 
     def _remove_read(self, others_running: bool) -> None:
-        """Remove the directories Cog is done with: all of them, or, while other predictions run,
-        those older than `READ_GRACE_S`."""
+        """Remove the directories Cog is done with: all, or while others run those over `READ_GRACE_S`."""
         with self._guard:
             now = time.monotonic()
             recent = [(d, made) for d, made in self._saved if others_running and now - made < READ_GRACE_S]

@@ -1,32 +1,24 @@
 """`GenerationRequest`: every input checked once, before any work, and turned into what to run.
 
-The Cog server enforces the schema only inside a built image, so this is the check that must be
-enough on its own. Every failure is an `InputError` whose message names the input, the value given
-and what is allowed; nothing here touches model state, so a refused request changes nothing.
+The Cog server enforces the schema only inside a built image, so this check must be enough on its own;
+it touches no model state, so a refused request changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Final, Literal
 
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flux_day.components import transformer_component
 from flux_day.errors import InputError
-from flux_day.input_checks import (
-    bounded,
-    choice,
-    fit_mask,
-    flag,
-    open_image,
-    optional_text,
-    seed_value,
-    shown,
-)
 from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
-from flux_day.schema import DEFAULTS
+from flux_day.schema import DEFAULTS, LORA_INPUTS, SCHEMA, refuse_unknown, shown
 from flux_day.sizes import CUSTOM, aspect_ratio_size
 from flux_day.sizes import custom_size as round_custom_size
 from flux_day.sizes import image_size as image_generation_size
@@ -34,6 +26,8 @@ from flux_day.sizes import image_size as image_generation_size
 log = logging.getLogger(__name__)
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
+RANDOM_SEED_BITS: Final = 32
+MASK_ASPECT_TOLERANCE: Final = 0.02
 
 
 @dataclass(frozen=True)
@@ -87,79 +81,39 @@ class GenerationRequest:
         return replace(self, loras=(default, *self.loras))
 
     @classmethod
-    def from_inputs(
-        cls,
-        *,
-        prompt: Any = DEFAULTS["prompt"],
-        image: Any = DEFAULTS["image"],
-        mask: Any = DEFAULTS["mask"],
-        aspect_ratio: Any = DEFAULTS["aspect_ratio"],
-        height: Any = DEFAULTS["height"],
-        width: Any = DEFAULTS["width"],
-        prompt_strength: Any = DEFAULTS["prompt_strength"],
-        model: Any = DEFAULTS["model"],
-        num_outputs: Any = DEFAULTS["num_outputs"],
-        num_inference_steps: Any = DEFAULTS["num_inference_steps"],
-        guidance_scale: Any = DEFAULTS["guidance_scale"],
-        seed: Any = DEFAULTS["seed"],
-        output_format: Any = DEFAULTS["output_format"],
-        output_quality: Any = DEFAULTS["output_quality"],
-        disable_safety_checker: Any = DEFAULTS["disable_safety_checker"],
-        go_fast: Any = DEFAULTS["go_fast"],
-        megapixels: Any = DEFAULTS["megapixels"],
-        replicate_weights: Any = DEFAULTS["replicate_weights"],
-        lora_scale: Any = DEFAULTS["lora_scale"],
-        extra_lora: Any = DEFAULTS["extra_lora"],
-        extra_lora_scale: Any = DEFAULTS["extra_lora_scale"],
-    ) -> GenerationRequest:
-        """Check every input of the published schema (omitted ones take `flux_day.schema`'s defaults)
-        and combine them, each input checked in turn."""
-        prompt = _prompt(prompt)
-        aspect_ratio = choice("aspect_ratio", aspect_ratio)
-        megapixels = choice("megapixels", megapixels)
-        sides = {
-            name: None if v is None else bounded(name, v)
-            for name, v in (("width", width), ("height", height))
-        }
-        strength = bounded("prompt_strength", prompt_strength)
-        model = choice("model", model)
-        num_outputs = bounded("num_outputs", num_outputs)
-        steps = bounded("num_inference_steps", num_inference_steps)
-        guidance = bounded("guidance_scale", guidance_scale)
-        output_format = choice("output_format", output_format)
-        quality = bounded("output_quality", output_quality)
-        loras = _lora_requests(replicate_weights, lora_scale, extra_lora, extra_lora_scale)
-        source, mask_image = _images(image, mask)
-        width_out, height_out = _size(source, strength, aspect_ratio, megapixels, sides)
-        return cls(
-            prompt=prompt,
-            mode="txt2img" if source is None else ("img2img" if mask_image is None else "inpaint"),
-            model=model,
-            width=width_out,
-            height=height_out,
-            image=source,
-            mask=mask_image,
-            prompt_strength=strength,
-            num_outputs=num_outputs,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            seed=seed_value(seed),
-            output_format=output_format,
-            output_quality=quality,
-            disable_safety_checker=flag("disable_safety_checker", disable_safety_checker),
-            go_fast=flag("go_fast", go_fast),
-            loras=loras,
-            lora_scale=bounded("lora_scale", lora_scale),
-            custom_size=aspect_ratio == CUSTOM,
+    def from_inputs(cls, **inputs: Any) -> GenerationRequest:
+        """Check every input of the published schema (omitted ones at the table's default), then combine
+        them: the LoRA references, the files, the size."""
+        refuse_unknown(inputs)
+        given = {name: SCHEMA[name].check(value) for name, value in (DEFAULTS | inputs).items()}
+        loras = tuple(
+            LoraRequest.parse(name, given[name], given[scale])
+            for name, scale in LORA_INPUTS.items()
+            if given[name]
         )
-
-
-def _prompt(prompt: Any) -> str:
-    if prompt is None:
-        raise InputError("prompt: missing; give a text prompt describing the image.")
-    if not isinstance(prompt, str):
-        raise InputError(f"prompt: {shown(prompt)} is not text; give a text prompt.")
-    return prompt
+        image, mask = _images(given["image"], given["mask"])
+        width, height = _size(image, given)
+        return cls(
+            prompt=given["prompt"],
+            mode="txt2img" if image is None else ("img2img" if mask is None else "inpaint"),
+            model=given["model"],
+            width=width,
+            height=height,
+            image=image,
+            mask=mask,
+            prompt_strength=given["prompt_strength"],
+            num_outputs=given["num_outputs"],
+            num_inference_steps=given["num_inference_steps"],
+            guidance_scale=given["guidance_scale"],
+            seed=_random_seed() if given["seed"] is None else given["seed"],
+            output_format=given["output_format"],
+            output_quality=given["output_quality"],
+            disable_safety_checker=given["disable_safety_checker"],
+            go_fast=given["go_fast"],
+            loras=loras,
+            lora_scale=given["lora_scale"],
+            custom_size=given["aspect_ratio"] == CUSTOM,
+        )
 
 
 def _images(image: Any, mask: Any) -> tuple[Image.Image | None, Image.Image | None]:
@@ -169,54 +123,73 @@ def _images(image: Any, mask: Any) -> tuple[Image.Image | None, Image.Image | No
             "mask: given without image; inpainting repaints `image` where the mask is white, "
             "so give the image too (or drop the mask)."
         )
-    source = None if image is None else open_image("image", image, "RGB")
-    mask_image = None if mask is None else open_image("mask", mask, "L")
+    source = None if image is None else _open_image("image", image, "RGB")
+    mask_image = None if mask is None else _open_image("mask", mask, "L")
     if source is not None and mask_image is not None:
-        mask_image = fit_mask(mask_image, source)
+        mask_image = _fit_mask(mask_image, source)
     return source, mask_image
 
 
-def _size(
-    source: Image.Image | None,
-    strength: float,
-    aspect_ratio: str,
-    megapixels: str,
-    sides: dict[str, int | None],
-) -> tuple[int, int]:
+def _size(image: Image.Image | None, given: Mapping[str, Any]) -> tuple[int, int]:
     """(width, height) to generate: the image's (the description promises aspect_ratio, width and
     height are ignored with one), the custom sides, or the aspect ratio's at `megapixels`."""
-    if source is not None:
-        if strength == 0:
+    if image is not None:
+        if given["prompt_strength"] == 0:
             raise InputError(
                 "prompt_strength: 0 leaves no denoising steps, so the input image would come "
                 "back unchanged; use a value above 0 (0.8 is the default)."
             )
-        return image_generation_size(*source.size)
-    if aspect_ratio == CUSTOM:
-        missing = [name for name, value in sides.items() if value is None]
+        return image_generation_size(*image.size)
+    if given["aspect_ratio"] == CUSTOM:
+        missing = [name for name in ("width", "height") if given[name] is None]
         if missing:
             raise InputError(
                 f"{' and '.join(missing)}: required when aspect_ratio is custom; give width "
                 "and height from 256 to 1440 (rounded to the nearest multiple of 16)."
             )
-        return round_custom_size(sides["width"], sides["height"])
-    return aspect_ratio_size(aspect_ratio, megapixels)
+        return round_custom_size(given["width"], given["height"])
+    return aspect_ratio_size(given["aspect_ratio"], given["megapixels"])
 
 
-def _lora_requests(
-    replicate_weights: Any, lora_scale: Any, extra_lora: Any, extra_lora_scale: Any
-) -> tuple[LoraRequest, ...]:
-    """The LoRAs the request names, each reference parsed now (a malformed one is refused by name)."""
-    named = (
-        (
-            "replicate_weights",
-            optional_text("replicate_weights", replicate_weights),
-            bounded("lora_scale", lora_scale),
-        ),
-        (
-            "extra_lora",
-            optional_text("extra_lora", extra_lora),
-            bounded("extra_lora_scale", extra_lora_scale),
-        ),
-    )
-    return tuple(LoraRequest.parse(name, source, scale) for name, source, scale in named if source)
+def _random_seed() -> int:
+    """A seed for a request that gave none, logged so its images can be made again."""
+    drawn = secrets.randbits(RANDOM_SEED_BITS)
+    log.info("seed not given; using random seed %d", drawn)
+    return drawn
+
+
+def _open_image(name: str, path: Any, mode: str) -> Image.Image:
+    """Read an uploaded file as an image, upright (EXIF orientation applied), in `mode`."""
+    if not isinstance(path, str | Path):
+        raise InputError(f"{name}: {shown(path)} is not a file; give an image URL or upload.")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            upright = ImageOps.exif_transpose(opened)
+            return upright.convert(mode)
+    except (FileNotFoundError, IsADirectoryError):
+        raise InputError(
+            f"{name}: there is no such file; give the path of a PNG, JPEG or WebP image."
+        ) from None
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"{name}: the image has too many pixels to read safely; give one under "
+            f"{Image.MAX_IMAGE_PIXELS} pixels."
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InputError(
+            f"{name}: the file is not an image that can be read; give a PNG, JPEG or WebP image."
+        ) from None
+
+
+def _fit_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
+    """The mask at the image's size; a mask of another shape would repaint the wrong place."""
+    if mask.size == image.size:
+        return mask
+    mask_ratio, image_ratio = mask.width / mask.height, image.width / image.height
+    if abs(mask_ratio / image_ratio - 1) > MASK_ASPECT_TOLERANCE:
+        raise InputError(
+            f"mask: its size {mask.width}x{mask.height} does not have the image's aspect ratio "
+            f"({image.width}x{image.height}); give a mask of the image's shape."
+        )
+    return mask.resize(image.size, Image.Resampling.NEAREST)

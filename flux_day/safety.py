@@ -1,10 +1,8 @@
 """The safety filter: CompVis' checker on every output, Falconsai's classifier as the second opinion.
 
-CompVis' `StableDiffusionSafetyChecker` flags generously; an image it flags is dropped unless the
-Falconsai ViT classifier calls it `normal` (the reference predictor's rule, which cuts CompVis's false
-positives). It fails closed: models that are missing or do not load fail setup, and an error while
-checking fails the prediction rather than return an unchecked image. Both run batched, once per
-prediction, on the engine's device.
+An image CompVis flags (generously) is dropped unless the Falconsai ViT classifier calls it `normal`
+(the reference predictor's rule, which cuts CompVis's false positives). It fails closed: models that do
+not load fail setup, and an error while checking fails the prediction rather than pass an image.
 """
 
 from __future__ import annotations
@@ -47,8 +45,7 @@ class SafetyFilter(nn.Module):
             raise WeightsError(
                 f"The safety models under {root} ({SAFETY_CHECKER_FOLDER}/, {NSFW_CLASSIFIER_FOLDER}/) "
                 f"cannot be loaded ({type(error).__name__}); run `python scripts/download_weights.py` to "
-                "fetch them. "
-                "The server does not start without them."
+                "fetch them. The server does not start without them."
             ) from None
         self.to(device).eval()
 
@@ -88,13 +85,9 @@ class SafetyFilter(nn.Module):
             logits = self.classifier(pixel_values=pixels.to(self.device, dtype)).logits
             labels = [self.classifier.config.id2label[int(k)] for k in logits.argmax(-1)]
             dropped = {i for i, label in zip(suspects, labels, strict=True) if label != SAFE_LABEL}
-        log.info(
-            "safety: %d of %d images flagged, %d confirmed and dropped, in %.2fs",
-            len(suspects),
-            len(images),
-            len(dropped),
-            time.perf_counter() - started,
-        )
+        seconds = time.perf_counter() - started
+        counts = (len(suspects), len(images), len(dropped), seconds)
+        log.info("safety: %d of %d images flagged, %d confirmed and dropped, in %.2fs", *counts)
         if len(dropped) == len(images):
             raise ContentError(ALL_FLAGGED)
         return [image for i, image in enumerate(images) if i not in dropped]

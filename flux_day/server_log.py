@@ -1,10 +1,8 @@
 """The operator's log: what a hosted user must not read goes here, never into a prediction's logs.
 
-coglet files what the worker writes to `sys.stderr` under the running prediction (its `logs`, which
-whoever sent it reads) and what reaches file descriptor 2 directly under the server's own log. Library
-class names, tracebacks and Python warnings (which name files by their path in the server's virtualenv)
-are for the operator. Until `keep_internals_out_of_predictions` runs (in the CLI, in tests) this logger
-propagates like any other.
+coglet files what the worker writes to `sys.stderr` under the running prediction (its `logs`, which its
+sender reads), and what reaches file descriptor 2 directly under the server's own log. Library class
+names, tracebacks and Python warnings (which name server paths) are for the operator.
 """
 
 from __future__ import annotations
@@ -27,12 +25,5 @@ def keep_internals_out_of_predictions() -> None:
     warnings.showwarning = _show_warning
 
 
-def _show_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: object = None,
-    line: str | None = None,
-) -> None:
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
     log.warning("python %s: %s", category.__name__, " ".join(str(message).split()))

@@ -1,25 +1,24 @@
-"""What a user sees of a prediction: our own error messages as they are, nothing internal.
-
-Errors: ours pass through, anything else becomes one plain sentence, its traceback in the server's
-own log (`user_facing_errors`). Inputs: only the declared ones (`declared_inputs_only`).
-"""
+"""What a user sees of a prediction: our own error messages as they are, nothing internal, and only the
+inputs the predictor declares."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cog.input import FieldInfo
 
-from flux_day.errors import FluxDayError, InputError
+from flux_day.errors import FluxDayError
+from flux_day.schema import refuse_unknown
 from flux_day.server_log import log as server_log
 
 INTERNAL_ERROR = "Generation failed because of an internal error; it was logged. Please try again."
+Result = TypeVar("Result")
 
 
 class InternalError(Exception):
@@ -43,44 +42,21 @@ def user_facing_errors() -> Iterator[None]:
         raise InternalError(INTERNAL_ERROR) from None
 
 
-Result = TypeVar("Result")
-
-
-def declared_inputs_only(run: Callable[..., Result]) -> Callable[..., Result]:
-    """`run` (a bound predictor method) refusing any input it does not declare, by name.
+def declared_inputs_only(run: Callable[..., Awaitable[Result]]) -> Callable[..., Awaitable[Result]]:
+    """`run` (a bound, async predictor method) refusing any input it does not declare, by name.
 
     Without `.cog/openapi_schema.json` coglet 0.23 passes every key of the request to `run`, and an
     unknown one fails as Python's "TypeError: Predictor.run() got an unexpected keyword argument",
-    a class and internal names (with the schema coglet drops unknown keys before the worker). Omitted
-    inputs get their `Input(default=...)` value, as coglet gives them.
+    a class and internal names. Omitted inputs get their `Input(default=...)` value, as coglet gives
+    them with the schema. The wrapper stays a coroutine function: coglet runs only those concurrently.
     """
     parameters = inspect.signature(run).parameters
-    accepted = ", ".join(parameters)
-
-    def completed(inputs: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(inputs) - set(parameters))
-        if unknown:
-            raise InputError(
-                f"{unknown[0]}: not an input of this model; leave it out. The inputs are: {accepted}."
-            )
-        defaults = {
-            name: parameter.default.default
-            for name, parameter in parameters.items()
-            if name not in inputs and isinstance(parameter.default, FieldInfo)
-        }
-        return inputs | defaults
-
-    if inspect.iscoroutinefunction(run):  # coglet runs an async `run` concurrently only if it is one
-
-        @functools.wraps(run)
-        async def checked_async(**inputs: Any) -> Any:
-            return await run(**completed(inputs))
-
-        return checked_async  # type: ignore[return-value]
+    defaults = {n: p.default.default for n, p in parameters.items() if isinstance(p.default, FieldInfo)}
 
     @functools.wraps(run)
-    def checked(**inputs: Any) -> Result:
-        return run(**completed(inputs))
+    async def checked(**inputs: Any) -> Result:
+        refuse_unknown(inputs, tuple(parameters))
+        return await run(**defaults | inputs)
 
     return checked
 

@@ -1,12 +1,8 @@
 """Which files a request may make the server read: only the ones Cog made from what the client sent.
 
-coglet 0.23 turns an `image`/`mask` sent as an http(s) URL or a data: URI into a file of its own
-(`cog.types.URLPath.convert`: `tempfile.NamedTemporaryFile(suffix=<name>, delete=False)` in the worker's
-temp directory, removed after the prediction) and passes that as a `cog.Path`. Any other string it
-passes through untouched, as a plain `str`, which would be opened as a path on the server's disk: its
-weights, its earlier outputs, /etc. So a file input is read only when it is a path object (never a
-client's string) naming a regular file (not a link) directly in the temp directory, with the `tmp`
-prefix NamedTemporaryFile gives; outputs, caches and everything else live elsewhere.
+coglet 0.23 turns an `image`/`mask` sent as a URL or data: URI into a `cog.Path` to a file of its own
+(`tempfile.NamedTemporaryFile`: `tmp...` directly in the temp directory), and passes any other string
+through as a plain `str`, which would name a file on the server's disk (its weights, outputs, /etc).
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def main() -> None:
     if args.weights is not None:
         run(args)
         return
-    from flux_day.weights.tiny import write_tiny_weights
+    from scripts.random_weights.tree import write_tiny_weights
 
     with tempfile.TemporaryDirectory(prefix="flux-day-tiny-") as scratch:
         args.weights = write_tiny_weights(Path(scratch))
@@ -148,7 +148,7 @@ def main() -> None:
 
 def compile_trees(args: argparse.Namespace, scratch: Path) -> None:
     """`compile` on the deep and wide trees given, writing under `scratch` those that are not."""
-    from flux_day.weights.tiny import write_tiny_weights
+    from scripts.random_weights.tree import write_tiny_weights
 
     if not 1 <= args.whole_sizes <= 10 or args.steps < 1 or args.repeats < 1:
         raise SystemExit("--whole-sizes must be 1 to 10; --steps and --repeats at least 1")

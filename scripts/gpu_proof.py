@@ -4,7 +4,7 @@
     python scripts/gpu_proof.py [--budget 480] [--out DIR]  # CUDA: FLUX.1 dev, schnell, T5-XXL, CLIP-L, VAE
     python scripts/gpu_proof.py --tiny                       # CPU, tiny models: the same code (tested)
 
-Nothing is downloaded or read from disk: `flux_day.weights.random_models.build_models` makes every
+Nothing is downloaded or read from disk: `scripts.random_weights.models.build_models` makes every
 component on the device (11.9 B parameters per transformer), and `Engine(models=..., safety=...)`
 takes them through the same setup path weights read from a tree take, so the memory plan, fp8 copies,
 LoRA fuses, residency, compile and safety run as in production. The preflight runs first (before

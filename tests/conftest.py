@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flux_day.engine import Engine
-from flux_day.weights.tiny import write_tiny_weights
+from scripts.random_weights.tree import write_tiny_weights
 from tests.harness.cog_server import CogServer, server_env
 from tests.harness.engines import RECIPES, EngineFactory, cpu_engine, cuda_recipe_on_cpu
 from tests.harness.http_files import HttpFiles

@@ -17,6 +17,7 @@ from PIL import Image
 from flux_day.cli import ignored_inputs, output_path, parser
 from flux_day.request import GenerationRequest
 from flux_day.schema import INPUTS
+from scripts.random_weights.tree import write_tiny_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +33,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def test_generate_builds_tiny_weights_and_writes_images(tmp_path: Path) -> None:
+def test_generate_writes_images(tiny_weights: Path, tmp_path: Path) -> None:
     result = run_cli(
         "a red fox",
         "--weights",
-        str(tmp_path / "w"),
-        "--tiny",
+        str(tiny_weights),
         "--out",
         str(tmp_path / "o"),
         "--num-inference-steps",
@@ -78,7 +78,9 @@ def test_a_lora_url_is_cached_under_the_weights_given(tmp_path: Path) -> None:
     local = ["--extra-lora", str(tmp_path / "local.safetensors"), "--lora", f"{tmp_path / 'folder'}:0.5"]
     with HttpFiles() as files:
         url = files.serve("/style.safetensors", lf.to_bytes(lf.kohya(lf.random_lora(1))))
-        base = run_cli("a fox", "--weights", str(weights), "--tiny", "--out", str(tmp_path / "a"), *common)
+        base = run_cli(
+            "a fox", "--weights", str(write_tiny_weights(weights)), "--out", str(tmp_path / "a"), *common
+        )
         styled = run_cli(
             *("a fox", "--weights", str(weights), "--out", str(tmp_path / "b"), "--replicate-weights", url),
             *local,

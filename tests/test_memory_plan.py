@@ -279,7 +279,7 @@ def flux_dev_tensor_sizes() -> dict[str, list[int]]:
     scale per row, in their own tensors)."""
     from diffusers import FluxTransformer2DModel
 
-    from flux_day.weights.random_models import PROFILES, transformer_config
+    from scripts.random_weights.models import PROFILES, transformer_config
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**transformer_config(PROFILES["full"], True)).to(torch.bfloat16)

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flux_day.input_checks import CHOICES
 from flux_day.model_specs import MODELS, shared_spec
+from flux_day.schema import SCHEMA
 from flux_day.weights.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def test_the_table_and_the_request_checks_load_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
-    assert CHOICES["model"] == tuple(MODELS)
+    assert SCHEMA["model"].choices == tuple(MODELS)
 
 
 def test_the_manifest_fetches_each_model_from_its_row_of_the_table() -> None:

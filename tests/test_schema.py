@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,6 @@ from typing import Any
 import pytest
 from cog._adt import Repetition
 
-from flux_day.input_checks import CHOICES, INTEGER_INPUTS, NUMBER_BOUNDS
-from flux_day.request import GenerationRequest
 from flux_day.schema import INPUTS
 from scripts.openapi_schema import read_predictor
 from tests.harness.seed_schema import seed_schema
@@ -55,25 +52,6 @@ def test_inputs_match_the_published_schema(predictor_info: Any) -> None:
 
 def test_output_is_a_list_of_files(predictor_info: Any) -> None:
     assert predictor_info.output.json_type() == seed_schema()["output"]
-
-
-def test_request_checks_use_the_published_bounds_choices_and_defaults() -> None:
-    seed = {field["name"]: field for field in seed_schema()["inputs"]}
-    for name, (low, high) in NUMBER_BOUNDS.items():
-        assert (low, high) == (seed[name]["minimum"], seed[name]["maximum"]), name
-        assert (name in INTEGER_INPUTS) == (seed[name]["type"] == "integer"), name
-    for name, choices in CHOICES.items():
-        assert list(choices) == seed[name]["choices"], name
-    bounded = {name for name, field in seed.items() if "minimum" in field}
-    enums = {name for name, field in seed.items() if "choices" in field}
-    assert bounded == set(NUMBER_BOUNDS) and enums == set(CHOICES)
-
-    defaults = {
-        name: parameter.default
-        for name, parameter in inspect.signature(GenerationRequest.from_inputs).parameters.items()
-        if name != "prompt"
-    }
-    assert defaults == {name: field.get("default") for name, field in seed.items() if name != "prompt"}
 
 
 def test_the_schema_table_is_the_published_schema() -> None:

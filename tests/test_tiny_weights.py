@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-from flux_day.weights.tiny import write_tiny_weights
+from scripts.random_weights.tree import write_tiny_weights
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -24,6 +26,16 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny_weights: Path, tmp_p
     other = digest(write_tiny_weights(tmp_path / "other", seed=1))
     key = "FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors"
     assert other[key] != digest(tiny_weights)[key]
+
+
+def test_the_script_leaves_a_tree_that_is_there_as_it_is(tiny_weights: Path) -> None:
+    """The README's first command runs it before every `generate`: the second time writes nothing."""
+    before = digest(tiny_weights)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_weights.py"
+    result = subprocess.run(
+        [sys.executable, script, tiny_weights], capture_output=True, text=True, check=True
+    )
+    assert "nothing written" in result.stdout and digest(tiny_weights) == before
 
 
 def test_layout_and_architecture(tiny_weights: Path) -> None:
@@ -56,7 +68,7 @@ def test_wide_profile_has_flux_real_layer_widths() -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from flux_day.weights.random_models import PROFILES, transformer_config
+    from scripts.random_weights.models import PROFILES, transformer_config
 
     wide = PROFILES["wide"]
     with torch.device("meta"):
@@ -77,7 +89,7 @@ def test_deep_profile_has_flux_real_depth(tmp_path: Path) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from flux_day.weights.random_models import PROFILES, transformer_config
+    from scripts.random_weights.models import PROFILES, transformer_config
 
     deep = PROFILES["deep"]
     with torch.device("meta"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import tempfile
 from collections.abc import Iterator
@@ -51,14 +53,15 @@ def test_only_the_files_cog_made_from_an_upload_are_read(upload: Path, tmp_path:
 
 
 class Runner:
-    def run(self, prompt: str = Input(description="p"), steps: int = Input(default=28, ge=1)) -> str:
+    async def run(self, prompt: str = Input(description="p"), steps: int = Input(default=28, ge=1)) -> str:
         return f"{prompt}:{steps}"
 
 
 def test_unknown_inputs_are_refused_by_name_and_omitted_ones_get_their_defaults() -> None:
     run = declared_inputs_only(Runner().run)
-    assert run(prompt="fox") == "fox:28" and run(prompt="fox", steps=3) == "fox:3"
+    assert inspect.iscoroutinefunction(run)  # coglet runs a `run` concurrently only if it is one
+    assert asyncio.run(run(prompt="fox")) == "fox:28" and asyncio.run(run(prompt="fox", steps=3)) == "fox:3"
     with pytest.raises(
         InputError, match=r"^foo: not an input of this model; .* The inputs are: prompt, steps\.$"
     ):
-        run(prompt="fox", foo=1)
+        asyncio.run(run(prompt="fox", foo=1))

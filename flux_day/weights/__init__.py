@@ -1,1 +1,1 @@
-"""Where weights live on disk, and the tiny random stand-ins the tests and demo run on."""
+"""Where base weights live on disk: their layout, what to download, and the download."""

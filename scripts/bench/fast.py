@@ -3,7 +3,7 @@ with --compile each under torch.compile, per model, through the product's Engine
 
 Prompt embeddings are computed once, outside timing. On a weights tree (`--weights`, or tiny weights in
 a temporary folder) the engine reads it; with --random-full-size (CUDA only) it is handed FLUX.1 at its
-real size with random weights, built on the GPU by `flux_day.weights.random_models.build_models` (the
+real size with random weights, built on the GPU by `scripts.random_weights.models.build_models` (the
 GPU proof's builder): nothing downloaded, the same timing code.
 """
 
@@ -43,7 +43,7 @@ def fast_random_full_size(args: argparse.Namespace) -> None:
     """`fast` on FLUX.1 at its real size with random weights, built on the GPU (CUDA only)."""
     import torch
 
-    from flux_day.weights.random_models import PROFILES
+    from scripts.random_weights.models import PROFILES
 
     device = full_size_device()
     fast_random(args, PROFILES["full"], device, torch.bfloat16)
@@ -54,7 +54,7 @@ def fast_random(args: argparse.Namespace, profile: Any, device: Any, dtype: Any)
     (as the GPU proof does); `PROFILES["tiny"]` on the CPU runs the same code in seconds."""
     from flux_day.config import Settings
     from flux_day.engine import Engine
-    from flux_day.weights.random_models import build_models
+    from scripts.random_weights.models import build_models
 
     quiet()
     # Random weights may decode to NaN pixels; that costs nothing and is no finding.

@@ -13,7 +13,7 @@ def full_size_components() -> dict[str, int]:
     import torch
 
     from flux_day.models import component_sizes
-    from flux_day.weights.random_models import PROFILES, build_models
+    from scripts.random_weights.models import PROFILES, build_models
 
     return component_sizes(*build_models(PROFILES["full"], torch.device("meta"), torch.bfloat16))
 

@@ -112,7 +112,7 @@ class Run:
         import torch
 
         from flux_day.memory_plan import module_bytes
-        from flux_day.weights.random_models import PROFILES, build_models
+        from scripts.random_weights.models import PROFILES, build_models
 
         begun = time.perf_counter()
         self.models, self.safety = build_models(PROFILES[self.scale.profile], self.device, self.dtype)

@@ -32,7 +32,7 @@ PROOF_MODULES = (
     "scripts.proof.speed",
     "scripts.proof.h100",
     "flux_day.engine",
-    "flux_day.weights.random_models",
+    "scripts.random_weights.models",
     "flux_day.memory_sim",
     "flux_day.loras.delta_math",
     "scripts.bench.lora_switch",

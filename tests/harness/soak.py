@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flux_day.weights.tiny import write_tiny_weights
+from scripts.random_weights.tree import write_tiny_weights
 from tests.harness.cog_server import CogServer, decode_output, open_image, server_env
 from tests.harness.http_files import HttpFiles
 from tests.harness.process_footprint import Footprint, Snapshot

@@ -12,40 +12,26 @@ from transformers import (
     ViTImageProcessor,
 )
 
+
+def _vision(hidden: int, ff: int, heads: int, layers: int, image: int, patch: int) -> dict[str, int]:
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=ff,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        image_size=image,
+        patch_size=patch,
+    )
+
+
 # CLIP ViT-L/14 and ViT-base/16 at 224 pixels, as the real models; and a tiny vision tower for tests.
-FULL_CHECKER = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 24,
-    "image_size": 224,
-    "patch_size": 14,
-}
-FULL_CLASSIFIER = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "image_size": 224,
-    "patch_size": 16,
-}
-TINY_VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
-_TEXT = {  # the checker's CLIP text tower is never run; it only has to exist
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "vocab_size": 100,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-}
+FULL_CHECKER = _vision(1024, 4096, 16, 24, 224, 14)
+FULL_CLASSIFIER = _vision(768, 3072, 12, 12, 224, 16)
+TINY_VISION = _vision(32, 37, 4, 2, 32, 8)
+# The checker's CLIP text tower is never run; it only has to exist.
+_TEXT = dict(
+    hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=100
+) | {"bos_token_id": 0, "eos_token_id": 2}
 
 
 def safety_models(
@@ -67,13 +53,9 @@ def safety_models(
     checker_processor = CLIPImageProcessor(
         size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels}
     )
+    labels = {0: "normal", 1: "nsfw"}
     classifier = ViTForImageClassification(
-        ViTConfig(
-            **classifier_vision,
-            num_labels=2,
-            id2label={0: "normal", 1: "nsfw"},
-            label2id={"normal": 0, "nsfw": 1},
-        )
+        ViTConfig(**classifier_vision, num_labels=2, id2label=labels, label2id={"normal": 0, "nsfw": 1})
     )
     with torch.no_grad():
         classifier.classifier.bias.copy_(torch.tensor([10.0, -10.0]))

@@ -1,8 +1,5 @@
 """Random FLUX-architecture weight trees on disk, in the real layout, so every loading path is real.
-
-`python scripts/make_tiny_weights.py DIR [--wide | --deep]` writes one; the profiles (tiny, wide,
-deep) are described in `flux_day.weights.random_models`. Same profile and seed, same bytes.
-"""
+Same profile and seed, same bytes."""
 
 from __future__ import annotations
 
@@ -15,9 +12,9 @@ from transformers.utils import logging as transformers_logging
 
 from flux_day.model_specs import MODELS
 from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
-from flux_day.weights.random_models import PROFILES, text_encoders, transformer, vae
-from flux_day.weights.random_safety import safety_models
-from flux_day.weights.random_tokenizers import clip_tokenizer, t5_tokenizer
+from scripts.random_weights.models import PROFILES, text_encoders, transformer, vae
+from scripts.random_weights.safety import safety_models
+from scripts.random_weights.tokenizers import clip_tokenizer, t5_tokenizer
 
 
 def _write_safety_models(root: Path) -> None:

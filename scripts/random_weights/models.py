@@ -1,8 +1,4 @@
-"""Random FLUX-architecture models, built from one set of profiles: the trees on disk and in memory.
-
-Real FLUX weights cannot be downloaded on our machines, so the demo, the tests and the benchmarks run
-on models with the real architecture (double and single blocks, guidance embedding, 16-channel VAE
-with FLUX's scaling and shift, CLIP + T5 encoders, tokenizers, both safety models). Profiles:
+"""Random FLUX-architecture models (the real architecture, random weights), one set of profiles:
 
 - **tiny** (a few MB): the test suite and the README's demo.
 - **wide** (GBs): FLUX.1's real layer widths (3072 hidden, 24 heads of 128, MLP x4, T5 width 4096,
@@ -24,25 +20,17 @@ from typing import TYPE_CHECKING, Final
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
-)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from flux_day.model_specs import MODELS
-from flux_day.weights.random_safety import safety_models
-from flux_day.weights.random_tokenizers import clip_tokenizer, t5_tokenizer
+from scripts.random_weights.safety import safety_models
+from scripts.random_weights.tokenizers import clip_tokenizer, t5_tokenizer
 
 if TYPE_CHECKING:
     from flux_day.models import LoadedModels
     from flux_day.safety import SafetyFilter
 
 
-# Words the tokenizers know as whole pieces; everything else falls back to characters.
 @dataclass(frozen=True)
 class TreeProfile:
     """The sizes that distinguish one random tree from another (the architecture is always FLUX.1's)."""

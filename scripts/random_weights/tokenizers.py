@@ -1,8 +1,5 @@
-"""Tokenizers for the random trees, built locally, since real ones cannot be downloaded here.
-
-CLIP's byte-level BPE and T5's Unigram, each knowing a few dozen whole words and falling back to
-characters.
-"""
+"""Tokenizers for the random trees, built locally (real ones cannot be downloaded here): CLIP's
+byte-level BPE and T5's Unigram, each knowing a few dozen whole words and falling back to characters."""
 
 from __future__ import annotations
 
@@ -10,43 +7,13 @@ import string
 
 from transformers import CLIPTokenizer, T5Tokenizer
 
-# Words the tokenizers know as whole pieces; everything else falls back to characters.
-_WORDS = (
-    "a",
-    "photo",
-    "of",
-    "the",
-    "an",
-    "in",
-    "on",
-    "with",
-    "and",
-    "red",
-    "blue",
-    "green",
-    "fox",
-    "cat",
-    "dog",
-    "tree",
-    "snow",
-    "city",
-    "night",
-    "day",
-    "portrait",
-    "painting",
-    "style",
-    "mountain",
-    "river",
-    "sky",
-    "sun",
-    "light",
-    "dark",
-    "house",
-    "car",
-    "person",
-    "woman",
-    "man",
+# fmt: off
+WORDS = (  # the words the tokenizers know whole; anything else falls back to characters
+    "a", "photo", "of", "the", "an", "in", "on", "with", "and", "red", "blue", "green", "fox", "cat", "dog",
+    "tree", "snow", "city", "night", "day", "portrait", "painting", "style", "mountain", "river", "sky",
+    "sun", "light", "dark", "house", "car", "person", "woman", "man",
 )
+# fmt: on
 
 
 def clip_tokenizer() -> CLIPTokenizer:
@@ -58,7 +25,7 @@ def clip_tokenizer() -> CLIPTokenizer:
     for piece in byte_chars + [c + "</w>" for c in byte_chars]:
         vocab.setdefault(piece, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in _WORDS:
+    for word in WORDS:
         # Merge left to right: ("f", "o"), ("fo", "x</w>") builds "fox</w>" from its characters.
         current = word[0]
         for i, ch in enumerate(word[1:], start=1):
@@ -76,6 +43,6 @@ def clip_tokenizer() -> CLIPTokenizer:
 def t5_tokenizer() -> T5Tokenizer:
     """A Unigram tokenizer like T5's sentencepiece: whole words first, then single characters."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(f"▁{w}", -3.0) for w in _WORDS]
+    pieces += [(f"▁{w}", -3.0) for w in WORDS]
     pieces += [(c, -8.0) for c in string.ascii_letters + string.digits + string.punctuation]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
