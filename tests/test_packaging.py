@@ -20,7 +20,7 @@ def quick_start_commands() -> list[str]:
 def test_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
     commands = quick_start_commands()
     assert len(commands) == 2
-    assert "generate" in commands[0] and "--tiny" in commands[0]
+    assert "make_tiny_weights.py weights/tiny" in commands[0] and "generate" in commands[0]
     assert "pytest" in commands[1]
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci_lines
