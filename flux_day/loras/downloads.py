@@ -25,7 +25,7 @@ from flux_day.filelocks import LockTimeout
 from flux_day.loras.archive import extract_lora, is_archive
 from flux_day.loras.cache import LoraCache
 from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Credential, Fetcher
-from flux_day.loras.refs import LoraRef
+from flux_day.loras.refs import LoraRef, shown_source
 from flux_day.loras.safetensors_file import check_lora_file
 from flux_day.weights.hub_errors import hub_refusal
 
@@ -148,7 +148,13 @@ class LoraDownloads:
 
     def _civitai(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
         api = f"{self.settings.civitai_url}/api/v1/models/{ref.name}"
-        model = self.fetcher.json(ref, api, self._credential(api, tokens))
+        with self.fetcher.open(ref, api, self._credential(api, tokens)) as response:
+            try:
+                model = response.json()
+            except ValueError:
+                raise LoraError(
+                    f"{shown_source(api)} did not answer with JSON for {ref.shown}; check the reference."
+                ) from None
         versions: list[dict[str, Any]] = model.get("modelVersions") or [] if isinstance(model, dict) else []
         if ref.version:
             versions = [v for v in versions if str(v.get("id")) == ref.version]

@@ -1,10 +1,6 @@
-"""HTTP for LoRAs: every hop checked, bodies guarded as they stream to disk, tokens kept to their host.
-
-Each hop of a redirect must be http(s) and reach only public addresses, unless
-`FLUX_DAY_ALLOW_PRIVATE_URLS=1` (tests) or the host is a service the operator configured (which may be
-internal); the socket's real peer is checked again at connect, against DNS rebinding. A token goes only
-to its own host. URLs are shown without their query string, where signed URLs keep credentials.
-"""
+"""HTTP for LoRAs: every hop http(s) to public addresses only (checked before the request and again on
+the connected socket, against DNS rebinding), unless allowed (`FLUX_DAY_ALLOW_PRIVATE_URLS`) or an
+operator's service; bodies guarded as they stream to disk; a token sent to its own host only."""
 
 from __future__ import annotations
 
@@ -15,7 +11,6 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import requests
 import urllib3
@@ -32,12 +27,9 @@ from flux_day.server_log import log as server_log
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 10
-CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 60
+MAX_REDIRECTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 10, 60
 DOWNLOAD_DEADLINE_S = 1800  # 2 GB at ~10 Mbit/s; a body that trickles forever is cut off
-CHUNK_BYTES = 1 << 20
-PROGRESS_EVERY_BYTES = 256 << 20
+CHUNK_BYTES, PROGRESS_EVERY_BYTES = 1 << 20, 256 << 20
 HEAD_BYTES = 8 + 100_000_000  # the safetensors library refuses larger headers
 TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
 
@@ -68,14 +60,14 @@ def endpoint(parts: urllib.parse.SplitResult) -> tuple[str, int]:
 
 
 class PublicOnlyAdapter(HTTPAdapter):
-    """Connections that may only reach public addresses or `trusted` (host, port)s, checked on the
-    connected socket before a byte is sent. urllib3 has no hook for it: its classes are subclassed."""
+    """Connections only to public addresses or `trusted` (host, port)s, checked once connected, before
+    a byte is sent (urllib3 has no hook for it: its classes are subclassed)."""
 
     def __init__(self, trusted: frozenset[tuple[str, int]]) -> None:
         self.trusted = trusted
         super().__init__()
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
         super().init_poolmanager(*args, **kwargs)
         trusted = self.trusted
 
@@ -234,16 +226,6 @@ class Fetcher:
             f"could not reach {shown_source(url)} for {ref.shown}; check the reference and try again."
         )
 
-    def json(self, ref: LoraRef, url: str, credential: Credential | None = None) -> Any:
-        """The JSON body at `url` (a service API), or an error naming the input."""
-        with self.open(ref, url, credential) as response:
-            try:
-                return response.json()
-            except ValueError:
-                raise LoraError(
-                    f"{shown_source(url)} did not answer with JSON for {ref.shown}; check the reference."
-                ) from None
-
     def download(self, ref: LoraRef, url: str, partial: Path, credential: Credential | None = None) -> None:
         """Stream `url` into the file `partial`, under a `BodyGuard`; the caller removes it on failure."""
         guard = BodyGuard(ref, self.settings)
@@ -278,6 +260,7 @@ class Fetcher:
         )
 
     def _check_destination(self, ref: LoraRef, url: str) -> None:
+        """Only http(s), and hosts whose every address is public (checked again at connect)."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise LoraError(f"{shown_source(url)} is not an http(s) URL.")
@@ -301,13 +284,14 @@ class Fetcher:
 
 def _status_message(status: int, ref: LoraRef, url: str) -> str:
     where = ref.shown if ref.kind != "url" else shown_source(url)
-    if status in {401, 403}:
-        return (
-            f"{where} answered HTTP {status} (not allowed); the LoRA is private or gated: make it public, "
-            "or give the server a token (REPLICATE_API_TOKEN, HF_TOKEN or CIVITAI_API_TOKEN)."
-        )
-    if status == 404:
-        return f"{where} answered HTTP 404 (not found); check the reference."
-    if status >= 500:
-        return f"{where} answered HTTP {status} (a server error there); try again later."
-    return f"downloading {where} failed with HTTP {status}; check the reference."
+    private = (
+        "(not allowed); the LoRA is private or gated: make it public, or give the server a token "
+        "(REPLICATE_API_TOKEN, HF_TOKEN or CIVITAI_API_TOKEN)."
+    )
+    why = {401: private, 403: private, 404: "(not found); check the reference."}.get(status)
+    why = why or ("(a server error there); try again later." if status >= 500 else None)
+    return (
+        f"{where} answered HTTP {status} {why}"
+        if why
+        else f"downloading {where} failed with HTTP {status}; check the reference."
+    )
