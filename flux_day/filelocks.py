@@ -71,18 +71,18 @@ def hold(
     `timeout_s`. Callers that must never hang pass `timeout_s`: a cancel raised between the thread
     lock's acquire and the `try` would leave it taken."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    notify = [on_wait]
 
     def until(attempt: Callable[[], bool]) -> bool:
+        nonlocal on_wait
         pause = FIRST_POLL_S
         while not attempt():
             if not wait:
                 return False
             if deadline is not None and time.monotonic() > deadline:
                 raise LockTimeout(f"{path} is still locked by another process")
-            if notify[0] is not None:
-                notify.pop()()
-                notify.append(None)
+            if on_wait is not None:
+                on_wait()
+                on_wait = None
             stop_if_cancelled()
             time.sleep(pause)
             pause = min(pause * 2, LAST_POLL_S)

@@ -30,18 +30,17 @@ from flux_day.config import Settings, credentials
 from flux_day.errors import WeightsError
 from flux_day.model_specs import MODELS
 from flux_day.weights.hub_errors import RUN_AGAIN, hub_errors
-from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
+from flux_day.weights.layout import DEV_FOLDER, NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER, SCHNELL_FOLDER
 from flux_day.weights.manifest import MANIFEST, Source, folders
 
 log = logging.getLogger(__name__)
 
 STAGING = ".flux-day-download"  # under the weights root: same filesystem, so the final rename is atomic
 SOURCE_RECORD = ".flux-day-source.json"  # written into each downloaded folder: repo, commit, checksums
-# What each folder weighs on disk (the Hub's listing at the manifest's revisions, rounded), for the
-# notice before a download: dev's transformer 23.8 + T5 9.5 + CLIP and VAE 0.4; schnell's transformer.
-APPROXIMATE_GB: Final[dict[str, float]] = {
-    MODELS["dev"].folder: 34,
-    MODELS["schnell"].folder: 24,
+# Each folder's size on the Hub (dev: transformer 23.8 + T5 9.5 + CLIP and VAE 0.4), for the notice.
+APPROXIMATE_GB: Final = {
+    DEV_FOLDER: 34,
+    SCHNELL_FOLDER: 24,
     SAFETY_CHECKER_FOLDER: 1.2,
     NSFW_CLASSIFIER_FOLDER: 0.35,
 }
@@ -68,11 +67,8 @@ class Plan:
 
 
 def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) -> None:
-    """Make every folder of `manifest` complete under `settings.weights`, downloading what is missing.
-
-    No request is made when nothing is missing. Raises `WeightsError` when something is missing and
-    `settings.offline` is set, and when a download fails or a file fails its checksum.
-    """
+    """Make every folder of `manifest` complete under `settings.weights` (no request when none is
+    missing), or raise `WeightsError`: offline with a folder missing, a failed download or checksum."""
     root = Path(settings.weights)
     missing = missing_folders(root, manifest)
     if not missing:
@@ -127,7 +123,7 @@ def download_notice(root: Path, missing: Sequence[str]) -> str:
     gated = (
         f" FLUX.1 [dev] is gated: accept its licence at https://huggingface.co/{MODELS['dev'].repo_id} "
         "and set HF_TOKEN to a token of that account."
-        if MODELS["dev"].folder in missing
+        if DEV_FOLDER in missing
         else ""
     )
     return (
@@ -214,8 +210,7 @@ def _plan(source: Source, endpoint: str, token: str | bool) -> Plan:
 
 
 def _download_file(plan: Plan, remote: RemoteFile, staging: Path, endpoint: str, token: str | bool) -> int:
-    """Fetch one file into `staging` (kept if already there and unchanged) and verify it; return
-    the bytes downloaded."""
+    """Fetch one file into `staging` (kept if there and unchanged), verify it; the bytes downloaded."""
     local = staging.joinpath(*remote.path.split("/"))
     already_there = local.is_file()
     with hub_errors(plan.source, endpoint, token, remote.path):
@@ -259,8 +254,8 @@ def _verify(local: Path, remote: RemoteFile, plan: Plan) -> None:
 
 
 def _prune(staging: Path, keep: set[str]) -> None:
-    """Drop the Hub client's bookkeeping and any file the plan does not name (left by an earlier run
-    against another commit), so the folder moved into place holds exactly the verified files."""
+    """Drop the Hub client's bookkeeping and any file the plan does not name (an earlier run's, against
+    another commit): the folder moved into place holds exactly the verified files."""
     shutil.rmtree(staging / _HUB_CACHE, ignore_errors=True)
     for relative in _local_files(staging):
         if relative not in keep:
