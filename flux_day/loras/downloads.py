@@ -24,7 +24,7 @@ from flux_day.errors import LoraError
 from flux_day.filelocks import LockTimeout
 from flux_day.loras.archive import extract_lora, is_archive
 from flux_day.loras.cache import LoraCache
-from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Credential, Fetcher
+from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Fetcher
 from flux_day.loras.refs import LoraRef, shown_source
 from flux_day.loras.safetensors_file import check_lora_file
 from flux_day.weights.hub_errors import hub_refusal
@@ -36,11 +36,10 @@ PREFERRED_HF_FILES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
 
 @dataclass(frozen=True)
 class FilePlan:
-    """What to download for a reference, under which cache key, with which credential."""
+    """What to download for a reference, and under which cache key."""
 
     url: str
     key: str
-    credential: Credential | None = None
 
 
 class LoraDownloads:
@@ -55,12 +54,12 @@ class LoraDownloads:
     def cached_file(self, ref: LoraRef) -> Iterator[Path]:
         """The ready .safetensors for `ref` in the disk cache, downloaded when absent: once among all
         the processes sharing the cache. No process evicts it until the block ends."""
-        plan = self.plan(ref)
-        fetched = []
+        tokens = credentials()  # read once, so a rotated token is used without a restart
+        plan, fetched = self.plan(ref, tokens), []
 
         def fetch(partial: Path) -> None:
             fetched.append(partial)
-            self.fetcher.download(ref, plan.url, partial, plan.credential)
+            self.fetcher.download(ref, plan.url, partial, tokens)
             with partial.open("rb") as handle:
                 head = handle.read(9)
             if is_archive(head, partial):  # both files are named as partials: a failure removes both
@@ -88,41 +87,27 @@ class LoraDownloads:
                 f"for over {FILL_WAIT_S} s; try again later."
             ) from None
 
-    def plan(self, ref: LoraRef) -> FilePlan:
-        """Resolve `ref` to a file URL (only unversioned service references touch the network here),
-        with the credentials set now."""
-        tokens = credentials()
+    def plan(self, ref: LoraRef, tokens: Credentials | None = None) -> FilePlan:
+        """Resolve `ref` to a file URL; only unversioned service references touch the network here."""
+        tokens = tokens or credentials()
         if ref.kind == "replicate":
             return self._replicate(ref, tokens)
         if ref.kind == "huggingface":
             return self._hugging_face(ref, tokens)
         if ref.kind == "civitai":
             return self._civitai(ref, tokens)
-        return FilePlan(ref.location, ref.identity, self._credential(ref.location, tokens))
-
-    def _credential(self, url: str, tokens: Credentials) -> Credential | None:
-        """The token of the service `url` belongs to, if any (a CivitAI download link, say)."""
-        settings, host = self.settings, _host(url)
-        token = {
-            _host(settings.replicate_url): tokens.replicate,
-            _host(settings.civitai_url): tokens.civitai,
-            _host(settings.hf_endpoint): tokens.hugging_face,
-        }.get(host)
-        return Credential(host, token) if token else None
+        return FilePlan(ref.location, ref.identity)
 
     def _replicate(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
         base = f"{self.settings.replicate_url}/{ref.owner}/{ref.name}"
         url = f"{base}/versions/{ref.version}/_weights" if ref.version else f"{base}/_weights"
-        credential = self._credential(url, tokens)
         if ref.version:
-            return FilePlan(url, ref.identity, credential)
+            return FilePlan(url, ref.identity)
         # Unversioned: the redirect names the current version's file, which keys the cache.
-        with self.fetcher.open(ref, url, credential, follow=False) as response:
+        with self.fetcher.open(ref, url, tokens, follow=False) as response:
             location = response.headers.get("location") if response.is_redirect else None
-        if location is None:
-            return FilePlan(url, f"url:{url}", credential)
-        target = urllib.parse.urljoin(url, location)
-        return FilePlan(target, f"url:{target}", credential if _host(target) == _host(url) else None)
+        target = urllib.parse.urljoin(url, location) if location else url
+        return FilePlan(target, f"url:{target}")
 
     def _hugging_face(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
         repo_id, endpoint = f"{ref.owner}/{ref.name}", self.settings.hf_endpoint
@@ -144,11 +129,11 @@ class LoraDownloads:
             ) from None
         filename = _pick_hf_file(ref, [sibling.rfilename for sibling in info.siblings or []])
         url = hf_hub_url(repo_id, filename, revision=info.sha, endpoint=endpoint)
-        return FilePlan(url, f"huggingface:{repo_id}@{info.sha}/{filename}", self._credential(url, tokens))
+        return FilePlan(url, f"huggingface:{repo_id}@{info.sha}/{filename}")
 
     def _civitai(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
         api = f"{self.settings.civitai_url}/api/v1/models/{ref.name}"
-        with self.fetcher.open(ref, api, self._credential(api, tokens)) as response:
+        with self.fetcher.open(ref, api, tokens) as response:
             try:
                 model = response.json()
             except ValueError:
@@ -174,14 +159,7 @@ class LoraDownloads:
                 "(pickled files are never loaded); pick a version that offers one."
             )
         chosen = min(files, key=lambda f: (f.get("type") != "Model", not f.get("primary")))
-        url = chosen["downloadUrl"]
-        return FilePlan(
-            url, f"civitai:{version.get('id')}/{chosen.get('name')}", self._credential(url, tokens)
-        )
-
-
-def _host(url: str) -> str:
-    return urllib.parse.urlsplit(url).netloc.lower()
+        return FilePlan(chosen["downloadUrl"], f"civitai:{version.get('id')}/{chosen.get('name')}")
 
 
 def _pick_hf_file(ref: LoraRef, files: list[str]) -> str:

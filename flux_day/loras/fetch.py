@@ -9,7 +9,6 @@ import logging
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -19,7 +18,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from flux_day.cancel import stop_if_cancelled
-from flux_day.config import Settings
+from flux_day.config import Credentials, Settings
 from flux_day.errors import LoraError
 from flux_day.loras.refs import LoraRef, shown_source
 from flux_day.loras.safetensors_file import declared_size
@@ -32,14 +31,6 @@ DOWNLOAD_DEADLINE_S = 1800  # 2 GB at ~10 Mbit/s; a body that trickles forever i
 CHUNK_BYTES, PROGRESS_EVERY_BYTES = 1 << 20, 256 << 20
 HEAD_BYTES = 8 + 100_000_000  # the safetensors library refuses larger headers
 TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
-
-
-@dataclass(frozen=True)
-class Credential:
-    """A bearer token and the one host (netloc) it may be sent to."""
-
-    host: str
-    token: str
 
 
 class PrivateAddressError(ConnectionError):
@@ -172,21 +163,26 @@ class Fetcher:
         self.settings = settings
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc credentials or proxies picked up behind our back
-        services = (settings.replicate_url, settings.civitai_url, settings.hf_endpoint)
-        self.trusted = frozenset(endpoint(urllib.parse.urlsplit(url)) for url in services)
+        services = {"replicate": settings.replicate_url, "civitai": settings.civitai_url}
+        services["hugging_face"] = settings.hf_endpoint
+        self.services = {urllib.parse.urlsplit(url).netloc.lower(): name for name, url in services.items()}
+        # The operator's own service hosts may be internal; every other host must be public.
+        self.trusted = frozenset(endpoint(urllib.parse.urlsplit(url)) for url in services.values())
         if not settings.allow_private_urls:
             for scheme in ("http://", "https://"):
                 self.session.mount(scheme, PublicOnlyAdapter(self.trusted))
 
     def open(
-        self, ref: LoraRef, url: str, credential: Credential | None = None, follow: bool = True
+        self, ref: LoraRef, url: str, tokens: Credentials | None = None, follow: bool = True
     ) -> requests.Response:
-        """A streaming response with status 200 (or a redirect when `follow` is False); errors named."""
+        """A streaming response with status 200 (or a redirect when `follow` is False), each hop sent the
+        token of its own service only (none to a CDN it redirects to); errors named."""
         for _ in range(MAX_REDIRECTS + 1):
             self._check_destination(ref, url)
             headers = {"User-Agent": "flux-day"}
-            if credential is not None and urllib.parse.urlsplit(url).netloc.lower() == credential.host:
-                headers["Authorization"] = f"Bearer {credential.token}"
+            service = self.services.get(urllib.parse.urlsplit(url).netloc.lower())
+            if tokens is not None and service is not None and (token := getattr(tokens, service)):
+                headers["Authorization"] = f"Bearer {token}"
             try:
                 response = self.session.get(
                     url,
@@ -226,10 +222,10 @@ class Fetcher:
             f"could not reach {shown_source(url)} for {ref.shown}; check the reference and try again."
         )
 
-    def download(self, ref: LoraRef, url: str, partial: Path, credential: Credential | None = None) -> None:
+    def download(self, ref: LoraRef, url: str, partial: Path, tokens: Credentials | None = None) -> None:
         """Stream `url` into the file `partial`, under a `BodyGuard`; the caller removes it on failure."""
         guard = BodyGuard(ref, self.settings)
-        with self.open(ref, url, credential) as response:
+        with self.open(ref, url, tokens) as response:
             # Content-Length counts the bytes on the wire: compressed ones under a Content-Encoding.
             declared = response.headers.get("content-length", "")
             encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
