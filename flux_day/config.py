@@ -1,9 +1,5 @@
-"""Settings read once from the environment: the contract of DESIGN.md that outside checks rely on.
-
-Every `FLUX_DAY_*` value is parsed here and nowhere else; a value that cannot be read fails setup with
-one `SettingsError` sentence naming the variable and what it takes. Credentials are not settings:
-`credentials()` reads them once per request, so a rotated token is used without a restart.
-"""
+"""Settings read once from the environment (DESIGN.md's contract), each `FLUX_DAY_*` value parsed here
+only, a bad one failing setup with one sentence; credentials are read per request (`credentials()`)."""
 
 from __future__ import annotations
 
@@ -74,9 +70,7 @@ class Settings:
     lora_cache: Path
     lora_cache_bytes: int
     max_lora_bytes: int
-    # host memory for parsed LoRAs kept for reuse (least recently used leave first; LoKr/LoHa count
-    # their factors, a `.diff` full update its full size): FLUX_DAY_PARSED_LORA_BYTES, 4 GB
-    parsed_lora_bytes: int
+    parsed_lora_bytes: int  # host memory for parsed LoRAs kept for reuse (least recently used leave first)
     min_lora_rate: int  # bytes/s a LoRA download must keep up over every `lora_rate_window_s` seconds
     lora_rate_window_s: float
     allow_private_urls: bool

@@ -1,51 +1,39 @@
-"""Locks that hold across processes sharing one volume: whole-file `flock`, shared or exclusive, polled.
+"""Locks across processes sharing a volume (`flock`, shared or exclusive, polled), and `publish`: one
+protocol for writing a file or folder into a shared folder once (lock, partial, atomic rename, sweep).
 
-Replicas of the server may share the weights root and the LoRA cache. They coordinate through locks on
-files in those folders: an exclusive lock while one of them writes something the others would also
-write, a shared lock while one reads a file another might delete. `fcntl.flock` is called directly
-rather than through the `filelock` package because readers need shared locks beside exclusive ones,
-and filelock's reader/writer lock is SQLite, which is unsafe on network filesystems.
-
-What this assumes of the filesystem under the shared folders:
-
-- `flock` is seen by every process that mounts it, and a holder that dies (killed, OOM, node lost on a
-  local disk) loses its locks, because the kernel closes its descriptors. True of local filesystems
-  (ext4, xfs, and the bind mounts and overlayfs of containers on one machine), of NFSv4 and of NFSv3
-  with lockd, where Linux turns `flock` into POSIX byte-range locks that the server keeps, and of
-  CephFS. Not true with the NFS mount options `nolock`, `local_lock=flock` or `local_lock=all`, which
-  keep locks on one client, nor of object-store FUSE mounts (s3fs, gcsfuse) or Lustre without
-  `-o flock`: put the shared folders on a volume that has them.
-- On NFS a client cut off from its server for longer than the lease (about 90 s) loses its locks
-  without being told; the next replica can then take over what it was doing. Keep replicas and the
-  server on one reliable network.
-- `rename` and `unlink` within one directory are atomic.
-
-Because NFS gives POSIX semantics (locks per process, not per descriptor, and dropped when the process
-closes any descriptor of the file), each process also lets only one of its threads hold a given path
-at a time, with one descriptor. Waiting polls rather than blocking in the kernel, so that a cancel Cog
-raises into the waiting thread lands within a fraction of a second. A lock file may be deleted by the
-holder of its exclusive lock: whoever takes a lock checks afterwards that the path still names the file
-it locked, and starts again if not.
+`fcntl.flock` is called directly because readers need shared locks beside exclusive ones, and the
+`filelock` package's reader/writer lock is SQLite, unsafe on network filesystems. What this assumes of
+the filesystem: `flock` is seen by every process mounting it and dies with its holder (local disks,
+container mounts, NFSv4, NFSv3 with lockd, CephFS, EFS, Filestore; not NFS mounted `nolock` or
+`local_lock=...`, nor s3fs/gcsfuse, nor Lustre without `-o flock`); a client cut off from NFS for
+longer than its lease (~90 s) loses its locks unwarned; `rename` and `unlink` in one folder are atomic.
+NFS locks are per process, so one thread per process holds a given path at a time. Waits poll, so a
+cancel lands within a fraction of a second. A lock file may be deleted by its holder: a taker checks
+the path still names the file it locked, and starts again if not.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
+import re
+import secrets
+import shutil
+import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 from flux_day.cancel import stop_if_cancelled
 
-FIRST_POLL_S = 0.01
-LAST_POLL_S = 0.25
+FIRST_POLL_S, LAST_POLL_S = 0.01, 0.25
+PARTIAL, LOCK = ".partial-", ".lock-"
 
 
 class LockTimeout(TimeoutError):
@@ -56,8 +44,7 @@ class HeldLock:
     """A lock this thread holds on `path`, through the open descriptor `file`."""
 
     def __init__(self, path: Path, file: BinaryIO) -> None:
-        self.path = path
-        self.file = file
+        self.path, self.file = path, file
 
     def unlink(self) -> None:
         """Delete the locked file while still holding it: waiters on it see the change and start over."""
@@ -79,23 +66,35 @@ def hold(
     timeout_s: float | None = None,
     on_wait: Callable[[], None] | None = None,
 ) -> Iterator[HeldLock | None]:
-    """Hold a lock on `path` for the `with` block; None instead when it cannot be had.
-
-    None when `wait` is False and another holder has it, or when `create` is False and the file is
-    absent. With `wait`, waits (calling `on_wait` once if it has to) until it has it, or raises
-    `LockTimeout` after `timeout_s`. Shared locks open the file read-only, exclusive ones read-write.
-    """
+    """Hold a lock on `path` for the block; None when `wait` is False and it is busy, or when `create`
+    is False and the file is absent. Waiting calls `on_wait` once, and raises `LockTimeout` after
+    `timeout_s`. Callers that must never hang pass `timeout_s`: a cancel raised between the thread
+    lock's acquire and the `try` would leave it taken."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def until(attempt: Callable[[], bool]) -> bool:
+        nonlocal on_wait
+        pause = FIRST_POLL_S
+        while not attempt():
+            if not wait:
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                raise LockTimeout(f"{path} is still locked by another process")
+            if on_wait is not None:
+                on_wait()
+                on_wait = None
+            stop_if_cancelled()
+            time.sleep(pause)
+            pause = min(pause * 2, LAST_POLL_S)
+        return True
+
     with _threads_guard:
         thread_lock = _thread_locks.setdefault(str(Path(path).absolute()), threading.Lock())
-    waiting = _Waiting(path, wait, deadline, on_wait)
-    # A cancel Cog raises in the instant between this acquire and the `try` below would leave the
-    # thread lock taken; callers that must never hang pass `timeout_s` (the LoRA cache does).
-    if not waiting.until(lambda: thread_lock.acquire(blocking=False)):
+    if not until(lambda: thread_lock.acquire(blocking=False)):
         yield None
         return
     try:
-        held = _lock(Path(path), shared, create, waiting)
+        held = _lock(Path(path), shared, create, until)
         try:
             yield held
         finally:
@@ -105,31 +104,9 @@ def hold(
         thread_lock.release()
 
 
-class _Waiting:
-    """Retries an attempt with growing pauses, within a deadline, telling `on_wait` the first time."""
-
-    def __init__(
-        self, path: Path, wait: bool, deadline: float | None, on_wait: Callable[[], None] | None
-    ) -> None:
-        self.path, self.wait, self.deadline, self.on_wait = path, wait, deadline, on_wait
-
-    def until(self, attempt: Callable[[], bool]) -> bool:
-        pause = FIRST_POLL_S
-        while not attempt():
-            if not self.wait:
-                return False
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                raise LockTimeout(f"{self.path} is still locked by another process")
-            if self.on_wait is not None:
-                self.on_wait()
-                self.on_wait = None
-            stop_if_cancelled()
-            time.sleep(pause)
-            pause = min(pause * 2, LAST_POLL_S)
-        return True
-
-
-def _lock(path: Path, shared: bool, create: bool, waiting: _Waiting) -> HeldLock | None:
+def _lock(
+    path: Path, shared: bool, create: bool, until: Callable[[Callable[[], bool]], bool]
+) -> HeldLock | None:
     flags = (os.O_RDONLY if shared else os.O_RDWR) | (os.O_CREAT if create else 0)
     operation = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
     while True:
@@ -138,7 +115,7 @@ def _lock(path: Path, shared: bool, create: bool, waiting: _Waiting) -> HeldLock
         except FileNotFoundError:
             return None
         try:
-            if not waiting.until(partial(_try_flock, file, operation)):
+            if not until(functools.partial(_try_flock, file, operation)):
                 file.close()
                 return None
             if _names(path, file):
@@ -169,3 +146,86 @@ def _names(path: Path, file: BinaryIO) -> bool:
         return False
     mine = os.fstat(file.fileno())
     return (mine.st_ino, mine.st_dev) == (now.st_ino, now.st_dev)
+
+
+def publish(
+    target: Path,
+    write: Callable[[Path], None],
+    *,
+    lock: Path | None = None,
+    partial: Path | None = None,
+    missing: Callable[[], bool] | None = None,
+    wait: bool = True,
+    timeout_s: float | None = None,
+    on_wait: Callable[[], None] | None = None,
+    before_unlock: Callable[[bool], object] | None = None,
+) -> bool | None:
+    """Write `target` once among the processes sharing its folder, and never show a half one.
+
+    Under the exclusive `lock` (default `.lock-<name>` beside `target`), if `missing()` still holds
+    (default: `target` is absent), `write(partial)` fills the partial, which then replaces `target` in
+    one rename. The default partial, `.partial-<name>-<host>-<pid>-<random>` beside `target`, is removed
+    when the write fails, like every partial of `target` whose writer is gone; a `partial` the caller
+    names is kept, for the next writer to resume. `before_unlock(wrote)` runs with the lock still held.
+    Returns whether this call wrote `target`; None when `wait` is False and the lock is busy.
+    """
+    lock = lock or target.with_name(f"{LOCK}{target.name}")
+    owned = f"{PARTIAL}{lock.name.removeprefix(LOCK)}-"
+    with hold(lock, wait=wait, timeout_s=timeout_s, on_wait=on_wait) as held:
+        if held is None:
+            return None
+        try:
+            wrote = missing() if missing is not None else not target.exists()
+            if wrote:
+                _remove(target.parent, owned)  # their writers are gone: this process holds the lock
+                path = partial or target.with_name(f"{owned}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+                try:
+                    write(path)
+                    _replace(path, target)
+                except BaseException:
+                    _remove(target.parent, owned)  # whatever the failed (or cancelled) write left
+                    raise
+            if before_unlock is not None:
+                before_unlock(wrote)
+            return wrote
+        finally:
+            held.unlink()
+
+
+def _replace(partial: Path, target: Path) -> None:
+    """Rename `partial` onto `target`; a folder already there is moved aside first, then deleted."""
+    aside = partial.with_name(f"{partial.name}.replaced") if target.is_dir() else None
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+    os.replace(partial, target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_abandoned(folder: Path) -> None:
+    """Delete the partials and lock files in `folder` whose owners are gone (their locks can be taken),
+    leaving every one a live process holds: a replica killed mid-write leaves nothing behind."""
+    for partial in folder.glob(f"{PARTIAL}*"):
+        name = partial.name.removeprefix(PARTIAL)
+        # `<name>-<host>-<pid>-<random>`, where names and hosts may hold "-": try every split.
+        if not any(_busy(folder / f"{LOCK}{name[:i]}") for i, c in enumerate(name) if c == "-"):
+            partial.unlink(missing_ok=True)  # its writer held the lock until it renamed or removed it
+    for lock_file in folder.glob(f"{LOCK}*"):
+        with hold(lock_file, create=False, wait=False) as left:
+            if left is not None:
+                left.unlink()
+
+
+def _busy(lock_file: Path) -> bool:
+    with hold(lock_file, create=False, wait=False) as free:
+        return free is None and lock_file.exists()
+
+
+def _remove(folder: Path, prefix: str) -> None:
+    for partial in folder.glob(f"{prefix}*"):
+        partial.unlink(missing_ok=True)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:40] or "host"

@@ -1,13 +1,9 @@
 """Download the base weights (FLUX.1 dev and schnell, the safety models) into the weights layout.
 
 Usage: `python scripts/download_weights.py [--weights DIR]` (default: FLUX_DAY_WEIGHTS, else ./weights).
-
-Fetches from HF_ENDPOINT (default https://huggingface.co) what flux_day/weights/manifest.py lists and
-the weights root lacks; FLUX.1 [dev] is gated, so HF_TOKEN must be a token of an account that accepted
-its license. Every file is checked against the Hub's checksum and a folder appears only when complete;
-run it again after an interruption and it carries on. It downloads even with FLUX_DAY_OFFLINE=1: that
-setting keeps the server from downloading, and this is the command it points to.
-Exit status: 0 when every folder is complete, 2 (with the reason on stderr) when it cannot be.
+Fetches from HF_ENDPOINT what flux_day/weights/manifest.py lists and the root lacks (FLUX.1 [dev] is
+gated: HF_TOKEN must be of an account that accepted its license), checked; run again to resume. It
+downloads even with FLUX_DAY_OFFLINE=1, which points here. Exit status 0, or 2 with the reason.
 """
 
 from __future__ import annotations

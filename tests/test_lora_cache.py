@@ -19,15 +19,15 @@ from flux_day.loras.archive import extract_lora
 from flux_day.loras.cache import LoraCache
 
 
-def write_partial(root: Path, prefix: str, size: int) -> Path:
-    """`size` bytes in a partial named with `prefix` under `root`, as a download writes them."""
-    path = root / f"{prefix}{size}"
+def write_partial(root: Path, name: str, size: int) -> Path:
+    """`size` bytes in the partial `name` under `root`, as a download writes them."""
+    path = root / name
     path.write_bytes(b"x" * size)
     return path
 
 
 def put(cache: LoraCache, key: str, size: int) -> Path:
-    with cache.filled(key, lambda prefix: write_partial(cache.root, prefix, size)) as path:
+    with cache.filled(key, lambda partial: write_partial(cache.root, partial.name, size)) as path:
         return path
 
 
@@ -60,7 +60,7 @@ def test_a_present_file_is_not_filled_again(tmp_path: Path) -> None:
     cache = LoraCache(tmp_path, budget_bytes=1000)
     first = put(cache, "k", 10)
 
-    def refuse(prefix: str) -> Path:
+    def refuse(partial: Path) -> None:
         raise AssertionError("filled twice")
 
     with cache.filled("k", refuse) as again:
@@ -70,8 +70,8 @@ def test_a_present_file_is_not_filled_again(tmp_path: Path) -> None:
 def test_a_failed_fill_leaves_nothing_and_the_next_one_fills(tmp_path: Path) -> None:
     cache = LoraCache(tmp_path, budget_bytes=1000)
 
-    def broken(prefix: str) -> Path:
-        write_partial(tmp_path, prefix, 5)  # as a download cut off half-way, leaving its partial
+    def broken(partial: Path) -> None:
+        write_partial(tmp_path, partial.name, 5)  # as a download cut off half-way, leaving its partial
         raise OSError("the connection broke")
 
     with pytest.raises(OSError, match="broke"), cache.filled("k", broken):
@@ -87,11 +87,10 @@ def test_the_directory_is_the_index_across_restarts_and_abandoned_partials_are_c
     first = LoraCache(tmp_path, budget_bytes=10**6)
     path = put(first, "https://example.com/a.safetensors", 10)
     # As a process killed mid-download leaves them: a partial of a key whose lock nobody holds (and its
-    # lock file), and one named by an older version of this code, long untouched.
-    write_partial(tmp_path, f".partial-{'0' * 40}-host-1-", 5)
+    # lock file), and one named otherwise, which no lock can keep.
+    write_partial(tmp_path, f".partial-{'0' * 40}-some-host-1-abcd", 5)
     (tmp_path / f".lock-{'0' * 40}").touch()
-    old = write_partial(tmp_path, ".partial-", 5)
-    os.utime(old, (1, 1))
+    write_partial(tmp_path, ".partial-5", 5)
     second = LoraCache(tmp_path, budget_bytes=10**6)
     with second.reading("https://example.com/a.safetensors") as found:
         assert found == path

@@ -47,9 +47,8 @@ def content(key: str) -> bytes:
 
 
 def put(cache: LoraCache, key: str) -> None:
-    def fill(prefix: str) -> Path:
-        (cache.root / prefix).write_bytes(content(key))
-        return cache.root / prefix
+    def fill(partial: Path) -> None:
+        partial.write_bytes(content(key))
 
     with cache.filled(key, fill):
         pass

@@ -10,10 +10,10 @@ import pytest
 
 from flux_day.config import Settings
 from flux_day.errors import InputError, LoraError
+from flux_day.loras.downloads import LoraDownloads
 from flux_day.loras.fetch import Fetcher
 from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRef, parse_ref
-from flux_day.loras.sources import plan_file
 from tests.harness import lora_files as lf
 from tests.harness.fake_services import FakeServices
 from tests.harness.http_files import HttpFiles, Route
@@ -84,7 +84,7 @@ def test_hugging_face_files_are_pinned_to_the_listed_commit(tmp_path: Path) -> N
     with FakeServices() as services:
         commit = services.hf.add_repo("o/r", {"README.md": b"hi", "my_lora.safetensors": LORA})
         settings = Settings.from_env(services.env() | {"FLUX_DAY_WEIGHTS": str(tmp_path)})
-        plan = plan_file(parse_ref("huggingface.co/o/r"), settings, Fetcher(settings))
+        plan = LoraDownloads(settings).plan(parse_ref("huggingface.co/o/r"))
         assert f"/resolve/{commit}/my_lora.safetensors" in plan.url
         assert plan.key == f"huggingface:o/r@{commit}/my_lora.safetensors"
 
@@ -117,20 +117,17 @@ def test_a_host_that_stalls_gets_a_timeout_message(
         assert [p for p in (tmp_path / "cache").iterdir()] == []
 
 
-def test_a_safetensors_header_declares_its_size_however_the_body_is_cut() -> None:
-    from flux_day.loras.transfer import HeaderSize
+def test_a_safetensors_header_declares_its_size_however_much_of_the_body_is_in() -> None:
+    from flux_day.loras.safetensors_file import declared_size
 
-    for step in (1, 5, 9, 100, len(LORA)):
-        declared = HeaderSize()
-        for start in range(0, len(LORA), step):
-            declared.feed(LORA[start : start + step])
-        assert declared.total == len(LORA), step
-    archive = HeaderSize()
-    archive.feed(b"lora.safetensors\0\0\0\0")  # a tar member name: declares nothing
-    assert (archive.at_least, archive.total) == (0, None)
-    bomb = HeaderSize()
-    bomb.feed((10**12).to_bytes(8, "little") + b"{")  # a header length alone past any limit
-    assert bomb.at_least == 10**12 + 8 and bomb.total is None
+    header_end = 8 + int.from_bytes(LORA[:8], "little")
+    for end in (1, 5, 9, 100, header_end - 1):
+        assert declared_size(LORA[:end]) == ((header_end, None) if end >= 9 else (0, None)), end
+    for end in (header_end, len(LORA)):
+        assert declared_size(LORA[:end]) == (header_end, len(LORA)), end
+    assert declared_size(b"lora.safetensors\0\0\0\0") == (0, None)  # a tar member name: declares nothing
+    bomb = (10**12).to_bytes(8, "little") + b"{"  # a header length alone past any limit
+    assert declared_size(bomb) == (10**12 + 8, None)
 
 
 def test_a_gzip_encoded_download_is_checked_against_its_wire_length(tmp_path: Path) -> None:

@@ -1,10 +1,6 @@
-"""A trained model's .tar archive → its LoRA file, checked with `tarfile`'s data filter.
-
-Replicate's trainers ship `output/flux_train_replicate/lora.safetensors` inside a tar; other archives
-hold one .safetensors somewhere. Only that one member is read (streamed to the caller's file), after
-`tarfile.data_filter` has accepted it: absolute paths, `..` and links are refused, so nothing can be
-written outside the cache whatever the archive says.
-"""
+"""A trained model's .tar archive → its LoRA file. Only that one member is read (streamed to the
+caller's file), after `tarfile.data_filter` accepted it: absolute paths, `..` and links are refused,
+so nothing is written outside the cache whatever the archive says."""
 
 from __future__ import annotations
 
@@ -15,8 +11,9 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from flux_day.errors import LoraError
+from flux_day.loras.safetensors_file import header_length
 
-LORA_MEMBER = "lora.safetensors"
+LORA_MEMBER = "lora.safetensors"  # Replicate's trainers: output/flux_train_replicate/lora.safetensors
 # What `tarfile.data_filter` found, in words (its exception class names mean nothing to a user).
 UNSAFE_MEMBERS: tuple[tuple[type[tarfile.FilterError], str], ...] = (
     (tarfile.AbsolutePathError, "an absolute path"),
@@ -27,15 +24,10 @@ UNSAFE_MEMBERS: tuple[tuple[type[tarfile.FilterError], str], ...] = (
 )
 
 
-def is_safetensors(head: bytes) -> bool:
-    """Whether `head` (the first 9+ bytes) starts like a safetensors file: a size, then a JSON object."""
-    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
-
-
-def is_archive(path_or_file: Path | BinaryIO) -> bool:
-    """Whether `tarfile` can open it (plain or compressed tar)."""
+def is_archive(head: bytes, source: Path | BinaryIO) -> bool:
+    """Whether `source`, whose first bytes are `head`, is a (plain or compressed) tar, not safetensors."""
     try:
-        return tarfile.is_tarfile(path_or_file)
+        return header_length(head) is None and tarfile.is_tarfile(source)
     except OSError:
         return False
 
@@ -48,7 +40,7 @@ def unpacked(source: Path | bytes, max_bytes: int) -> Path | bytes:
     else:
         with source.open("rb") as handle:
             head, archive = handle.read(9), source
-    if is_safetensors(head) or not is_archive(archive):
+    if not is_archive(head, archive):
         return source
     target = io.BytesIO()
     extract_lora(archive, target, max_bytes)
@@ -77,9 +69,7 @@ def extract_lora(source: Path | BinaryIO, target: BinaryIO, max_bytes: int) -> s
                     f"the archive's {member.name!r} is larger than {max_bytes} bytes, the "
                     "LoRA size limit (FLUX_DAY_MAX_LORA_BYTES)."
                 )
-            stream = tar.extractfile(member)
-            assert stream is not None  # a regular member always has a stream
-            shutil.copyfileobj(stream, target)
+            shutil.copyfileobj(tar.extractfile(member), target)  # type: ignore[misc]  # a regular member
             return member.name
     except (tarfile.TarError, EOFError):
         raise LoraError("the .tar archive is damaged or incomplete; give an intact one.") from None
@@ -89,10 +79,8 @@ def _lora_member(tar: tarfile.TarFile) -> tarfile.TarInfo:
     """`lora.safetensors` wherever it sits, else the only .safetensors member."""
     candidates = [m for m in tar.getmembers() if m.name.endswith(".safetensors")]
     named = [m for m in candidates if PurePosixPath(m.name).name == LORA_MEMBER]
-    if len(named) == 1:
-        return named[0]
-    if len(candidates) == 1:
-        return candidates[0]
+    if len(named) == 1 or len(candidates) == 1:
+        return (named or candidates)[0]
     if not candidates:
         raise LoraError("the .tar archive holds no .safetensors file; it is not a LoRA.")
     listed = ", ".join(m.name for m in candidates[:5])

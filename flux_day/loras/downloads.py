@@ -1,28 +1,45 @@
-"""LoRA downloads into the shared disk cache: each file fetched once among all the processes sharing
-the cache, checked as safetensors (a trained model's .tar unpacked first), kept from eviction while read.
+"""A LoRA reference → the one file it names, resolved per service, fetched once among all processes
+sharing the disk cache, unpacked from a trained model's .tar, and checked as safetensors.
+
+Replicate: `{FLUX_DAY_REPLICATE_URL}/owner/model[/versions/v]/_weights`, which redirects to the file.
+Hugging Face: `huggingface_hub` lists the repo and the file URL is pinned to the listed commit. CivitAI:
+its API picks the version (given, else newest) and its SafeTensor file. An unversioned reference is
+resolved first (a redirect or an API answer, no body), so a new version is fetched, an old one cached.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from flux_day.config import Settings
+from huggingface_hub import HfApi, hf_hub_url
+
+from flux_day.config import Credentials, Settings, credentials
 from flux_day.errors import LoraError
 from flux_day.filelocks import LockTimeout
-from flux_day.loras.archive import extract_lora, is_archive, is_safetensors
+from flux_day.loras.archive import extract_lora, is_archive
 from flux_day.loras.cache import LoraCache
 from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Fetcher
-from flux_day.loras.refs import LoraRef
+from flux_day.loras.refs import LoraRef, shown_source
 from flux_day.loras.safetensors_file import check_lora_file
-from flux_day.loras.sources import plan_file
+from flux_day.weights.hub_errors import hub_refusal
 
 log = logging.getLogger("flux_day.loras.manager")  # one log for reading LoRAs, whichever step
 FILL_WAIT_S = DOWNLOAD_DEADLINE_S + 120  # the longest another process's download of a LoRA can take
+PREFERRED_HF_FILES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """What to download for a reference, and under which cache key."""
+
+    url: str
+    key: str
 
 
 class LoraDownloads:
@@ -37,22 +54,31 @@ class LoraDownloads:
     def cached_file(self, ref: LoraRef) -> Iterator[Path]:
         """The ready .safetensors for `ref` in the disk cache, downloaded when absent: once among all
         the processes sharing the cache. No process evicts it until the block ends."""
-        plan = plan_file(ref, self.settings, self.fetcher)
-        found = True
+        tokens = credentials()  # read once, so a rotated token is used without a restart
+        plan, fetched = self.plan(ref, tokens), []
 
-        def fetch(prefix: str) -> Path:
-            nonlocal found
-            found = False
-            # A failed fill's partials, the download's and the unpacked archive's, go in `filled`.
-            partial = self.fetcher.download(ref, plan.url, self.cache.root, prefix, plan.credential)
-            return self._as_safetensors(ref, partial, prefix)
+        def fetch(partial: Path) -> None:
+            fetched.append(partial)
+            self.fetcher.download(ref, plan.url, partial, tokens)
+            with partial.open("rb") as handle:
+                head = handle.read(9)
+            if is_archive(head, partial):  # both files are named as partials: a failure removes both
+                tar = partial.rename(f"{partial}.tar")
+                with partial.open("wb") as target:
+                    log.info(
+                        "%s: took %s from the archive",
+                        ref.shown,
+                        extract_lora(tar, target, self.settings.max_lora_bytes),
+                    )
+                tar.unlink()
+            check_lora_file(partial)
 
         def waiting() -> None:
             log.info("%s: another process is downloading it; waiting", ref.shown)
 
         try:
             with self.cache.filled(plan.key, fetch, FILL_WAIT_S, waiting) as path:
-                if found:
+                if not fetched:
                     log.info("%s: from the LoRA cache", ref.shown)
                 yield path
         except LockTimeout:
@@ -61,16 +87,97 @@ class LoraDownloads:
                 f"for over {FILL_WAIT_S} s; try again later."
             ) from None
 
-    def _as_safetensors(self, ref: LoraRef, partial: Path, prefix: str) -> Path:
-        """`partial` if it is a sound safetensors file, or the LoRA unpacked from it if it is a .tar."""
-        with partial.open("rb") as handle:
-            head = handle.read(9)
-        if not is_safetensors(head) and is_archive(partial):
-            descriptor, name = tempfile.mkstemp(dir=self.cache.root, prefix=prefix)
-            with os.fdopen(descriptor, "wb") as target:
-                member = extract_lora(partial, target, self.settings.max_lora_bytes)
-            log.info("%s: took %s from the archive", ref.shown, member)
-            partial.unlink()
-            partial = Path(name)
-        check_lora_file(partial)
-        return partial
+    def plan(self, ref: LoraRef, tokens: Credentials | None = None) -> FilePlan:
+        """Resolve `ref` to a file URL; only unversioned service references touch the network here."""
+        tokens = tokens or credentials()
+        if ref.kind == "replicate":
+            return self._replicate(ref, tokens)
+        if ref.kind == "huggingface":
+            return self._hugging_face(ref, tokens)
+        if ref.kind == "civitai":
+            return self._civitai(ref, tokens)
+        return FilePlan(ref.location, ref.identity)
+
+    def _replicate(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
+        base = f"{self.settings.replicate_url}/{ref.owner}/{ref.name}"
+        url = f"{base}/versions/{ref.version}/_weights" if ref.version else f"{base}/_weights"
+        if ref.version:
+            return FilePlan(url, ref.identity)
+        # Unversioned: the redirect names the current version's file, which keys the cache.
+        with self.fetcher.open(ref, url, tokens, follow=False) as response:
+            location = response.headers.get("location") if response.is_redirect else None
+        target = urllib.parse.urljoin(url, location) if location else url
+        return FilePlan(target, f"url:{target}")
+
+    def _hugging_face(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
+        repo_id, endpoint = f"{ref.owner}/{ref.name}", self.settings.hf_endpoint
+        try:  # token False: never a token stored on disk by `hf auth login`
+            info = HfApi(endpoint=endpoint, token=tokens.hugging_face or False).model_info(
+                repo_id, revision=ref.version or None
+            )
+        except Exception as error:  # network failures come as several library types; none is worth naming
+            kind, status = hub_refusal(error) or ("", None)
+            problem = {
+                "gated": "is gated: accept its terms on Hugging Face and give the server an HF_TOKEN",
+                "no repo": "was not found, or is private and HF_TOKEN cannot read it",
+                "no revision": f"has no revision {ref.version!r}",
+                "token": f"refused the server's HF_TOKEN (HTTP {status}); give it a valid token that can "
+                "read the repo",
+            }.get(kind, f"could not be listed (HTTP {status}); try again")
+            raise _hf_error(
+                ref, problem if kind else "could not be listed (the request failed); try again"
+            ) from None
+        filename = _pick_hf_file(ref, [sibling.rfilename for sibling in info.siblings or []])
+        url = hf_hub_url(repo_id, filename, revision=info.sha, endpoint=endpoint)
+        return FilePlan(url, f"huggingface:{repo_id}@{info.sha}/{filename}")
+
+    def _civitai(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
+        api = f"{self.settings.civitai_url}/api/v1/models/{ref.name}"
+        with self.fetcher.open(ref, api, tokens) as response:
+            try:
+                model = response.json()
+            except ValueError:
+                raise LoraError(
+                    f"{shown_source(api)} did not answer with JSON for {ref.shown}; check the reference."
+                ) from None
+        versions: list[dict[str, Any]] = model.get("modelVersions") or [] if isinstance(model, dict) else []
+        if ref.version:
+            versions = [v for v in versions if str(v.get("id")) == ref.version]
+            if not versions:
+                raise LoraError(f"CivitAI model {ref.name} has no version {ref.version}.")
+        if not versions:
+            raise LoraError(f"CivitAI model {ref.name} lists no versions to download.")
+        version = max(versions, key=lambda v: str(v.get("createdAt") or ""))
+        files = [
+            f
+            for f in version.get("files") or []
+            if (f.get("metadata") or {}).get("format") == "SafeTensor" and f.get("downloadUrl")
+        ]
+        if not files:
+            raise LoraError(
+                f"CivitAI model {ref.name} version {version.get('id')} has no SafeTensor file "
+                "(pickled files are never loaded); pick a version that offers one."
+            )
+        chosen = min(files, key=lambda f: (f.get("type") != "Model", not f.get("primary")))
+        return FilePlan(chosen["downloadUrl"], f"civitai:{version.get('id')}/{chosen.get('name')}")
+
+
+def _pick_hf_file(ref: LoraRef, files: list[str]) -> str:
+    if ref.path:
+        if ref.path not in files:
+            raise _hf_error(ref, f"has no file {ref.path!r}")
+        return ref.path
+    weights = [name for name in files if name.endswith(".safetensors")]
+    preferred = [name for name in weights if name.rsplit("/", 1)[-1] in PREFERRED_HF_FILES]
+    named = preferred or [name for name in weights if "lora" in name.rsplit("/", 1)[-1].lower()]
+    if len(weights) == 1 or len(named) == 1:
+        return (weights if len(weights) == 1 else named)[0]
+    if not weights:
+        raise _hf_error(ref, "holds no .safetensors file")
+    listed = ", ".join((named or weights)[:6])
+    where = "huggingface.co/owner/repo/blob/main/<file>"
+    raise _hf_error(ref, f"holds several .safetensors files ({listed}); name one as {where}")
+
+
+def _hf_error(ref: LoraRef, problem: str) -> LoraError:
+    return LoraError(f"the Hugging Face repo {ref.shown} {problem}.")

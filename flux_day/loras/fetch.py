@@ -1,84 +1,188 @@
-"""HTTP for LoRAs: every hop checked, bodies capped and streamed to disk, tokens kept to their host.
-
-Every hop of a redirect is checked: only http(s), and no loopback/private/link-local/metadata address
-unless `FLUX_DAY_ALLOW_PRIVATE_URLS=1` (tests) or the host is one the operator configured as a service
-(`FLUX_DAY_REPLICATE_URL`, `FLUX_DAY_CIVITAI_URL`, `HF_ENDPOINT`), so a request cannot make the server
-fetch its own network. A token is sent only to the host it belongs to and is dropped on a redirect to
-another host. Bodies are cut off at `FLUX_DAY_MAX_LORA_BYTES` (declared or streamed) and at a total
-deadline, and as soon as their safetensors header declares more, or they run past what it declares,
-or they trickle below `FLUX_DAY_MIN_LORA_RATE` (see `transfer`). URLs are shown without their query
-string, which is where signed URLs keep credentials.
-"""
+"""HTTP for LoRAs: every hop http(s) to public addresses only (checked before the request and again on
+the connected socket, against DNS rebinding), unless allowed (`FLUX_DAY_ALLOW_PRIVATE_URLS`) or an
+operator's service; bodies guarded as they stream to disk; a token sent to its own host only."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-import os
 import socket
-import tempfile
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from flux_day.cancel import stop_if_cancelled
-from flux_day.config import Settings
+from flux_day.config import Credentials, Settings
 from flux_day.errors import LoraError
-from flux_day.loras.netguard import PrivateAddressError, PublicOnlyAdapter, caused_by, endpoint, is_public
 from flux_day.loras.refs import LoraRef, shown_source
-from flux_day.loras.transfer import HeaderSize, TransferRate
+from flux_day.loras.safetensors_file import declared_size
 from flux_day.server_log import log as server_log
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 10
-CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 60
+MAX_REDIRECTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 10, 60
 DOWNLOAD_DEADLINE_S = 1800  # 2 GB at ~10 Mbit/s; a body that trickles forever is cut off
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES, PROGRESS_EVERY_BYTES = 1 << 20, 256 << 20
+HEAD_BYTES = 8 + 100_000_000  # the safetensors library refuses larger headers
 TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
-PROGRESS_EVERY_BYTES = 256 << 20
 
 
-@dataclass(frozen=True)
-class Credential:
-    """A bearer token and the one host (netloc) it may be sent to."""
+class PrivateAddressError(ConnectionError):
+    """A connection reached an address that is not public, and not allowed."""
 
-    host: str
-    token: str
+
+def is_public(address: str) -> bool:
+    """Whether `address` is a globally routable IP (IPv4-mapped IPv6 judged as its IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global
+
+
+def endpoint(parts: urllib.parse.SplitResult) -> tuple[str, int]:
+    """(host, port) of a URL, default ports filled in, so "https://x" and "https://x:443" are one host."""
+    return ((parts.hostname or "").lower(), parts.port or (80 if parts.scheme == "http" else 443))
+
+
+class PublicOnlyAdapter(HTTPAdapter):
+    """Connections only to public addresses or `trusted` (host, port)s, checked once connected, before
+    a byte is sent (urllib3 has no hook for it: its classes are subclassed)."""
+
+    def __init__(self, trusted: frozenset[tuple[str, int]]) -> None:
+        self.trusted = trusted
+        super().__init__()
+
+    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        trusted = self.trusted
+
+        def checked(base: type[HTTPConnection]) -> type[HTTPConnection]:
+            class Checked(base):  # type: ignore[misc, valid-type]
+                def _new_conn(self) -> socket.socket:
+                    sock = super()._new_conn()
+                    if (self.host.lower(), self.port) not in trusted and not is_public(sock.getpeername()[0]):
+                        sock.close()
+                        raise PrivateAddressError(f"{self.host} connected to a non-public address")
+                    return sock
+
+            return Checked
+
+        pools = {
+            "http": (HTTPConnectionPool, HTTPConnection),
+            "https": (HTTPSConnectionPool, HTTPSConnection),
+        }
+        self.poolmanager.pool_classes_by_scheme = {
+            scheme: type("CheckedPool", (pool,), {"ConnectionCls": checked(connection)})
+            for scheme, (pool, connection) in pools.items()
+        }
+
+
+def caused_by(error: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether `error` or anything it wraps (in `reason`, `args[0]`, `__cause__`, `__context__`, as
+    requests and urllib3 nest them) is one of `kinds`."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if isinstance(current, kinds):
+            return True
+        seen.add(id(current))
+        wrapped = (getattr(current, "reason", None), current.args[0] if current.args else None)
+        pending += [
+            e
+            for e in (*wrapped, current.__cause__, current.__context__)
+            if isinstance(e, BaseException) and id(e) not in seen
+        ]
+    return False
+
+
+class BodyGuard:
+    """Everything a LoRA body is held to, chunk by chunk, so a hostile one stops early, not at 2 GB:
+    the size limit (by its bytes, or by the size its safetensors header declares), that size itself
+    (an endless body or a gzip bomb runs past it), a minimum rate over every window (a trickle keeps
+    each read alive), the total deadline, and the request's cancel."""
+
+    def __init__(self, ref: LoraRef, settings: Settings) -> None:
+        self.ref, self.limit, self.rate = ref, settings.max_lora_bytes, settings.min_lora_rate
+        self.window_s = settings.lora_rate_window_s
+        self.started = self.window_start = time.monotonic()
+        self.head, self.written, self.window_bytes = bytearray(), 0, 0
+        self.declared: tuple[int, int | None] = (0, None)
+
+    def check(self, chunk: bytes) -> None:
+        """Take the next bytes of the body; raise `LoraError` as soon as one rule is broken."""
+        stop_if_cancelled()
+        self.written += len(chunk)
+        at_least, total = self.declared
+        if len(self.head) < 9 or (0 < at_least <= HEAD_BYTES and len(self.head) < at_least):
+            self.head += chunk[: HEAD_BYTES - len(self.head)]  # until the header is in, or is not there
+            self.declared = at_least, total = declared_size(self.head)
+        shown = self.ref.shown
+        if self.written > self.limit:
+            raise self.too_big()
+        if max(at_least, total or 0) > self.limit:
+            raise LoraError(
+                f"{shown} is larger than {self.limit} bytes by its own header ({max(at_least, total or 0)} "
+                "bytes), the LoRA size limit (FLUX_DAY_MAX_LORA_BYTES)."
+            )
+        if total is not None and self.written > total:
+            raise LoraError(
+                f"{shown} runs past the {total} bytes its safetensors header declares; the file is "
+                "damaged or not a LoRA."
+            )
+        now, self.window_bytes = time.monotonic(), self.window_bytes + len(chunk)
+        if now - self.window_start >= self.window_s:
+            if self.window_bytes < self.rate * (now - self.window_start):
+                raise LoraError(
+                    f"downloading {shown} slowed below {self.rate} bytes/s (FLUX_DAY_MIN_LORA_RATE); the "
+                    "host is too slow: try again or use a faster host."
+                )
+            self.window_start, self.window_bytes = now, 0
+        if now - self.started > DOWNLOAD_DEADLINE_S:
+            raise LoraError(
+                f"downloading {shown} took longer than {DOWNLOAD_DEADLINE_S} s; try again or use a "
+                "faster host."
+            )
+
+    def too_big(self) -> LoraError:
+        return LoraError(
+            f"{self.ref.shown} is larger than {self.limit} bytes, the LoRA size limit "
+            "(FLUX_DAY_MAX_LORA_BYTES)."
+        )
 
 
 class Fetcher:
-    """GETs for one settings object: JSON from service APIs, files streamed to a directory."""
+    """GETs for one settings object: JSON from service APIs, files streamed to disk."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc credentials or proxies picked up behind our back
-        services = [
-            urllib.parse.urlsplit(url)
-            for url in (settings.replicate_url, settings.civitai_url, settings.hf_endpoint)
-        ]
+        services = {"replicate": settings.replicate_url, "civitai": settings.civitai_url}
+        services["hugging_face"] = settings.hf_endpoint
+        self.services = {urllib.parse.urlsplit(url).netloc.lower(): name for name, url in services.items()}
         # The operator's own service hosts may be internal; every other host must be public.
-        self.trusted = frozenset(endpoint(parts) for parts in services)
+        self.trusted = frozenset(endpoint(urllib.parse.urlsplit(url)) for url in services.values())
         if not settings.allow_private_urls:
             for scheme in ("http://", "https://"):
                 self.session.mount(scheme, PublicOnlyAdapter(self.trusted))
 
     def open(
-        self, ref: LoraRef, url: str, credential: Credential | None = None, follow: bool = True
+        self, ref: LoraRef, url: str, tokens: Credentials | None = None, follow: bool = True
     ) -> requests.Response:
-        """A streaming response with status 200 (or a redirect when `follow` is False); errors named."""
+        """A streaming response with status 200 (or a redirect when `follow` is False), each hop sent the
+        token of its own service only (none to a CDN it redirects to); errors named."""
         for _ in range(MAX_REDIRECTS + 1):
             self._check_destination(ref, url)
-            netloc = urllib.parse.urlsplit(url).netloc.lower()
             headers = {"User-Agent": "flux-day"}
-            if credential is not None and credential.token and netloc == credential.host:
-                headers["Authorization"] = f"Bearer {credential.token}"
+            service = self.services.get(urllib.parse.urlsplit(url).netloc.lower())
+            if tokens is not None and service is not None and (token := getattr(tokens, service)):
+                headers["Authorization"] = f"Bearer {token}"
             try:
                 response = self.session.get(
                     url,
@@ -88,26 +192,7 @@ class Fetcher:
                     timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
                 )
             except requests.RequestException as error:
-                if caused_by(error, (PrivateAddressError,)):
-                    raise self._private(ref, url) from None
-                if caused_by(error, (ConnectionRefusedError,)):
-                    raise LoraError(
-                        f"{shown_source(url)} refused the connection for {ref.shown}: nothing listens "
-                        "there; check the host and port of the reference."
-                    ) from None
-                # urllib3 2 makes every failed connect a NewConnectionError, a subclass of its timeout
-                # error: only a connect that ran out of time is a timeout.
-                if caused_by(error, TIMEOUTS) and not caused_by(
-                    error, (urllib3.exceptions.NewConnectionError,)
-                ):
-                    raise LoraError(
-                        f"{shown_source(url)} did not answer {ref.shown} within "
-                        f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
-                    ) from None
-                server_log.info("could not reach %s: %s", shown_source(url), type(error).__name__)
-                raise LoraError(
-                    f"could not reach {shown_source(url)} for {ref.shown}; check the reference and try again."
-                ) from None
+                raise self._unreachable(ref, url, error) from None
             if response.is_redirect and follow:
                 response.close()
                 url = urllib.parse.urljoin(url, response.headers.get("location", ""))
@@ -118,101 +203,60 @@ class Fetcher:
             return response
         raise LoraError(f"{ref.shown} redirects more than {MAX_REDIRECTS} times.")
 
-    def json(self, ref: LoraRef, url: str, credential: Credential | None = None) -> Any:
-        """The JSON body at `url` (a service API), or an error naming the input."""
-        with self.open(ref, url, credential) as response:
-            try:
-                return response.json()
-            except ValueError:
-                raise LoraError(
-                    f"{shown_source(url)} did not answer with JSON for {ref.shown}; check the reference."
-                ) from None
+    def _unreachable(self, ref: LoraRef, url: str, error: Exception) -> LoraError:
+        if caused_by(error, (PrivateAddressError,)):
+            return self._private(url)
+        if caused_by(error, (ConnectionRefusedError,)):
+            return LoraError(
+                f"{shown_source(url)} refused the connection for {ref.shown}: nothing listens there; "
+                "check the host and port of the reference."
+            )
+        # urllib3 2 makes every failed connect a NewConnectionError, a subclass of its timeout error.
+        if caused_by(error, TIMEOUTS) and not caused_by(error, (urllib3.exceptions.NewConnectionError,)):
+            return LoraError(
+                f"{shown_source(url)} did not answer {ref.shown} within {READ_TIMEOUT_S} s; the host is "
+                "slow or down: try again later."
+            )
+        server_log.info("could not reach %s: %s", shown_source(url), type(error).__name__)
+        return LoraError(
+            f"could not reach {shown_source(url)} for {ref.shown}; check the reference and try again."
+        )
 
-    def download(
-        self, ref: LoraRef, url: str, directory: Path, prefix: str, credential: Credential | None = None
-    ) -> Path:
-        """Stream `url` into a new file in `directory` whose name starts with `prefix`; the caller
-        renames or removes it, and removes it too when the download fails or is cancelled (the LoRA
-        cache's `filled` removes every partial of a failed fill)."""
-        started = time.monotonic()
-        with self.open(ref, url, credential) as response:
+    def download(self, ref: LoraRef, url: str, partial: Path, tokens: Credentials | None = None) -> None:
+        """Stream `url` into the file `partial`, under a `BodyGuard`; the caller removes it on failure."""
+        guard = BodyGuard(ref, self.settings)
+        with self.open(ref, url, tokens) as response:
             # Content-Length counts the bytes on the wire: compressed ones under a Content-Encoding.
             declared = response.headers.get("content-length", "")
             encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
-            if declared.isdigit() and not encoded and int(declared) > self.settings.max_lora_bytes:
-                raise self._too_big(ref)
-            descriptor, name = tempfile.mkstemp(dir=directory, prefix=prefix)
-            path = Path(name)
+            if declared.isdigit() and not encoded and int(declared) > guard.limit:
+                raise guard.too_big()
             try:
-                with os.fdopen(descriptor, "wb") as handle:
-                    written = self._stream(ref, response, handle, started)
-                received = response.raw.tell()
-                if declared.isdigit() and received != int(declared):
+                with partial.open("wb") as handle:
+                    while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
+                        guard.check(chunk)
+                        handle.write(chunk)
+                        if guard.written % PROGRESS_EVERY_BYTES < len(chunk):
+                            log.info("downloading %s: %d MB so far", ref.shown, guard.written >> 20)
+                if declared.isdigit() and response.raw.tell() != int(declared):
                     raise LoraError(
-                        f"the download of {ref.shown} broke off after {received} of "
+                        f"the download of {ref.shown} broke off after {response.raw.tell()} of "
                         f"{declared} bytes; try again."
                     )
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
                 if caused_by(error, TIMEOUTS):
                     raise LoraError(
-                        f"the download of {ref.shown} stalled for more than "
-                        f"{READ_TIMEOUT_S} s; the host is slow or down: try again later."
+                        f"the download of {ref.shown} stalled for more than {READ_TIMEOUT_S} s; the host "
+                        "is slow or down: try again later."
                     ) from None
                 server_log.info("download of %s broke off: %s", ref.shown, type(error).__name__)
                 raise LoraError(f"the download of {ref.shown} broke off before its end; try again.") from None
-        log.info("downloaded %s: %d bytes in %.1fs", ref.shown, written, time.monotonic() - started)
-        return path
-
-    def _stream(self, ref: LoraRef, response: requests.Response, handle: BinaryIO, started: float) -> int:
-        """Copy the (decoded) body into `handle` as it arrives, refusing it as soon as it is too large
-        (by its bytes, or by what its safetensors header declares), runs past its declared size, trickles
-        below the minimum rate, or passes the deadline; return the bytes written."""
-        limit = self.settings.max_lora_bytes
-        declared, rate = (
-            HeaderSize(),
-            TransferRate(self.settings.min_lora_rate, self.settings.lora_rate_window_s),
-        )
-        written, next_report = 0, PROGRESS_EVERY_BYTES
-        while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
-            stop_if_cancelled()
-            written += len(chunk)
-            declared.feed(chunk)
-            if written > limit:
-                raise self._too_big(ref)
-            if max(declared.at_least, declared.total or 0) > limit:
-                raise LoraError(
-                    f"{ref.shown} is larger than {limit} bytes by its own header "
-                    f"({max(declared.at_least, declared.total or 0)} bytes), the LoRA size limit "
-                    "(FLUX_DAY_MAX_LORA_BYTES)."
-                )
-            if declared.total is not None and written > declared.total:
-                raise LoraError(
-                    f"{ref.shown} runs past the {declared.total} bytes its safetensors "
-                    "header declares; the file is damaged or not a LoRA."
-                )
-            if rate.too_slow(len(chunk)):
-                raise LoraError(
-                    f"downloading {ref.shown} slowed below {self.settings.min_lora_rate} "
-                    f"bytes/s (FLUX_DAY_MIN_LORA_RATE); the host is too slow: try again or use a faster host."
-                )
-            if time.monotonic() - started > DOWNLOAD_DEADLINE_S:
-                raise LoraError(
-                    f"downloading {ref.shown} took longer than "
-                    f"{DOWNLOAD_DEADLINE_S} s; try again or use a faster host."
-                )
-            handle.write(chunk)
-            if written >= next_report:
-                log.info("downloading %s: %d MB so far", ref.shown, written >> 20)
-                next_report += PROGRESS_EVERY_BYTES
-        return written
-
-    def _too_big(self, ref: LoraRef) -> LoraError:
-        return LoraError(
-            f"{ref.shown} is larger than {self.settings.max_lora_bytes} bytes, the LoRA "
-            "size limit (FLUX_DAY_MAX_LORA_BYTES)."
+        log.info(
+            "downloaded %s: %d bytes in %.1fs", ref.shown, guard.written, time.monotonic() - guard.started
         )
 
     def _check_destination(self, ref: LoraRef, url: str) -> None:
+        """Only http(s), and hosts whose every address is public (checked again at connect)."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise LoraError(f"{shown_source(url)} is not an http(s) URL.")
@@ -223,10 +267,10 @@ class Fetcher:
         except OSError:
             raise LoraError(f"the host of {shown_source(url)} cannot be resolved.") from None
         if not all(is_public(str(info[4][0])) for info in infos):
-            raise self._private(ref, url)
+            raise self._private(url)
 
     @staticmethod
-    def _private(ref: LoraRef, url: str) -> LoraError:
+    def _private(url: str) -> LoraError:
         return LoraError(
             f"{shown_source(url)} points to a private network address; give a public URL (for a "
             "self-hosted LoRA store on the server's own network, its operator sets "
@@ -235,14 +279,15 @@ class Fetcher:
 
 
 def _status_message(status: int, ref: LoraRef, url: str) -> str:
-    where = f"{ref.shown}" if ref.kind != "url" else shown_source(url)
-    if status in {401, 403}:
-        return (
-            f"{where} answered HTTP {status} (not allowed); the LoRA is private or gated: make it public, "
-            "or give the server a token (REPLICATE_API_TOKEN, HF_TOKEN or CIVITAI_API_TOKEN)."
-        )
-    if status == 404:
-        return f"{where} answered HTTP 404 (not found); check the reference."
-    if status >= 500:
-        return f"{where} answered HTTP {status} (a server error there); try again later."
-    return f"downloading {where} failed with HTTP {status}; check the reference."
+    where = ref.shown if ref.kind != "url" else shown_source(url)
+    private = (
+        "(not allowed); the LoRA is private or gated: make it public, or give the server a token "
+        "(REPLICATE_API_TOKEN, HF_TOKEN or CIVITAI_API_TOKEN)."
+    )
+    why = {401: private, 403: private, 404: "(not found); check the reference."}.get(status)
+    why = why or ("(a server error there); try again later." if status >= 500 else None)
+    return (
+        f"{where} answered HTTP {status} {why}"
+        if why
+        else f"downloading {where} failed with HTTP {status}; check the reference."
+    )

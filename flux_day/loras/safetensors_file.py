@@ -1,10 +1,6 @@
-"""A LoRA file's tensors and metadata, read as safetensors only and checked before any is used.
-
-A file on disk (the LoRA cache's, the operator's) is read from its path (one `safe_open`), so
-a 2 GB download is never held as Python bytes besides its tensors; a data: URI's bytes, already in
-memory, by `safetensors.torch.load`. A pickle (.pt/.ckpt/.bin) is never opened, because unpickling
-downloaded data runs its code: it is only recognised by its first bytes, to say so.
-"""
+"""A LoRA file read as safetensors only, checked before any tensor is used; the format's header read
+in one place. A pickle (.pt/.ckpt/.bin) is never opened (unpickling runs its code), only recognised
+by its first bytes to say so. A file on disk is read from its path, never held whole as bytes."""
 
 from __future__ import annotations
 
@@ -24,17 +20,41 @@ PICKLE_HEADS = frozenset({b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x
 UNREADABLE = (SafetensorError, ValueError, RuntimeError)
 
 
+def header_length(head: bytes) -> int | None:
+    """The JSON header's length if `head` (the first 9+ bytes) starts like safetensors, else None."""
+    length = int.from_bytes(head[:8], "little")
+    return length if len(head) >= 9 and head[8:9] == b"{" and length > 0 else None
+
+
+def declared_size(head: bytes) -> tuple[int, int | None]:
+    """(at least, total) bytes the safetensors file starting with `head` declares: the header alone
+    bounds it below; the total is known once the whole header is in `head`. (0, None) if not safetensors."""
+    length = header_length(head)
+    if length is None:
+        return 0, None
+    if len(head) < 8 + length:
+        return 8 + length, None
+    try:
+        header = json.loads(head[8 : 8 + length])
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        return 8 + length, 8 + length + max(ends, default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return 8 + length, None  # not a valid header: the parser says why once the body is in
+
+
 def load_lora_file(source: LoraSource) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(float32 tensors by key, the header's metadata) of a safetensors LoRA; anything else is refused."""
     try:
         if isinstance(source, Path):
             with safe_open(source, framework="pt") as opened:
-                metadata = opened.metadata() or {}
-                state_dict = opened.get_tensors()
+                metadata, state_dict = opened.metadata() or {}, opened.get_tensors()
         else:
-            state_dict, metadata = load_safetensors(source), _metadata(source)
+            # safetensors reads metadata only from a file; a data: URI is not written out for its header.
+            length = header_length(source) or 0
+            state_dict = load_safetensors(source)
+            metadata = json.loads(source[8 : 8 + length]).get("__metadata__") or {}
     except UNREADABLE as error:
-        raise _refusal(_head(source), error) from None
+        raise _refusal(source, error) from None
     bad = [key for key, value in state_dict.items() if not value.is_floating_point()]
     if bad:
         raise LoraError(f"tensor {bad[0]!r} is not floating point; this is not a LoRA file.")
@@ -55,7 +75,7 @@ def check_lora_file(path: Path) -> None:
         with safe_open(path, framework="pt"):
             pass
     except UNREADABLE as error:
-        raise _refusal(_head(path), error) from None
+        raise _refusal(path, error) from None
 
 
 def lora_file_identity(source: LoraSource) -> tuple[str, int]:
@@ -67,23 +87,12 @@ def lora_file_identity(source: LoraSource) -> tuple[str, int]:
     return digest, source.stat().st_size
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of bytes `load` has just accepted. safetensors reads metadata only from a file
-    named by path (`safe_open`), and a data: URI is not written to disk for the sake of its header."""
-    header_bytes = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + header_bytes]).get("__metadata__") or {}
-
-
-def _head(source: LoraSource) -> bytes:
-    if isinstance(source, bytes):
-        return source[:2]
-    with source.open("rb") as handle:
-        return handle.read(2)
-
-
-def _refusal(head: bytes, error: Exception) -> LoraError:
+def _refusal(source: LoraSource, error: Exception) -> LoraError:
     """Why a file is not usable, from its first bytes only: they are never handed to an unpickler."""
-    if head in PICKLE_HEADS:
+    if isinstance(source, Path):
+        with source.open("rb") as handle:
+            source = handle.read(2)
+    if source[:2] in PICKLE_HEADS:
         return LoraError(
             "the file is not a safetensors file but a PyTorch pickle (.pt/.ckpt/.bin), "
             "which is never loaded because it can run code; give the LoRA as a .safetensors file."

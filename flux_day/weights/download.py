@@ -1,45 +1,23 @@
-"""Fetching the manifest's base weights from the Hugging Face Hub into the weights layout, verified.
+"""The manifest's base weights fetched from the Hugging Face Hub into the weights layout, verified.
 
-(About 320 lines: listing, locking, staging and moving a folder into place are one transaction; the
-checksums and the Hub's errors live beside it, in `checksums` and `hub_errors`.)
-
-`ensure_weights(settings)` leaves every folder of the manifest complete under `settings.weights`, or
-raises `WeightsError` saying what is wrong and how to fix it. A folder that is already there (all its
-`required` files present) is left alone and costs no request; with `settings.offline` a missing one is
-an error, never a download.
-
-A folder is downloaded into a staging copy inside the weights root (`.flux-day-download/<folder>/`),
-one file at a time with `huggingface_hub.hf_hub_download` pinned to the commit the Hub's listing
-resolved, and each file is checked against the checksum that listing reports (sha256 for LFS files,
-the git blob id for the others). Only when every file of the folder has passed is the staging copy
-renamed into place, in one `os.replace`: a download that is killed, cut off or refused never leaves a
-folder that looks complete, and `has_base_models` stays False until dev and schnell are both done.
-
-Resuming: a connection dropped mid-file is resumed by the Hub client itself with a Range request.
-Files already finished in the staging copy survive a killed process and are not fetched again (they
-are checked again); a file that was half-way through when the process died starts over, because
-huggingface_hub 2.x downloads each file to a process-unique temporary name.
-
-Several processes on one weights root (replicas sharing a volume, or the download Job beside a
-server): each folder is written by the one process holding its lock, so no two processes write one
-staging copy, a process that starts while another downloads leaves that download alone, and replicas
-starting together fetch different folders side by side (see `_claim`).
-
-Credentials: `HF_TOKEN` is read from the environment at each call and handed to each Hub call
-(`token=False` without one, so no stored login is used); the Hub client sends it to the Hub's own
-origin only, never to the CDN its files redirect to. It is never logged nor put in a message.
+Each folder is downloaded into a staging copy (`.flux-day-download/<folder>/`, on the weights root's
+filesystem), file by file with `hf_hub_download` pinned to the commit the Hub's listing resolved, each
+file checked against that listing's checksum (sha256 for LFS files, the git blob id for others), and
+renamed into place only when all have passed (`filelocks.publish`, under the folder's lock: replicas
+fetch different folders side by side). A killed download is resumed: finished files are kept (checked
+again), a dropped connection continues with a Range request. `HF_TOKEN` is read once per call and given
+to each Hub call (`token=False` without one: no stored login); the client sends it to the Hub only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 import shlex
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -51,20 +29,18 @@ from flux_day import filelocks
 from flux_day.config import Settings, credentials
 from flux_day.errors import WeightsError
 from flux_day.model_specs import MODELS
-from flux_day.weights.checksums import mismatch
 from flux_day.weights.hub_errors import RUN_AGAIN, hub_errors
-from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
+from flux_day.weights.layout import DEV_FOLDER, NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER, SCHNELL_FOLDER
 from flux_day.weights.manifest import MANIFEST, Source, folders
 
 log = logging.getLogger(__name__)
 
 STAGING = ".flux-day-download"  # under the weights root: same filesystem, so the final rename is atomic
 SOURCE_RECORD = ".flux-day-source.json"  # written into each downloaded folder: repo, commit, checksums
-# What each folder weighs on disk (the Hub's listing at the manifest's revisions, rounded), for the
-# notice before a download: dev's transformer 23.8 + T5 9.5 + CLIP and VAE 0.4; schnell's transformer.
-APPROXIMATE_GB: Final[dict[str, float]] = {
-    MODELS["dev"].folder: 34,
-    MODELS["schnell"].folder: 24,
+# Each folder's size on the Hub (dev: transformer 23.8 + T5 9.5 + CLIP and VAE 0.4), for the notice.
+APPROXIMATE_GB: Final = {
+    DEV_FOLDER: 34,
+    SCHNELL_FOLDER: 24,
     SAFETY_CHECKER_FOLDER: 1.2,
     NSFW_CLASSIFIER_FOLDER: 0.35,
 }
@@ -91,11 +67,8 @@ class Plan:
 
 
 def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) -> None:
-    """Make every folder of `manifest` complete under `settings.weights`, downloading what is missing.
-
-    No request is made when nothing is missing. Raises `WeightsError` when something is missing and
-    `settings.offline` is set, and when a download fails or a file fails its checksum.
-    """
+    """Make every folder of `manifest` complete under `settings.weights` (no request when none is
+    missing), or raise `WeightsError`: offline with a folder missing, a failed download or checksum."""
     root = Path(settings.weights)
     missing = missing_folders(root, manifest)
     if not missing:
@@ -112,40 +85,25 @@ def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) ->
             f"Cannot create {root / STAGING} to download base weights into ({error.strerror or error}); "
             "set FLUX_DAY_WEIGHTS to a folder this process can write."
         ) from error
+
+    def claim(folder: str, wait: bool) -> bool | None:
+        """Download `folder` under its lock, unless another process holds it (and `wait` is False) or
+        completed it meanwhile; a staging copy left by a process that died is resumed."""
+        return filelocks.publish(
+            root / folder,
+            lambda staging: _download_folder(staging, rows[folder], settings.hf_endpoint, token),
+            lock=root / STAGING / f"{folder}.lock",
+            partial=root / STAGING / folder,
+            missing=lambda: folder in missing_folders(root, manifest),
+            wait=wait,
+            on_wait=lambda: log.info(
+                "weights: another process is downloading %s/ into %s; waiting for it", folder, root
+            ),
+        )
+
     while missing := missing_folders(root, manifest):
-        with _claim(root, missing) as folder:
-            if folder in missing_folders(root, manifest):  # not completed by another process meanwhile
-                _download_folder(root, folder, rows[folder], settings.hf_endpoint, token)
-
-
-@contextmanager
-def _claim(root: Path, missing: Sequence[str]) -> Iterator[str]:
-    """Lock a missing folder that no other process is downloading, else wait for the first one's lock.
-
-    Each folder has its own lock, `.flux-day-download/<folder>.lock`, held by the one process that
-    writes its staging copy: replicas starting together on an empty volume fetch different folders side
-    by side, and one whose folders are all taken waits, then finds them complete. A staging copy left
-    by a process that died is resumed by the next holder of its lock. The locks are `flux_day.filelocks`
-    (what they assume of the filesystem is said there); a lock file exists only while it is held.
-    """
-    for folder in missing:
-        with filelocks.hold(root / STAGING / f"{folder}.lock", wait=False) as held:
-            if held is not None:
-                try:
-                    yield folder
-                finally:
-                    held.unlink()
-                return
-
-    def waiting() -> None:
-        log.info("weights: another process is downloading %s/ into %s; waiting for it", missing[0], root)
-
-    with filelocks.hold(root / STAGING / f"{missing[0]}.lock", on_wait=waiting) as held:
-        assert held is not None  # waited for
-        try:
-            yield missing[0]
-        finally:
-            held.unlink()
+        if all(claim(folder, wait=False) is None for folder in missing):
+            claim(missing[0], wait=True)  # every missing folder is taken: wait for the first
 
 
 def missing_folders(root: Path, manifest: Sequence[Source] = MANIFEST) -> list[str]:
@@ -165,7 +123,7 @@ def download_notice(root: Path, missing: Sequence[str]) -> str:
     gated = (
         f" FLUX.1 [dev] is gated: accept its licence at https://huggingface.co/{MODELS['dev'].repo_id} "
         "and set HF_TOKEN to a token of that account."
-        if MODELS["dev"].folder in missing
+        if DEV_FOLDER in missing
         else ""
     )
     return (
@@ -192,30 +150,34 @@ def _local_files(folder: Path) -> list[str]:
     return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
 
 
-def _download_folder(
-    root: Path, folder: str, rows: Sequence[Source], endpoint: str, token: str | bool
-) -> None:
+def _download_folder(staging: Path, rows: Sequence[Source], endpoint: str, token: str | bool) -> None:
+    """Fill `staging` with the verified files of `rows` and their record (the caller moves it into place)."""
     started = time.monotonic()
-    staging = root / STAGING / folder
     plans = [_plan(row, endpoint, token) for row in rows]
-    _check_no_overlap(folder, plans)
-    fetched = 0
+    origin: dict[str, str] = {}
     for plan in plans:
         for remote in plan.files:
-            fetched += _download_file(plan, remote, staging, endpoint, token)
-    _prune(staging, {remote.path for plan in plans for remote in plan.files})
+            if origin.setdefault(remote.path, plan.source.repo_id) != plan.source.repo_id:
+                raise WeightsError(
+                    f"{plan.source.folder}/{remote.path} would come from both {origin[remote.path]} and "
+                    f"{plan.source.repo_id}; the manifest must name one."
+                )
+    fetched = sum(
+        _download_file(plan, remote, staging, endpoint, token) for plan in plans for remote in plan.files
+    )
+    _prune(staging, set(origin))
     (staging / SOURCE_RECORD).write_text(json.dumps(_record(plans), indent=2) + "\n")
-    _move_into_place(staging, root / folder)
-    total = sum(remote.size or 0 for plan in plans for remote in plan.files)
-    seconds = time.monotonic() - started
+    target = staging.parents[1] / rows[0].folder
+    if target.exists():
+        log.warning("weights: %s is incomplete; replacing it with the downloaded copy", target)
     log.info(
         "weights: %s/ complete: %d files, %s (%s downloaded) from %s in %.1fs",
-        folder,
-        sum(len(plan.files) for plan in plans),
-        _human(total),
+        rows[0].folder,
+        len(origin),
+        _human(sum(remote.size or 0 for plan in plans for remote in plan.files)),
         _human(fetched),
         ", ".join(f"{plan.source.repo_id}@{plan.commit[:12]}" for plan in plans),
-        seconds,
+        time.monotonic() - started,
     )
 
 
@@ -247,21 +209,8 @@ def _plan(source: Source, endpoint: str, token: str | bool) -> Plan:
     return Plan(source, info.sha, files)
 
 
-def _check_no_overlap(folder: str, plans: Sequence[Plan]) -> None:
-    seen: dict[str, str] = {}
-    for plan in plans:
-        for remote in plan.files:
-            if remote.path in seen:
-                raise WeightsError(
-                    f"{folder}/{remote.path} would come from both {seen[remote.path]} and "
-                    f"{plan.source.repo_id}; the manifest must name one."
-                )
-            seen[remote.path] = plan.source.repo_id
-
-
 def _download_file(plan: Plan, remote: RemoteFile, staging: Path, endpoint: str, token: str | bool) -> int:
-    """Fetch one file into `staging` (kept if already there and unchanged) and verify it; return
-    the bytes downloaded."""
+    """Fetch one file into `staging` (kept if there and unchanged), verify it; the bytes downloaded."""
     local = staging.joinpath(*remote.path.split("/"))
     already_there = local.is_file()
     with hub_errors(plan.source, endpoint, token, remote.path):
@@ -278,9 +227,19 @@ def _download_file(plan: Plan, remote: RemoteFile, staging: Path, endpoint: str,
 
 
 def _verify(local: Path, remote: RemoteFile, plan: Plan) -> None:
-    """Check `local` against the Hub's checksum; delete it and raise `WeightsError` if it differs."""
-    problem = mismatch(local, remote.size, remote.sha256, remote.blob_id)
-    if problem is None:
+    """Check `local` against the Hub's size and checksum; delete it and raise `WeightsError` if it differs."""
+    size = local.stat().st_size
+    problem = f"it has {size} bytes, the Hub says {remote.size}" if remote.size not in (None, size) else ""
+    if not problem and (remote.sha256 or remote.blob_id):
+        with local.open("rb") as file:  # a git blob id is the sha1 of `blob <size>\0` + the bytes
+            digest = hashlib.file_digest(
+                file, "sha256" if remote.sha256 else lambda: hashlib.sha1(b"blob %d\0" % size)
+            )
+        name, expected = ("sha256", remote.sha256) if remote.sha256 else ("git blob id", remote.blob_id)
+        problem = (
+            "" if digest.hexdigest() == expected else f"{name} {digest.hexdigest()}, the Hub says {expected}"
+        )
+    elif remote.size is None:
         local.unlink()
         raise WeightsError(
             f"The Hub reported no size or checksum for {remote.path} in {plan.source.repo_id}@{plan.commit}, "
@@ -295,8 +254,8 @@ def _verify(local: Path, remote: RemoteFile, plan: Plan) -> None:
 
 
 def _prune(staging: Path, keep: set[str]) -> None:
-    """Drop the Hub client's bookkeeping and any file the plan does not name (left by an earlier run
-    against another commit), so the folder moved into place holds exactly the verified files."""
+    """Drop the Hub client's bookkeeping and any file the plan does not name (an earlier run's, against
+    another commit): the folder moved into place holds exactly the verified files."""
     shutil.rmtree(staging / _HUB_CACHE, ignore_errors=True)
     for relative in _local_files(staging):
         if relative not in keep:
@@ -324,20 +283,6 @@ def _record(plans: Sequence[Plan]) -> dict[str, object]:
             for plan in plans
         ]
     }
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename the verified staging folder to `target` in one step. An incomplete `target` (files
-    missing) is moved aside first and deleted after."""
-    aside = None
-    if target.exists():
-        aside = staging.with_name(f"{staging.name}.replaced")
-        shutil.rmtree(aside, ignore_errors=True)
-        log.warning("weights: %s is incomplete; replacing it with the downloaded copy", target)
-        os.replace(target, aside)
-    os.replace(staging, target)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _human(size: int) -> str:

@@ -75,24 +75,22 @@ def main(command: str, *args: str) -> None:
     elif command == "fill":
         size, pause_s, count_file = int(args[2]), float(args[3]), Path(args[4])
 
-        def fill(prefix: str) -> Path:
+        def fill(partial: Path) -> None:
             with count_file.open("a") as count:
                 count.write(f"{os.getpid()}\n")
-            partial = cache.root / f"{prefix}{size}"
             data = str(os.getpid()).encode() * size
             with partial.open("wb") as out:
                 for piece in range(10):
                     out.write(data[piece * size // 10 : (piece + 1) * size // 10])
                     time.sleep(pause_s / 10)
-            return partial
 
         with cache.filled(key, fill) as path:
             print(f"done {hashlib.sha256(path.read_bytes()).hexdigest()}", flush=True)
             sys.stdin.readline()
     elif command == "stall":
 
-        def never(prefix: str) -> Path:
-            with (cache.root / f"{prefix}stalled").open("wb") as out:
+        def never(partial: Path) -> None:
+            with partial.open("wb") as out:
                 out.write(b"half a file")
                 out.flush()
                 print("writing", flush=True)
