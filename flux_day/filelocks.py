@@ -4,9 +4,10 @@ and `publish`: write a file or folder into a shared folder once (lock, partial, 
 `fcntl.flock` directly: readers need shared locks beside exclusive ones, and the `filelock` package's
 reader/writer lock is SQLite, unsafe on network filesystems. Assumed of the filesystem: `flock` is seen
 by every client and dies with its holder (local disks, NFSv4, NFSv3 with lockd, CephFS, EFS; not NFS
-`nolock`/`local_lock=`, s3fs/gcsfuse, Lustre without `-o flock`); `rename`/`unlink` in one folder are
-atomic. NFS locks are per process, so one thread per process holds a path at a time. A holder may
-delete its lock file: a taker checks the path still names the file it locked, else starts again.
+`nolock`/`local_lock=`, s3fs/gcsfuse, Lustre without `-o flock`; an NFS client cut off past its ~90 s
+lease loses its locks unwarned); `rename`/`unlink` in one folder are atomic. NFS locks are per process,
+so one thread per process holds a path at a time. A holder may delete its lock file: a taker checks the
+path still names the file it locked, else starts again.
 """
 
 from __future__ import annotations

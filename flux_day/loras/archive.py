@@ -15,14 +15,13 @@ from flux_day.errors import LoraError
 from flux_day.loras.safetensors_file import header_length
 
 LORA_MEMBER = "lora.safetensors"  # Replicate's trainers: output/flux_train_replicate/lora.safetensors
-# What `tarfile.data_filter` found, in words (its exception class names mean nothing to a user).
-UNSAFE_MEMBERS: tuple[tuple[type[tarfile.FilterError], str], ...] = (
-    (tarfile.AbsolutePathError, "an absolute path"),
-    (tarfile.OutsideDestinationError, "a path leading outside the archive"),
-    (tarfile.AbsoluteLinkError, "a link to an absolute path"),
-    (tarfile.LinkOutsideDestinationError, "a link leading outside the archive"),
-    (tarfile.SpecialFileError, "a device or other special file"),
-)
+UNSAFE_MEMBERS = {  # what `tarfile.data_filter` found, in words (its class names mean nothing to a user)
+    tarfile.AbsolutePathError: "an absolute path",
+    tarfile.OutsideDestinationError: "a path leading outside the archive",
+    tarfile.AbsoluteLinkError: "a link to an absolute path",
+    tarfile.LinkOutsideDestinationError: "a link leading outside the archive",
+    tarfile.SpecialFileError: "a device or other special file",
+}
 
 
 def is_archive(source: Path | BinaryIO) -> bool:
@@ -55,9 +54,7 @@ def extract_lora(source: Path | BinaryIO, target: BinaryIO, max_bytes: int) -> s
             try:
                 tarfile.data_filter(member, "/nonexistent-extraction-root")
             except tarfile.FilterError as error:
-                why = next(
-                    (why for kind, why in UNSAFE_MEMBERS if isinstance(error, kind)), "not a plain file"
-                )
+                why = UNSAFE_MEMBERS.get(type(error), "not a plain file")
                 raise LoraError(
                     f"the archive's {member.name!r} is unsafe ({why}); give an archive whose "
                     "LoRA is a plain file inside it."

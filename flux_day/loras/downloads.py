@@ -127,10 +127,8 @@ class LoraDownloads:
                     f"{shown_source(api)} did not answer with JSON for {ref.shown}; check the reference."
                 ) from None
         versions: list[dict[str, Any]] = model.get("modelVersions") or [] if isinstance(model, dict) else []
-        if ref.version:
-            versions = [v for v in versions if str(v.get("id")) == ref.version]
-            if not versions:
-                raise LoraError(f"CivitAI model {ref.name} has no version {ref.version}.")
+        if ref.version and not (versions := [v for v in versions if str(v.get("id")) == ref.version]):
+            raise LoraError(f"CivitAI model {ref.name} has no version {ref.version}.")
         if not versions:
             raise LoraError(f"CivitAI model {ref.name} lists no versions to download.")
         version = max(versions, key=lambda v: str(v.get("createdAt") or ""))

@@ -15,10 +15,9 @@ import shlex
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Final
+from typing import NamedTuple
 
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.hf_api import RepoSibling
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 STAGING = ".flux-day-download"  # under the weights root: same filesystem, so the final rename is atomic
 SOURCE_RECORD = ".flux-day-source.json"  # written into each downloaded folder: repo, commit, checksums
 # Each folder's size on the Hub (dev: transformer 23.8 + T5 9.5 + CLIP and VAE 0.4), for the notice.
-APPROXIMATE_GB: Final = {
+APPROXIMATE_GB = {
     DEV_FOLDER: 34,
     SCHNELL_FOLDER: 24,
     SAFETY_CHECKER_FOLDER: 1.2,
@@ -45,8 +44,7 @@ APPROXIMATE_GB: Final = {
 _HUB_CACHE = ".cache"  # huggingface_hub's bookkeeping inside a local_dir; not moved into place
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """A manifest row resolved against the Hub: the commit and the listed files to fetch from it."""
 
     source: Source
@@ -62,7 +60,12 @@ def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) ->
     if not missing:
         return
     if settings.offline:
-        raise WeightsError(offline_message(root, missing))
+        quoted, names = shlex.quote(str(root)), ", ".join(f"{folder}/" for folder in missing)
+        raise WeightsError(
+            f"Base weights are missing under {root} ({names}) and FLUX_DAY_OFFLINE=1 forbids downloading "
+            f"them: fill them with `FLUX_DAY_WEIGHTS={quoted} python scripts/download_weights.py` "
+            f"(or `python scripts/download_weights.py --weights {quoted}`)."
+        )
     log.warning("weights: %s Downloading them now.", download_notice(root, missing))
     token = credentials().hugging_face or False  # False: never a login stored on disk
     rows = folders(tuple(manifest))
@@ -116,17 +119,6 @@ def download_notice(root: Path, missing: Sequence[str]) -> str:
     return (
         f"Base weights are missing under {root} ({', '.join(f'{f}/' for f in missing)}): about "
         f"{size:.0f} GB to download from the Hugging Face Hub.{gated}"
-    )
-
-
-def offline_message(root: Path, missing: Sequence[str]) -> str:
-    """The one sentence that says which folders are missing and the command that fills them."""
-    names = ", ".join(f"{folder}/" for folder in missing)
-    quoted = shlex.quote(str(root))
-    return (
-        f"Base weights are missing under {root} ({names}) and FLUX_DAY_OFFLINE=1 forbids downloading "
-        f"them: fill them with `FLUX_DAY_WEIGHTS={quoted} python scripts/download_weights.py` "
-        f"(or `python scripts/download_weights.py --weights {quoted}`)."
     )
 
 
