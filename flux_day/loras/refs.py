@@ -46,13 +46,11 @@ class LoraRef:
         if self.kind == "replicate":
             return "/".join(part for part in (self.owner, self.name, self.version) if part)
         if self.kind == "huggingface":
-            suffix = f"/blob/{self.version}/{self.path}" if self.path else ""
-            suffix = suffix or (f"/tree/{self.version}" if self.version else "")
-            return f"huggingface.co/{self.owner}/{self.name}{suffix}"
+            where = f"/tree/{self.version}" * bool(self.version)
+            where = f"/blob/{self.version}/{self.path}" if self.path else where
+            return f"huggingface.co/{self.owner}/{self.name}{where}"
         if self.kind == "civitai":
-            return f"civitai.com/models/{self.name}" + (
-                f"?modelVersionId={self.version}" * bool(self.version)
-            )
+            return f"civitai.com/models/{self.name}" + f"?modelVersionId={self.version}" * bool(self.version)
         return shown_source(self.location)
 
     @property
