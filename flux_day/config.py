@@ -7,7 +7,6 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from flux_day.components import TRANSFORMERS
 from flux_day.errors import SettingsError
@@ -15,7 +14,19 @@ from flux_day.errors import SettingsError
 _GB = 1000**3
 TRUE = frozenset({"1", "true", "yes", "on"})
 FALSE = frozenset({"", "0", "false", "no", "off"})
-Value = TypeVar("Value")
+DEFAULT_COMPILE_MODELS = ("dev-fp8", "schnell-fp8")  # go_fast: fp8 pays only together with compilation
+NUMBERS = {  # field: (variable, default, parse, what it must be)
+    "lora_cache_bytes": ("FLUX_DAY_LORA_CACHE_BYTES", 20 * _GB, int, "a number of bytes"),
+    "max_lora_bytes": ("FLUX_DAY_MAX_LORA_BYTES", 2 * _GB, int, "a number of bytes"),
+    "parsed_lora_bytes": ("FLUX_DAY_PARSED_LORA_BYTES", 4 * _GB, int, "a number of bytes"),
+    "min_lora_rate": ("FLUX_DAY_MIN_LORA_RATE", 100_000, int, "a number of bytes per second"),
+    "lora_rate_window_s": ("FLUX_DAY_LORA_RATE_WINDOW", 30.0, float, "a number of seconds"),
+}
+SERVICE_URLS = {  # field: (variable, default)
+    "replicate_url": ("FLUX_DAY_REPLICATE_URL", "https://replicate.com"),
+    "civitai_url": ("FLUX_DAY_CIVITAI_URL", "https://civitai.com"),
+    "hf_endpoint": ("HF_ENDPOINT", "https://huggingface.co"),
+}
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -26,8 +37,8 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
 
 
 def _parsed(
-    env: Mapping[str, str], name: str, default: Value, parse: Callable[[str], Value], what: str
-) -> Value:
+    env: Mapping[str, str], name: str, default: float, parse: Callable[[str], float], what: str
+) -> float:
     """`env[name]` read by `parse`, `default` when unset or empty; otherwise one sentence saying why not."""
     value = (env.get(name) or "").strip()
     if not value:
@@ -53,11 +64,8 @@ class Credentials:
 def credentials(env: Mapping[str, str] | None = None) -> Credentials:
     """The tokens set now (read per request, not kept in `Settings`: never logged, rotatable)."""
     env = os.environ if env is None else env
-    return Credentials(
-        replicate=env.get("REPLICATE_API_TOKEN") or None,
-        civitai=env.get("CIVITAI_API_TOKEN") or None,
-        hugging_face=env.get("HF_TOKEN") or None,
-    )
+    names = {"replicate": "REPLICATE_API_TOKEN", "civitai": "CIVITAI_API_TOKEN", "hugging_face": "HF_TOKEN"}
+    return Credentials(**{field: env.get(name) or None for field, name in names.items()})
 
 
 @dataclass(frozen=True)
@@ -90,41 +98,26 @@ class Settings:
         device = (env.get("FLUX_DAY_DEVICE") or "auto").strip().lower()
         if device not in {"auto", "cuda", "cpu"}:
             raise SettingsError(f"FLUX_DAY_DEVICE={device!r} is not a device; set auto, cuda or cpu.")
+        backend = (env.get("FLUX_DAY_COMPILE") or "auto").strip().lower()
+        fp8_cache = (env.get("FLUX_DAY_FP8_CACHE") or "").strip()
         return cls(
             weights=weights,
             device=device,
             offline=_flag(env, "FLUX_DAY_OFFLINE"),
             lora_cache=Path(env.get("FLUX_DAY_LORA_CACHE") or weights / "lora-cache"),
-            lora_cache_bytes=_parsed(env, "FLUX_DAY_LORA_CACHE_BYTES", 20 * _GB, int, "a number of bytes"),
-            max_lora_bytes=_parsed(env, "FLUX_DAY_MAX_LORA_BYTES", 2 * _GB, int, "a number of bytes"),
-            parsed_lora_bytes=_parsed(env, "FLUX_DAY_PARSED_LORA_BYTES", 4 * _GB, int, "a number of bytes"),
-            min_lora_rate=_parsed(
-                env, "FLUX_DAY_MIN_LORA_RATE", 100_000, int, "a number of bytes per second"
-            ),
-            lora_rate_window_s=_parsed(env, "FLUX_DAY_LORA_RATE_WINDOW", 30.0, float, "a number of seconds"),
             allow_private_urls=_flag(env, "FLUX_DAY_ALLOW_PRIVATE_URLS"),
-            replicate_url=(env.get("FLUX_DAY_REPLICATE_URL") or "https://replicate.com").rstrip("/"),
-            civitai_url=(env.get("FLUX_DAY_CIVITAI_URL") or "https://civitai.com").rstrip("/"),
-            hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
-            compile=_compile(env.get("FLUX_DAY_COMPILE")),
+            compile="off" if backend in FALSE else "inductor" if backend in TRUE else backend,
             compile_models=_compile_models(env.get("FLUX_DAY_COMPILE_MODELS")),
             compile_cache=Path(env.get("FLUX_DAY_COMPILE_CACHE") or weights / "compile-cache"),
-            fp8_cache=_optional_path(env.get("FLUX_DAY_FP8_CACHE"), weights / "fp8-cache"),
+            fp8_cache=None
+            if fp8_cache.lower() in FALSE - {""} | {"none"}
+            else Path(fp8_cache or weights / "fp8-cache"),
+            **{field: _parsed(env, *spec) for field, spec in NUMBERS.items()},
+            **{
+                field: (env.get(name) or default).rstrip("/")
+                for field, (name, default) in SERVICE_URLS.items()
+            },
         )
-
-
-DEFAULT_COMPILE_MODELS = ("dev-fp8", "schnell-fp8")  # go_fast: fp8 pays only together with compilation
-
-
-def _compile(value: str | None) -> str:
-    """`FLUX_DAY_COMPILE` as "auto", "off" or a backend name ("inductor" for 1/true/yes/on); whether
-    a named backend exists is checked when compiling (`compile.compile_backend`), which needs torch."""
-    setting = (value or "auto").strip().lower()
-    if setting in FALSE:
-        return "off"
-    if setting in TRUE:
-        return "inductor"
-    return setting
 
 
 def _compile_models(value: str | None) -> tuple[str, ...]:
@@ -138,10 +131,3 @@ def _compile_models(value: str | None) -> tuple[str, ...]:
             f"{', '.join(TRANSFORMERS)}."
         )
     return names
-
-
-def _optional_path(value: str | None, default: Path) -> Path | None:
-    """A folder setting where `0`/`off` turns the feature off."""
-    if value is None or not value.strip():
-        return default
-    return None if value.strip().lower() in {"0", "off", "false", "no", "none"} else Path(value)

@@ -1,15 +1,13 @@
-"""Locks across processes sharing a volume (`flock`, shared or exclusive, polled), and `publish`: one
-protocol for writing a file or folder into a shared folder once (lock, partial, atomic rename, sweep).
+"""Locks across processes sharing a volume (`flock`, shared or exclusive, polled so a cancel lands),
+and `publish`: write a file or folder into a shared folder once (lock, partial, atomic rename, sweep).
 
-`fcntl.flock` is called directly because readers need shared locks beside exclusive ones, and the
-`filelock` package's reader/writer lock is SQLite, unsafe on network filesystems. What this assumes of
-the filesystem: `flock` is seen by every process mounting it and dies with its holder (local disks,
-container mounts, NFSv4, NFSv3 with lockd, CephFS, EFS, Filestore; not NFS mounted `nolock` or
-`local_lock=...`, nor s3fs/gcsfuse, nor Lustre without `-o flock`); a client cut off from NFS for
-longer than its lease (~90 s) loses its locks unwarned; `rename` and `unlink` in one folder are atomic.
-NFS locks are per process, so one thread per process holds a given path at a time. Waits poll, so a
-cancel lands within a fraction of a second. A lock file may be deleted by its holder: a taker checks
-the path still names the file it locked, and starts again if not.
+`fcntl.flock` directly: readers need shared locks beside exclusive ones, and the `filelock` package's
+reader/writer lock is SQLite, unsafe on network filesystems. Assumed of the filesystem: `flock` is seen
+by every client and dies with its holder (local disks, NFSv4, NFSv3 with lockd, CephFS, EFS; not NFS
+`nolock`/`local_lock=`, s3fs/gcsfuse, Lustre without `-o flock`; an NFS client cut off past its ~90 s
+lease loses its locks unwarned); `rename`/`unlink` in one folder are atomic. NFS locks are per process,
+so one thread per process holds a path at a time. A holder may delete its lock file: a taker checks the
+path still names the file it locked, else starts again.
 """
 
 from __future__ import annotations
@@ -67,9 +65,7 @@ def hold(
     on_wait: Callable[[], None] | None = None,
 ) -> Iterator[HeldLock | None]:
     """Hold a lock on `path` for the block; None when `wait` is False and it is busy, or when `create`
-    is False and the file is absent. Waiting calls `on_wait` once, and raises `LockTimeout` after
-    `timeout_s`. Callers that must never hang pass `timeout_s`: a cancel raised between the thread
-    lock's acquire and the `try` would leave it taken."""
+    is False and the file is absent. Waiting calls `on_wait` once; `LockTimeout` after `timeout_s`."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     def until(attempt: Callable[[], bool]) -> bool:
@@ -88,7 +84,7 @@ def hold(
             pause = min(pause * 2, LAST_POLL_S)
         return True
 
-    with _threads_guard:
+    with _threads_guard:  # pass `timeout_s` to never hang: a cancel between acquire and `try` leaks it
         thread_lock = _thread_locks.setdefault(str(Path(path).absolute()), threading.Lock())
     if not until(lambda: thread_lock.acquire(blocking=False)):
         yield None
@@ -120,13 +116,10 @@ def _lock(
                 return None
             if _names(path, file):
                 return HeldLock(path, file)
-        except OSError as error:
-            if error.errno != errno.ESTALE:  # NFS: the file was deleted on another client
+        except BaseException as error:
+            if getattr(error, "errno", None) != errno.ESTALE:  # NFS: deleted on another client
                 file.close()
                 raise
-        except BaseException:
-            file.close()
-            raise
         file.close()  # the file was deleted or replaced while we waited: lock what the path names now
 
 
@@ -160,15 +153,10 @@ def publish(
     on_wait: Callable[[], None] | None = None,
     before_unlock: Callable[[bool], object] | None = None,
 ) -> bool | None:
-    """Write `target` once among the processes sharing its folder, and never show a half one.
-
-    Under the exclusive `lock` (default `.lock-<name>` beside `target`), if `missing()` still holds
-    (default: `target` is absent), `write(partial)` fills the partial, which then replaces `target` in
-    one rename. The default partial, `.partial-<name>-<host>-<pid>-<random>` beside `target`, is removed
-    when the write fails, like every partial of `target` whose writer is gone; a `partial` the caller
-    names is kept, for the next writer to resume. `before_unlock(wrote)` runs with the lock still held.
-    Returns whether this call wrote `target`; None when `wait` is False and the lock is busy.
-    """
+    """Write `target` once among the processes sharing its folder, never showing a half one: under
+    `lock`, if `missing()`, `write(partial)` then one rename. A failed write's partial is removed (a
+    `partial` the caller names is kept, to resume); `before_unlock(wrote)` runs under the lock.
+    Whether this call wrote `target`; None when `wait` is False and the lock is busy."""
     lock = lock or target.with_name(f"{LOCK}{target.name}")
     owned = f"{PARTIAL}{lock.name.removeprefix(LOCK)}-"
     with hold(lock, wait=wait, timeout_s=timeout_s, on_wait=on_wait) as held:
@@ -178,7 +166,8 @@ def publish(
             wrote = missing() if missing is not None else not target.exists()
             if wrote:
                 _remove(target.parent, owned)  # their writers are gone: this process holds the lock
-                path = partial or target.with_name(f"{owned}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+                host = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:40] or "host"
+                path = partial or target.with_name(f"{owned}{host}-{os.getpid()}-{secrets.token_hex(4)}")
                 try:
                     write(path)
                     _replace(path, target)
@@ -204,8 +193,8 @@ def _replace(partial: Path, target: Path) -> None:
 
 
 def remove_abandoned(folder: Path) -> None:
-    """Delete the partials and lock files in `folder` whose owners are gone (their locks can be taken),
-    leaving every one a live process holds: a replica killed mid-write leaves nothing behind."""
+    """Delete the partials and lock files in `folder` whose owners are gone (their locks can be taken):
+    a replica killed mid-write leaves nothing behind."""
     for partial in folder.glob(f"{PARTIAL}*"):
         name = partial.name.removeprefix(PARTIAL)
         # `<name>-<host>-<pid>-<random>`, where names and hosts may hold "-": try every split.
@@ -225,7 +214,3 @@ def _busy(lock_file: Path) -> bool:
 def _remove(folder: Path, prefix: str) -> None:
     for partial in folder.glob(f"{prefix}*"):
         partial.unlink(missing_ok=True)
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:40] or "host"

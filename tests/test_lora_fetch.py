@@ -93,7 +93,7 @@ def test_a_connection_that_lands_on_a_private_address_sends_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DNS rebinding: the check before the request passed (public answer), the connect lands on loopback."""
-    monkeypatch.setattr(Fetcher, "_check_destination", lambda self, ref, url: None)
+    monkeypatch.setattr(Fetcher, "_check_destination", lambda self, url: None)
     with HttpFiles() as files:
         url = files.serve("/a.safetensors", LORA)
         with pytest.raises(InputError, match=r"^extra_lora: .*private network address"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
+from contextlib import nullcontext
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -14,33 +15,31 @@ from flux_day.errors import LoraError
 from flux_day.loras.safetensors_file import header_length
 
 LORA_MEMBER = "lora.safetensors"  # Replicate's trainers: output/flux_train_replicate/lora.safetensors
-# What `tarfile.data_filter` found, in words (its exception class names mean nothing to a user).
-UNSAFE_MEMBERS: tuple[tuple[type[tarfile.FilterError], str], ...] = (
-    (tarfile.AbsolutePathError, "an absolute path"),
-    (tarfile.OutsideDestinationError, "a path leading outside the archive"),
-    (tarfile.AbsoluteLinkError, "a link to an absolute path"),
-    (tarfile.LinkOutsideDestinationError, "a link leading outside the archive"),
-    (tarfile.SpecialFileError, "a device or other special file"),
-)
+UNSAFE_MEMBERS = {  # what `tarfile.data_filter` found, in words (its class names mean nothing to a user)
+    tarfile.AbsolutePathError: "an absolute path",
+    tarfile.OutsideDestinationError: "a path leading outside the archive",
+    tarfile.AbsoluteLinkError: "a link to an absolute path",
+    tarfile.LinkOutsideDestinationError: "a link leading outside the archive",
+    tarfile.SpecialFileError: "a device or other special file",
+}
 
 
-def is_archive(head: bytes, source: Path | BinaryIO) -> bool:
-    """Whether `source`, whose first bytes are `head`, is a (plain or compressed) tar, not safetensors."""
+def is_archive(source: Path | BinaryIO) -> bool:
+    """Whether `source` is a (plain or compressed) tar, not safetensors; a file object is not moved."""
     try:
+        with source.open("rb") if isinstance(source, Path) else nullcontext(source) as handle:
+            head = handle.read(9)
+            handle.seek(-len(head), io.SEEK_CUR)
         return header_length(head) is None and tarfile.is_tarfile(source)
     except OSError:
         return False
 
 
 def unpacked(source: Path | bytes, max_bytes: int) -> Path | bytes:
-    """`source` itself, or the LoRA inside it (in memory) when it is a .tar archive: for a data: URI or
-    the operator's own file, which are not in the LoRA cache."""
-    if isinstance(source, bytes):
-        head, archive = source[:9], io.BytesIO(source)
-    else:
-        with source.open("rb") as handle:
-            head, archive = handle.read(9), source
-    if not is_archive(head, archive):
+    """`source` itself, or the LoRA inside it (in memory) when it is a .tar: for a data: URI or the
+    operator's own file, which are not in the LoRA cache."""
+    archive = io.BytesIO(source) if isinstance(source, bytes) else source
+    if not is_archive(archive):
         return source
     target = io.BytesIO()
     extract_lora(archive, target, max_bytes)
@@ -55,9 +54,7 @@ def extract_lora(source: Path | BinaryIO, target: BinaryIO, max_bytes: int) -> s
             try:
                 tarfile.data_filter(member, "/nonexistent-extraction-root")
             except tarfile.FilterError as error:
-                why = next(
-                    (why for kind, why in UNSAFE_MEMBERS if isinstance(error, kind)), "not a plain file"
-                )
+                why = UNSAFE_MEMBERS.get(type(error), "not a plain file")
                 raise LoraError(
                     f"the archive's {member.name!r} is unsafe ({why}); give an archive whose "
                     "LoRA is a plain file inside it."

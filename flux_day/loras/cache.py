@@ -1,9 +1,7 @@
-"""The LoRA disk cache: one ready .safetensors per resolved source, the folder is the index, and any
-number of processes (replicas on one volume) may share it, through `filelocks`.
-
-`<hash>.safetensors` is read under a shared lock, so eviction (which takes it exclusively, skipping it
-when busy) never deletes a file under a reader; it is written by `filelocks.publish` under `.lock-<hash>`,
-which an evictor removing it also holds. The least recently used files go beyond the byte budget.
+"""The LoRA disk cache: one ready .safetensors per resolved source; the folder is the index, shared by
+any number of processes (replicas on one volume). A file is read under a shared lock, so eviction (which
+takes it exclusively, skipping it when busy) never deletes it under a reader; it is written by
+`filelocks.publish` under `.lock-<hash>`, which an evictor also takes. Least recently used files go first.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from flux_day import filelocks
@@ -34,8 +32,10 @@ class LoraCache:
         filelocks.remove_abandoned(self.root)
 
     def path(self, key: str) -> Path:
-        """Where the file for `key` lives (whether or not it is there yet)."""
         return file_path(self.root, key)
+
+    def _key_lock(self, path: Path) -> Path:
+        return self.root / f"{LOCK}{path.name.removesuffix(SUFFIX)}"
 
     @contextmanager
     def reading(self, key: str, timeout_s: float | None = None) -> Iterator[Path | None]:
@@ -56,8 +56,7 @@ class LoraCache:
         on_wait: Callable[[], None] | None = None,
     ) -> Iterator[Path]:
         """The file for `key`, kept from eviction until the block ends; when absent, `fill(partial)`
-        writes it, in one process among all sharing the folder (`filelocks.publish`; the others wait,
-        calling `on_wait` once, `filelocks.LockTimeout` after `timeout_s`)."""
+        writes it in one process among all sharing the folder (the others wait; `LockTimeout`)."""
         with self.reading(key, timeout_s) as path:
             if path is not None:
                 yield path
@@ -70,7 +69,7 @@ class LoraCache:
                     self.evict(keep=path)
                 held.enter_context(self.reading(key, timeout_s))
 
-            lock = self.root / f"{LOCK}{path.name.removesuffix(SUFFIX)}"
+            lock = self._key_lock(path)
             filelocks.publish(
                 path, fill, lock=lock, timeout_s=timeout_s, on_wait=on_wait, before_unlock=read_held
             )
@@ -83,7 +82,17 @@ class LoraCache:
             with filelocks.hold(self.root / f"{LOCK}evict", timeout_s=EVICTION_WAIT_S) as evicting:
                 assert evicting is not None  # one evictor at a time
                 try:
-                    self._evict(keep)
+                    entries = []
+                    for path in self.root.glob(f"*{SUFFIX}"):
+                        with suppress(FileNotFoundError):
+                            entries.append((path.stat(), path))
+                    total = sum(stat.st_size for stat, _ in entries)
+                    for stat, path in sorted(entries, key=lambda entry: entry[0].st_mtime):
+                        if total <= self.budget_bytes:
+                            break
+                        if path != keep and self._remove_if_free(path):
+                            total -= stat.st_size
+                            log.info("LoRA cache over %d bytes: removed %s", self.budget_bytes, path.name)
                 finally:
                     evicting.unlink()
         except filelocks.LockTimeout:
@@ -91,30 +100,15 @@ class LoraCache:
                 "LoRA cache: another process has been evicting for %d s; left to later", EVICTION_WAIT_S
             )
 
-    def _evict(self, keep: Path) -> None:
-        entries = []
-        for path in self.root.glob(f"*{SUFFIX}"):
-            try:
-                entries.append((path.stat(), path))
-            except FileNotFoundError:
-                continue
-        total = sum(stat.st_size for stat, _ in entries)
-        for stat, path in sorted(entries, key=lambda entry: entry[0].st_mtime):
-            if total <= self.budget_bytes:
-                break
-            if path != keep and self._remove_if_free(path):
-                total -= stat.st_size
-                log.info("LoRA cache over %d bytes: removed %s", self.budget_bytes, path.name)
-
     def discard(self, path: Path) -> None:
         """Remove a cached file that turned out not to be a usable LoRA, so it is fetched afresh (left
-        for now if another process holds it: it is refused there too, and goes with the next try)."""
+        if another process holds it: refused there too, it goes with the next try)."""
         if self._remove_if_free(path):
             log.info("LoRA cache: removed %s, which was refused", path.name)
 
     def _remove_if_free(self, path: Path) -> bool:
         """Delete the cached file `path` unless a process reads it or holds its key; whether it went."""
-        with filelocks.hold(self.root / f"{LOCK}{path.name.removesuffix(SUFFIX)}", wait=False) as key_lock:
+        with filelocks.hold(self._key_lock(path), wait=False) as key_lock:
             if key_lock is None:
                 return False
             try:
@@ -127,5 +121,5 @@ class LoraCache:
 
 
 def file_path(root: Path, key: str) -> Path:
-    """Where the cache in `root` keeps the file for `key`; reads nothing (a `LoraCache` clears partials)."""
+    """Where the cache in `root` keeps the file for `key`."""
     return Path(root) / (hashlib.sha256(key.encode()).hexdigest()[:40] + SUFFIX)

@@ -1,11 +1,7 @@
-"""A LoRA reference → the one file it names, resolved per service, fetched once among all processes
-sharing the disk cache, unpacked from a trained model's .tar, and checked as safetensors.
-
-Replicate: `{FLUX_DAY_REPLICATE_URL}/owner/model[/versions/v]/_weights`, which redirects to the file.
-Hugging Face: `huggingface_hub` lists the repo and the file URL is pinned to the listed commit. CivitAI:
-its API picks the version (given, else newest) and its SafeTensor file. An unversioned reference is
-resolved first (a redirect or an API answer, no body), so a new version is fetched, an old one cached.
-"""
+"""A LoRA reference → the one file it names: resolved per service, fetched once among all processes
+sharing the disk cache, unpacked from a trained model's .tar, checked as safetensors. An unversioned
+reference is resolved first (a redirect or an API answer, no body): a new version is fetched, an old
+one taken from the cache."""
 
 from __future__ import annotations
 
@@ -13,9 +9,8 @@ import logging
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from huggingface_hub import HfApi, hf_hub_url
 
@@ -34,8 +29,7 @@ FILL_WAIT_S = DOWNLOAD_DEADLINE_S + 120  # the longest another process's downloa
 PREFERRED_HF_FILES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
 
 
-@dataclass(frozen=True)
-class FilePlan:
+class FilePlan(NamedTuple):
     """What to download for a reference, and under which cache key."""
 
     url: str
@@ -52,24 +46,19 @@ class LoraDownloads:
 
     @contextmanager
     def cached_file(self, ref: LoraRef) -> Iterator[Path]:
-        """The ready .safetensors for `ref` in the disk cache, downloaded when absent: once among all
-        the processes sharing the cache. No process evicts it until the block ends."""
+        """The ready .safetensors for `ref` in the disk cache, downloaded when absent (once among the
+        processes sharing the cache), kept from eviction until the block ends."""
         tokens = credentials()  # read once, so a rotated token is used without a restart
         plan, fetched = self.plan(ref, tokens), []
 
         def fetch(partial: Path) -> None:
             fetched.append(partial)
             self.fetcher.download(ref, plan.url, partial, tokens)
-            with partial.open("rb") as handle:
-                head = handle.read(9)
-            if is_archive(head, partial):  # both files are named as partials: a failure removes both
+            if is_archive(partial):  # both files are named as partials: a failure removes both
                 tar = partial.rename(f"{partial}.tar")
                 with partial.open("wb") as target:
-                    log.info(
-                        "%s: took %s from the archive",
-                        ref.shown,
-                        extract_lora(tar, target, self.settings.max_lora_bytes),
-                    )
+                    member = extract_lora(tar, target, self.settings.max_lora_bytes)
+                log.info("%s: took %s from the archive", ref.shown, member)
                 tar.unlink()
             check_lora_file(partial)
 
@@ -89,27 +78,24 @@ class LoraDownloads:
 
     def plan(self, ref: LoraRef, tokens: Credentials | None = None) -> FilePlan:
         """Resolve `ref` to a file URL; only unversioned service references touch the network here."""
-        tokens = tokens or credentials()
-        if ref.kind == "replicate":
-            return self._replicate(ref, tokens)
-        if ref.kind == "huggingface":
-            return self._hugging_face(ref, tokens)
-        if ref.kind == "civitai":
-            return self._civitai(ref, tokens)
-        return FilePlan(ref.location, ref.identity)
+        services = {"replicate": self._replicate, "huggingface": self._hugging_face, "civitai": self._civitai}
+        resolve = services.get(ref.kind)
+        return resolve(ref, tokens or credentials()) if resolve else FilePlan(ref.location, ref.identity)
 
     def _replicate(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
-        base = f"{self.settings.replicate_url}/{ref.owner}/{ref.name}"
-        url = f"{base}/versions/{ref.version}/_weights" if ref.version else f"{base}/_weights"
+        """`owner/model[/versions/v]/_weights` redirects to the file; unversioned, that redirect names
+        the current version's file, which keys the cache."""
+        version = f"/versions/{ref.version}" if ref.version else ""
+        url = f"{self.settings.replicate_url}/{ref.owner}/{ref.name}{version}/_weights"
         if ref.version:
             return FilePlan(url, ref.identity)
-        # Unversioned: the redirect names the current version's file, which keys the cache.
         with self.fetcher.open(ref, url, tokens, follow=False) as response:
             location = response.headers.get("location") if response.is_redirect else None
         target = urllib.parse.urljoin(url, location) if location else url
         return FilePlan(target, f"url:{target}")
 
     def _hugging_face(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
+        """The file's URL pinned to the commit `huggingface_hub` listed."""
         repo_id, endpoint = f"{ref.owner}/{ref.name}", self.settings.hf_endpoint
         try:  # token False: never a token stored on disk by `hf auth login`
             info = HfApi(endpoint=endpoint, token=tokens.hugging_face or False).model_info(
@@ -118,20 +104,20 @@ class LoraDownloads:
         except Exception as error:  # network failures come as several library types; none is worth naming
             kind, status = hub_refusal(error) or ("", None)
             problem = {
+                "": "could not be listed (the request failed); try again",
                 "gated": "is gated: accept its terms on Hugging Face and give the server an HF_TOKEN",
                 "no repo": "was not found, or is private and HF_TOKEN cannot read it",
                 "no revision": f"has no revision {ref.version!r}",
                 "token": f"refused the server's HF_TOKEN (HTTP {status}); give it a valid token that can "
                 "read the repo",
             }.get(kind, f"could not be listed (HTTP {status}); try again")
-            raise _hf_error(
-                ref, problem if kind else "could not be listed (the request failed); try again"
-            ) from None
+            raise _hf_error(ref, problem) from None
         filename = _pick_hf_file(ref, [sibling.rfilename for sibling in info.siblings or []])
         url = hf_hub_url(repo_id, filename, revision=info.sha, endpoint=endpoint)
         return FilePlan(url, f"huggingface:{repo_id}@{info.sha}/{filename}")
 
     def _civitai(self, ref: LoraRef, tokens: Credentials) -> FilePlan:
+        """Its API picks the version (given, else the newest) and that version's SafeTensor file."""
         api = f"{self.settings.civitai_url}/api/v1/models/{ref.name}"
         with self.fetcher.open(ref, api, tokens) as response:
             try:
@@ -141,10 +127,8 @@ class LoraDownloads:
                     f"{shown_source(api)} did not answer with JSON for {ref.shown}; check the reference."
                 ) from None
         versions: list[dict[str, Any]] = model.get("modelVersions") or [] if isinstance(model, dict) else []
-        if ref.version:
-            versions = [v for v in versions if str(v.get("id")) == ref.version]
-            if not versions:
-                raise LoraError(f"CivitAI model {ref.name} has no version {ref.version}.")
+        if ref.version and not (versions := [v for v in versions if str(v.get("id")) == ref.version]):
+            raise LoraError(f"CivitAI model {ref.name} has no version {ref.version}.")
         if not versions:
             raise LoraError(f"CivitAI model {ref.name} lists no versions to download.")
         version = max(versions, key=lambda v: str(v.get("createdAt") or ""))

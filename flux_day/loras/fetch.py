@@ -9,12 +9,13 @@ import logging
 import socket
 import time
 import urllib.parse
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from flux_day.cancel import stop_if_cancelled
@@ -45,115 +46,106 @@ def is_public(address: str) -> bool:
     return ip.is_global
 
 
-def endpoint(parts: urllib.parse.SplitResult) -> tuple[str, int]:
+def endpoint(url: str) -> tuple[str, int]:
     """(host, port) of a URL, default ports filled in, so "https://x" and "https://x:443" are one host."""
-    return ((parts.hostname or "").lower(), parts.port or (80 if parts.scheme == "http" else 443))
+    parts = urllib.parse.urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port or (80 if parts.scheme == "http" else 443)
+
+
+def _checked_pool(pool: type[HTTPConnectionPool], trusted: frozenset[tuple[str, int]]) -> type:
+    class Connection(pool.ConnectionCls):  # type: ignore[misc, name-defined]
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            if (self.host.lower(), self.port) not in trusted and not is_public(sock.getpeername()[0]):
+                sock.close()
+                raise PrivateAddressError(f"{self.host} connected to a non-public address")
+            return sock
+
+    return type(f"Checked{pool.__name__}", (pool,), {"ConnectionCls": Connection})
 
 
 class PublicOnlyAdapter(HTTPAdapter):
     """Connections only to public addresses or `trusted` (host, port)s, checked once connected, before
-    a byte is sent (urllib3 has no hook for it: its classes are subclassed)."""
+    a byte is sent (urllib3 has no hook for it: its connection classes are subclassed)."""
 
     def __init__(self, trusted: frozenset[tuple[str, int]]) -> None:
-        self.trusted = trusted
+        self.trusted = trusted  # before super().__init__, which calls init_poolmanager
         super().__init__()
 
-    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        trusted = self.trusted
-
-        def checked(base: type[HTTPConnection]) -> type[HTTPConnection]:
-            class Checked(base):  # type: ignore[misc, valid-type]
-                def _new_conn(self) -> socket.socket:
-                    sock = super()._new_conn()
-                    if (self.host.lower(), self.port) not in trusted and not is_public(sock.getpeername()[0]):
-                        sock.close()
-                        raise PrivateAddressError(f"{self.host} connected to a non-public address")
-                    return sock
-
-            return Checked
-
-        pools = {
-            "http": (HTTPConnectionPool, HTTPConnection),
-            "https": (HTTPSConnectionPool, HTTPSConnection),
-        }
-        self.poolmanager.pool_classes_by_scheme = {
-            scheme: type("CheckedPool", (pool,), {"ConnectionCls": checked(connection)})
-            for scheme, (pool, connection) in pools.items()
-        }
+        pools = {"http": HTTPConnectionPool, "https": HTTPSConnectionPool}
+        checked = {scheme: _checked_pool(pool, self.trusted) for scheme, pool in pools.items()}
+        self.poolmanager.pool_classes_by_scheme = checked
 
 
 def caused_by(error: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
-    """Whether `error` or anything it wraps (in `reason`, `args[0]`, `__cause__`, `__context__`, as
-    requests and urllib3 nest them) is one of `kinds`."""
+    """Whether `error` or anything it wraps (as requests and urllib3 nest them) is one of `kinds`."""
     pending, seen = [error], set()
     while pending:
         current = pending.pop()
         if isinstance(current, kinds):
             return True
         seen.add(id(current))
-        wrapped = (getattr(current, "reason", None), current.args[0] if current.args else None)
-        pending += [
-            e
-            for e in (*wrapped, current.__cause__, current.__context__)
-            if isinstance(e, BaseException) and id(e) not in seen
-        ]
+        wrapped = (
+            *current.args[:1],
+            getattr(current, "reason", None),
+            current.__cause__,
+            current.__context__,
+        )
+        pending += [e for e in wrapped if isinstance(e, BaseException) and id(e) not in seen]
     return False
 
 
-class BodyGuard:
-    """Everything a LoRA body is held to, chunk by chunk, so a hostile one stops early, not at 2 GB:
-    the size limit (by its bytes, or by the size its safetensors header declares), that size itself
-    (an endless body or a gzip bomb runs past it), a minimum rate over every window (a trickle keeps
-    each read alive), the total deadline, and the request's cancel."""
-
-    def __init__(self, ref: LoraRef, settings: Settings) -> None:
-        self.ref, self.limit, self.rate = ref, settings.max_lora_bytes, settings.min_lora_rate
-        self.window_s = settings.lora_rate_window_s
-        self.started = self.window_start = time.monotonic()
-        self.head, self.written, self.window_bytes = bytearray(), 0, 0
-        self.declared: tuple[int, int | None] = (0, None)
-
-    def check(self, chunk: bytes) -> None:
-        """Take the next bytes of the body; raise `LoraError` as soon as one rule is broken."""
+def guarded(ref: LoraRef, settings: Settings, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """`chunks` of a LoRA body, each held to every rule so a hostile body stops early, not at 2 GB: the
+    size limit (by its bytes, or by its safetensors header), the size that header declares (an endless
+    body or a gzip bomb runs past it), a minimum rate over every window (a trickle keeps each read
+    alive), the total deadline, and the request's cancel."""
+    limit, rate, shown = settings.max_lora_bytes, settings.min_lora_rate, ref.shown
+    started = window_start = time.monotonic()
+    head, written, window_bytes = bytearray(), 0, 0
+    at_least, total = 0, None
+    for chunk in chunks:
         stop_if_cancelled()
-        self.written += len(chunk)
-        at_least, total = self.declared
-        if len(self.head) < 9 or (0 < at_least <= HEAD_BYTES and len(self.head) < at_least):
-            self.head += chunk[: HEAD_BYTES - len(self.head)]  # until the header is in, or is not there
-            self.declared = at_least, total = declared_size(self.head)
-        shown = self.ref.shown
-        if self.written > self.limit:
-            raise self.too_big()
-        if max(at_least, total or 0) > self.limit:
+        written += len(chunk)
+        if len(head) < 9 or (0 < at_least <= HEAD_BYTES and len(head) < at_least):
+            head += chunk[: HEAD_BYTES - len(head)]  # until the header is in, or is not there
+            at_least, total = declared_size(head)
+        if written > limit:
+            raise too_big(ref, limit)
+        if max(at_least, total or 0) > limit:
             raise LoraError(
-                f"{shown} is larger than {self.limit} bytes by its own header ({max(at_least, total or 0)} "
+                f"{shown} is larger than {limit} bytes by its own header ({max(at_least, total or 0)} "
                 "bytes), the LoRA size limit (FLUX_DAY_MAX_LORA_BYTES)."
             )
-        if total is not None and self.written > total:
+        if total is not None and written > total:
             raise LoraError(
                 f"{shown} runs past the {total} bytes its safetensors header declares; the file is "
                 "damaged or not a LoRA."
             )
-        now, self.window_bytes = time.monotonic(), self.window_bytes + len(chunk)
-        if now - self.window_start >= self.window_s:
-            if self.window_bytes < self.rate * (now - self.window_start):
+        now, window_bytes = time.monotonic(), window_bytes + len(chunk)
+        if now - window_start >= settings.lora_rate_window_s:
+            if window_bytes < rate * (now - window_start):
                 raise LoraError(
-                    f"downloading {shown} slowed below {self.rate} bytes/s (FLUX_DAY_MIN_LORA_RATE); the "
+                    f"downloading {shown} slowed below {rate} bytes/s (FLUX_DAY_MIN_LORA_RATE); the "
                     "host is too slow: try again or use a faster host."
                 )
-            self.window_start, self.window_bytes = now, 0
-        if now - self.started > DOWNLOAD_DEADLINE_S:
+            window_start, window_bytes = now, 0
+        if now - started > DOWNLOAD_DEADLINE_S:
             raise LoraError(
                 f"downloading {shown} took longer than {DOWNLOAD_DEADLINE_S} s; try again or use a "
                 "faster host."
             )
+        if written % PROGRESS_EVERY_BYTES < len(chunk):
+            log.info("downloading %s: %d MB so far", shown, written >> 20)
+        yield chunk
 
-    def too_big(self) -> LoraError:
-        return LoraError(
-            f"{self.ref.shown} is larger than {self.limit} bytes, the LoRA size limit "
-            "(FLUX_DAY_MAX_LORA_BYTES)."
-        )
+
+def too_big(ref: LoraRef, limit: int) -> LoraError:
+    return LoraError(
+        f"{ref.shown} is larger than {limit} bytes, the LoRA size limit (FLUX_DAY_MAX_LORA_BYTES)."
+    )
 
 
 class Fetcher:
@@ -163,11 +155,10 @@ class Fetcher:
         self.settings = settings
         self.session = requests.Session()
         self.session.trust_env = False  # no ~/.netrc credentials or proxies picked up behind our back
-        services = {"replicate": settings.replicate_url, "civitai": settings.civitai_url}
-        services["hugging_face"] = settings.hf_endpoint
-        self.services = {urllib.parse.urlsplit(url).netloc.lower(): name for name, url in services.items()}
-        # The operator's own service hosts may be internal; every other host must be public.
-        self.trusted = frozenset(endpoint(urllib.parse.urlsplit(url)) for url in services.values())
+        urls = {"replicate": settings.replicate_url, "civitai": settings.civitai_url}
+        urls["hugging_face"] = settings.hf_endpoint
+        self.services = {endpoint(url): name for name, url in urls.items()}
+        self.trusted = frozenset(self.services)  # the operator's own services may be internal
         if not settings.allow_private_urls:
             for scheme in ("http://", "https://"):
                 self.session.mount(scheme, PublicOnlyAdapter(self.trusted))
@@ -178,66 +169,42 @@ class Fetcher:
         """A streaming response with status 200 (or a redirect when `follow` is False), each hop sent the
         token of its own service only (none to a CDN it redirects to); errors named."""
         for _ in range(MAX_REDIRECTS + 1):
-            self._check_destination(ref, url)
+            self._check_destination(url)
             headers = {"User-Agent": "flux-day"}
-            service = self.services.get(urllib.parse.urlsplit(url).netloc.lower())
+            service = self.services.get(endpoint(url))
             if tokens is not None and service is not None and (token := getattr(tokens, service)):
                 headers["Authorization"] = f"Bearer {token}"
             try:
+                timeout = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
                 response = self.session.get(
-                    url,
-                    headers=headers,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+                    url, headers=headers, stream=True, allow_redirects=False, timeout=timeout
                 )
             except requests.RequestException as error:
-                raise self._unreachable(ref, url, error) from None
+                raise _unreachable(ref, url, error) from None
             if response.is_redirect and follow:
                 response.close()
                 url = urllib.parse.urljoin(url, response.headers.get("location", ""))
                 continue
-            if response.status_code != 200 and not (response.is_redirect and not follow):
+            if response.status_code != 200 and not response.is_redirect:
                 response.close()
                 raise LoraError(_status_message(response.status_code, ref, url))
             return response
         raise LoraError(f"{ref.shown} redirects more than {MAX_REDIRECTS} times.")
 
-    def _unreachable(self, ref: LoraRef, url: str, error: Exception) -> LoraError:
-        if caused_by(error, (PrivateAddressError,)):
-            return self._private(url)
-        if caused_by(error, (ConnectionRefusedError,)):
-            return LoraError(
-                f"{shown_source(url)} refused the connection for {ref.shown}: nothing listens there; "
-                "check the host and port of the reference."
-            )
-        # urllib3 2 makes every failed connect a NewConnectionError, a subclass of its timeout error.
-        if caused_by(error, TIMEOUTS) and not caused_by(error, (urllib3.exceptions.NewConnectionError,)):
-            return LoraError(
-                f"{shown_source(url)} did not answer {ref.shown} within {READ_TIMEOUT_S} s; the host is "
-                "slow or down: try again later."
-            )
-        server_log.info("could not reach %s: %s", shown_source(url), type(error).__name__)
-        return LoraError(
-            f"could not reach {shown_source(url)} for {ref.shown}; check the reference and try again."
-        )
-
     def download(self, ref: LoraRef, url: str, partial: Path, tokens: Credentials | None = None) -> None:
-        """Stream `url` into the file `partial`, under a `BodyGuard`; the caller removes it on failure."""
-        guard = BodyGuard(ref, self.settings)
+        """Stream `url` into the file `partial`, under `guarded`; the caller removes it on failure."""
+        started = time.monotonic()
         with self.open(ref, url, tokens) as response:
             # Content-Length counts the bytes on the wire: compressed ones under a Content-Encoding.
             declared = response.headers.get("content-length", "")
             encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
-            if declared.isdigit() and not encoded and int(declared) > guard.limit:
-                raise guard.too_big()
+            if declared.isdigit() and not encoded and int(declared) > self.settings.max_lora_bytes:
+                raise too_big(ref, self.settings.max_lora_bytes)
+            body = iter(lambda: response.raw.read1(CHUNK_BYTES, decode_content=True), b"")
             try:
                 with partial.open("wb") as handle:
-                    while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
-                        guard.check(chunk)
+                    for chunk in guarded(ref, self.settings, body):
                         handle.write(chunk)
-                        if guard.written % PROGRESS_EVERY_BYTES < len(chunk):
-                            log.info("downloading %s: %d MB so far", ref.shown, guard.written >> 20)
                 if declared.isdigit() and response.raw.tell() != int(declared):
                     raise LoraError(
                         f"the download of {ref.shown} broke off after {response.raw.tell()} of "
@@ -252,30 +219,50 @@ class Fetcher:
                 server_log.info("download of %s broke off: %s", ref.shown, type(error).__name__)
                 raise LoraError(f"the download of {ref.shown} broke off before its end; try again.") from None
         log.info(
-            "downloaded %s: %d bytes in %.1fs", ref.shown, guard.written, time.monotonic() - guard.started
+            "downloaded %s: %d bytes in %.1fs", ref.shown, partial.stat().st_size, time.monotonic() - started
         )
 
-    def _check_destination(self, ref: LoraRef, url: str) -> None:
+    def _check_destination(self, url: str) -> None:
         """Only http(s), and hosts whose every address is public (checked again at connect)."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise LoraError(f"{shown_source(url)} is not an http(s) URL.")
-        if self.settings.allow_private_urls or endpoint(parts) in self.trusted:
+        if self.settings.allow_private_urls or endpoint(url) in self.trusted:
             return
         try:
             infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
         except OSError:
             raise LoraError(f"the host of {shown_source(url)} cannot be resolved.") from None
         if not all(is_public(str(info[4][0])) for info in infos):
-            raise self._private(url)
+            raise _private(url)
 
-    @staticmethod
-    def _private(url: str) -> LoraError:
+
+def _private(url: str) -> LoraError:
+    return LoraError(
+        f"{shown_source(url)} points to a private network address; give a public URL (for a "
+        "self-hosted LoRA store on the server's own network, its operator sets "
+        "FLUX_DAY_ALLOW_PRIVATE_URLS=1)."
+    )
+
+
+def _unreachable(ref: LoraRef, url: str, error: Exception) -> LoraError:
+    if caused_by(error, (PrivateAddressError,)):
+        return _private(url)
+    if caused_by(error, (ConnectionRefusedError,)):
         return LoraError(
-            f"{shown_source(url)} points to a private network address; give a public URL (for a "
-            "self-hosted LoRA store on the server's own network, its operator sets "
-            "FLUX_DAY_ALLOW_PRIVATE_URLS=1)."
+            f"{shown_source(url)} refused the connection for {ref.shown}: nothing listens there; "
+            "check the host and port of the reference."
         )
+    # urllib3 2 makes every failed connect a NewConnectionError, a subclass of its timeout error.
+    if caused_by(error, TIMEOUTS) and not caused_by(error, (urllib3.exceptions.NewConnectionError,)):
+        return LoraError(
+            f"{shown_source(url)} did not answer {ref.shown} within {READ_TIMEOUT_S} s; the host is "
+            "slow or down: try again later."
+        )
+    server_log.info("could not reach %s: %s", shown_source(url), type(error).__name__)
+    return LoraError(
+        f"could not reach {shown_source(url)} for {ref.shown}; check the reference and try again."
+    )
 
 
 def _status_message(status: int, ref: LoraRef, url: str) -> str:
@@ -286,8 +273,6 @@ def _status_message(status: int, ref: LoraRef, url: str) -> str:
     )
     why = {401: private, 403: private, 404: "(not found); check the reference."}.get(status)
     why = why or ("(a server error there); try again later." if status >= 500 else None)
-    return (
-        f"{where} answered HTTP {status} {why}"
-        if why
-        else f"downloading {where} failed with HTTP {status}; check the reference."
-    )
+    if why:
+        return f"{where} answered HTTP {status} {why}"
+    return f"downloading {where} failed with HTTP {status}; check the reference."

@@ -1,6 +1,5 @@
-"""What a `replicate_weights` / `extra_lora` value points at (the forms in `FORMS`; the operator's
-`COG_WEIGHTS` may also be a local file), and how to show it without leaking. Parsing is pure: which
-host serves each service is a setting applied when fetching."""
+"""What a `replicate_weights` / `extra_lora` value points at, and how to show it without leaking.
+Parsing is pure: which host serves each service is a setting applied when fetching."""
 
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _REPLICATE_NAME = re.compile(
     rf"^(?P<owner>{_NAME})/(?P<model>{_NAME})(?:/(?:versions/)?(?P<version>[A-Za-z0-9]+))?/?$"
 )
-REPLICATE_HOSTS = frozenset({"replicate.com", "www.replicate.com"})
-HUGGING_FACE_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
-CIVITAI_HOSTS = frozenset({"civitai.com", "www.civitai.com"})
+SERVICE_HOSTS = {"replicate.com": "replicate", "huggingface.co": "huggingface", "civitai.com": "civitai"}
+SERVICE_HOSTS |= {f"www.{host}": kind for host, kind in SERVICE_HOSTS.items()} | {"hf.co": "huggingface"}
 FORMS = (
     "a Replicate model (owner/model or owner/model/version), huggingface.co/owner/repo, "
     "civitai.com/models/<id>, an http(s) URL of a .safetensors or .tar file, or a data: URI"
@@ -32,8 +30,8 @@ DEFAULT_LORA_INPUT = "COG_WEIGHTS"  # how errors name the operator's default LoR
 
 @dataclass(frozen=True)
 class LoraRef:
-    """A parsed reference: `location` as given, the parts of a service reference (`path`: a file in a
-    repo). A `local` one (a path on the server) comes only from the operator, never from a request."""
+    """A parsed reference: `location` as given, a service reference's parts (`path`: a file in a repo).
+    A `local` one (a path on the server) comes only from the operator, never from a request."""
 
     kind: Literal["url", "data", "replicate", "huggingface", "civitai", "local"]
     location: str
@@ -44,30 +42,27 @@ class LoraRef:
 
     @property
     def shown(self) -> str:
-        """The reference as it may appear in logs and errors: no query string, no credentials, short."""
+        """As it may appear in logs and errors: no query string, no credentials, short."""
         if self.kind == "replicate":
             return "/".join(part for part in (self.owner, self.name, self.version) if part)
         if self.kind == "huggingface":
-            suffix = f"/blob/{self.version}/{self.path}" if self.path else ""
-            suffix = suffix or (f"/tree/{self.version}" if self.version else "")
-            return f"huggingface.co/{self.owner}/{self.name}{suffix}"
+            where = f"/tree/{self.version}" * bool(self.version)
+            where = f"/blob/{self.version}/{self.path}" if self.path else where
+            return f"huggingface.co/{self.owner}/{self.name}{where}"
         if self.kind == "civitai":
-            return f"civitai.com/models/{self.name}" + (
-                f"?modelVersionId={self.version}" * bool(self.version)
-            )
+            return f"civitai.com/models/{self.name}" + f"?modelVersionId={self.version}" * bool(self.version)
         return shown_source(self.location)
 
     @property
     def identity(self) -> str:
-        """What names the same file for caching: the whole reference (a URL's query may select it)."""
+        """What names one file for caching: the whole reference (a URL's query may select the file)."""
         if self.kind in {"url", "data", "local"}:
             return f"{self.kind}:{self.location}"
         return f"{self.kind}:{self.owner}/{self.name}/{self.version}/{self.path}"
 
     @cached_property
     def identity_digest(self) -> str:
-        """`identity` hashed once (a data: URI may be megabytes): the parsed-LoRA memory's key, so two
-        spellings of one file (`o/m`, `replicate.com/o/m`) are parsed once."""
+        """`identity` hashed once (a data: URI may be megabytes): the key of parsed LoRAs in memory."""
         return hashlib.sha256(self.identity.encode()).hexdigest()
 
 
@@ -97,12 +92,13 @@ def parse_ref(source: str) -> LoraRef:
         host = (parts.hostname or "").lower()
     except ValueError:
         parts, host = None, ""
+    service = SERVICE_HOSTS.get(host)
     if parts is not None and parts.scheme.lower() in {"http", "https"} and host:
-        if host in REPLICATE_HOSTS:
+        if service == "replicate":
             return _replicate(parts.path.strip("/"), source)
-        if host in HUGGING_FACE_HOSTS:
+        if service == "huggingface":
             return _hugging_face(parts.path.strip("/"), source)
-        if host in CIVITAI_HOSTS and parts.path.startswith("/models/"):
+        if service == "civitai" and parts.path.startswith("/models/"):
             model_id = parts.path.removeprefix("/models/").split("/")[0]
             version = urllib.parse.parse_qs(parts.query).get("modelVersionId", [""])[0]
             if model_id.isdigit() and (version.isdigit() or not version):
@@ -133,12 +129,10 @@ def _hugging_face(path: str, source: str) -> LoraRef:
         raise _unknown(source)
     # Links copied from a browser percent-encode the revision and file ("style%20one.safetensors").
     owner, repo, *rest = segments[:2] + [urllib.parse.unquote(segment) for segment in segments[2:]]
-    if not rest:
-        return LoraRef("huggingface", source, owner, repo)
-    if rest[0] in {"blob", "resolve"} and len(rest) >= 3:
+    if rest and rest[0] in {"blob", "resolve"} and len(rest) >= 3:
         return LoraRef("huggingface", source, owner, repo, rest[1], "/".join(rest[2:]))
-    if rest[0] == "tree" and len(rest) >= 2:
-        return LoraRef("huggingface", source, owner, repo, rest[1])
+    if not rest or (rest[0] == "tree" and len(rest) >= 2):
+        return LoraRef("huggingface", source, owner, repo, rest[1] if rest else "")
     raise _unknown(source)
 
 
@@ -170,7 +164,7 @@ def decode_data_uri(ref: LoraRef, max_bytes: int) -> bytes:
 
 @dataclass(frozen=True)
 class LoraRequest:
-    """One LoRA a request asks for, parsed once at the door: its input (named in errors), ref, scale."""
+    """One LoRA a request asks for, parsed once at the door; `input_name` is named in its errors."""
 
     input_name: str
     ref: LoraRef
@@ -178,14 +172,13 @@ class LoraRequest:
 
     @classmethod
     def parse(cls, input_name: str, source: str, scale: float) -> LoraRequest:
-        """The LoRA `source` given as `input_name`; a reference of no supported form is refused, named."""
         with LoraError.for_input(input_name):
             return cls(input_name, parse_ref(source), scale)
 
     @classmethod
     def operator_default(cls, source: str, scale: float) -> LoraRequest:
-        """The operator's default LoRA (`COG_WEIGHTS` or `setup(weights=...)`) at `scale`: any reference
-        a request may give, or else a path on the server (a file, or a folder holding one)."""
+        """The operator's default LoRA (`COG_WEIGHTS` or `setup(weights=...)`): any reference a request
+        may give, or else a path on the server (a file, or a folder holding one)."""
         with LoraError.for_input(DEFAULT_LORA_INPUT):
             remote = source.startswith(("data:", "http:", "https:"))
             return cls(DEFAULT_LORA_INPUT, parse_ref(source) if remote else LoraRef("local", source), scale)

@@ -1,12 +1,9 @@
 """The manifest's base weights fetched from the Hugging Face Hub into the weights layout, verified.
 
-Each folder is downloaded into a staging copy (`.flux-day-download/<folder>/`, on the weights root's
-filesystem), file by file with `hf_hub_download` pinned to the commit the Hub's listing resolved, each
-file checked against that listing's checksum (sha256 for LFS files, the git blob id for others), and
-renamed into place only when all have passed (`filelocks.publish`, under the folder's lock: replicas
-fetch different folders side by side). A killed download is resumed: finished files are kept (checked
-again), a dropped connection continues with a Range request. `HF_TOKEN` is read once per call and given
-to each Hub call (`token=False` without one: no stored login); the client sends it to the Hub only.
+Each folder is staged on the weights root's filesystem (`.flux-day-download/<folder>/`), every file
+pinned to the commit the Hub's listing resolved and checked against that listing's sha256 (LFS) or git
+blob id, then renamed into place whole (`filelocks.publish`: replicas fetch folders side by side).
+A killed download resumes: verified files are kept, a dropped connection continues with a Range.
 """
 
 from __future__ import annotations
@@ -18,12 +15,12 @@ import shlex
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Final
+from typing import NamedTuple
 
 from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.hf_api import RepoSibling
 
 from flux_day import filelocks
 from flux_day.config import Settings, credentials
@@ -38,7 +35,7 @@ log = logging.getLogger(__name__)
 STAGING = ".flux-day-download"  # under the weights root: same filesystem, so the final rename is atomic
 SOURCE_RECORD = ".flux-day-source.json"  # written into each downloaded folder: repo, commit, checksums
 # Each folder's size on the Hub (dev: transformer 23.8 + T5 9.5 + CLIP and VAE 0.4), for the notice.
-APPROXIMATE_GB: Final = {
+APPROXIMATE_GB = {
     DEV_FOLDER: 34,
     SCHNELL_FOLDER: 24,
     SAFETY_CHECKER_FOLDER: 1.2,
@@ -47,23 +44,12 @@ APPROXIMATE_GB: Final = {
 _HUB_CACHE = ".cache"  # huggingface_hub's bookkeeping inside a local_dir; not moved into place
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of a repo as the Hub's listing describes it."""
-
-    path: str
-    size: int | None
-    sha256: str | None  # LFS files
-    blob_id: str | None  # git object id: the checksum of non-LFS files
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A manifest row resolved against the Hub: the commit and the files to fetch from it."""
+class Plan(NamedTuple):
+    """A manifest row resolved against the Hub: the commit and the listed files to fetch from it."""
 
     source: Source
     commit: str
-    files: tuple[RemoteFile, ...]
+    files: tuple[RepoSibling, ...]
 
 
 def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) -> None:
@@ -74,9 +60,14 @@ def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) ->
     if not missing:
         return
     if settings.offline:
-        raise WeightsError(offline_message(root, missing))
+        quoted, names = shlex.quote(str(root)), ", ".join(f"{folder}/" for folder in missing)
+        raise WeightsError(
+            f"Base weights are missing under {root} ({names}) and FLUX_DAY_OFFLINE=1 forbids downloading "
+            f"them: fill them with `FLUX_DAY_WEIGHTS={quoted} python scripts/download_weights.py` "
+            f"(or `python scripts/download_weights.py --weights {quoted}`)."
+        )
     log.warning("weights: %s Downloading them now.", download_notice(root, missing))
-    token = credentials().hugging_face or False
+    token = credentials().hugging_face or False  # False: never a login stored on disk
     rows = folders(tuple(manifest))
     try:
         (root / STAGING).mkdir(parents=True, exist_ok=True)
@@ -87,8 +78,7 @@ def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) ->
         ) from error
 
     def claim(folder: str, wait: bool) -> bool | None:
-        """Download `folder` under its lock, unless another process holds it (and `wait` is False) or
-        completed it meanwhile; a staging copy left by a process that died is resumed."""
+        """Download `folder` unless another process holds it (and not `wait`) or completed it."""
         return filelocks.publish(
             root / folder,
             lambda staging: _download_folder(staging, rows[folder], settings.hf_endpoint, token),
@@ -132,21 +122,7 @@ def download_notice(root: Path, missing: Sequence[str]) -> str:
     )
 
 
-def offline_message(root: Path, missing: Sequence[str]) -> str:
-    """The one sentence that says which folders are missing and the command that fills them."""
-    names = ", ".join(f"{folder}/" for folder in missing)
-    quoted = shlex.quote(str(root))
-    return (
-        f"Base weights are missing under {root} ({names}) and FLUX_DAY_OFFLINE=1 forbids downloading "
-        f"them: fill them with `FLUX_DAY_WEIGHTS={quoted} python scripts/download_weights.py` "
-        f"(or `python scripts/download_weights.py --weights {quoted}`)."
-    )
-
-
 def _local_files(folder: Path) -> list[str]:
-    """Files under `folder` as posix paths relative to it (none if it is not a directory)."""
-    if not folder.is_dir():
-        return []
     return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
 
 
@@ -157,16 +133,27 @@ def _download_folder(staging: Path, rows: Sequence[Source], endpoint: str, token
     origin: dict[str, str] = {}
     for plan in plans:
         for remote in plan.files:
-            if origin.setdefault(remote.path, plan.source.repo_id) != plan.source.repo_id:
+            if origin.setdefault(remote.rfilename, plan.source.repo_id) != plan.source.repo_id:
                 raise WeightsError(
-                    f"{plan.source.folder}/{remote.path} would come from both {origin[remote.path]} and "
-                    f"{plan.source.repo_id}; the manifest must name one."
+                    f"{plan.source.folder}/{remote.rfilename} would come from both "
+                    f"{origin[remote.rfilename]} and {plan.source.repo_id}; the manifest must name one."
                 )
     fetched = sum(
         _download_file(plan, remote, staging, endpoint, token) for plan in plans for remote in plan.files
     )
-    _prune(staging, set(origin))
-    (staging / SOURCE_RECORD).write_text(json.dumps(_record(plans), indent=2) + "\n")
+    # Drop the client's bookkeeping and files no plan names (an earlier run's, of another commit).
+    shutil.rmtree(staging / _HUB_CACHE, ignore_errors=True)
+    for relative in set(_local_files(staging)) - set(origin):
+        (staging / relative).unlink()
+    for directory in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
+        if not any(directory.iterdir()):
+            directory.rmdir()
+    record = [
+        {"repo_id": plan.source.repo_id, "revision": plan.source.revision, "commit": plan.commit}
+        | {"files": dict(map(_checksum, plan.files))}
+        for plan in plans
+    ]
+    (staging / SOURCE_RECORD).write_text(json.dumps({"sources": record}, indent=2) + "\n")
     target = staging.parents[1] / rows[0].folder
     if target.exists():
         log.warning("weights: %s is incomplete; replacing it with the downloaded copy", target)
@@ -189,18 +176,9 @@ def _plan(source: Source, endpoint: str, token: str | bool) -> Plan:
         )
     if not info.sha:
         raise WeightsError(f"{endpoint} did not say which commit {source.repo_id}@{source.revision} is.")
-    files = tuple(
-        RemoteFile(
-            path=sibling.rfilename,
-            size=sibling.size,
-            sha256=sibling.lfs.sha256 if sibling.lfs else None,
-            blob_id=sibling.blob_id,
-        )
-        for sibling in info.siblings or ()
-        if source.wants(sibling.rfilename)
-    )
+    files = tuple(sibling for sibling in info.siblings or () if source.wants(sibling.rfilename))
     for pattern in source.required:
-        if not any(fnmatchcase(remote.path, pattern) for remote in files):
+        if not any(fnmatchcase(remote.rfilename, pattern) for remote in files):
             raise WeightsError(
                 f"{source.repo_id}@{source.revision} (commit {info.sha}) has no file matching {pattern!r} "
                 f"among the files {source.folder}/ takes from it ({', '.join(source.allow)}); the "
@@ -209,14 +187,14 @@ def _plan(source: Source, endpoint: str, token: str | bool) -> Plan:
     return Plan(source, info.sha, files)
 
 
-def _download_file(plan: Plan, remote: RemoteFile, staging: Path, endpoint: str, token: str | bool) -> int:
+def _download_file(plan: Plan, remote: RepoSibling, staging: Path, endpoint: str, token: str | bool) -> int:
     """Fetch one file into `staging` (kept if there and unchanged), verify it; the bytes downloaded."""
-    local = staging.joinpath(*remote.path.split("/"))
+    local = staging.joinpath(*remote.rfilename.split("/"))
     already_there = local.is_file()
-    with hub_errors(plan.source, endpoint, token, remote.path):
+    with hub_errors(plan.source, endpoint, token, remote.rfilename):
         hf_hub_download(
             plan.source.repo_id,
-            remote.path,
+            remote.rfilename,
             revision=plan.commit,  # every file from the one commit the listing described
             local_dir=staging,
             endpoint=endpoint,
@@ -226,63 +204,33 @@ def _download_file(plan: Plan, remote: RemoteFile, staging: Path, endpoint: str,
     return 0 if already_there else remote.size or 0
 
 
-def _verify(local: Path, remote: RemoteFile, plan: Plan) -> None:
+def _checksum(remote: RepoSibling) -> tuple[str, dict[str, object]]:
+    checksum = {"sha256": remote.lfs.sha256} if remote.lfs else {"git_blob_id": remote.blob_id}
+    return remote.rfilename, {"size": remote.size, **checksum}
+
+
+def _verify(local: Path, remote: RepoSibling, plan: Plan) -> None:
     """Check `local` against the Hub's size and checksum; delete it and raise `WeightsError` if it differs."""
-    size = local.stat().st_size
+    size, expected = local.stat().st_size, remote.lfs.sha256 if remote.lfs else remote.blob_id
     problem = f"it has {size} bytes, the Hub says {remote.size}" if remote.size not in (None, size) else ""
-    if not problem and (remote.sha256 or remote.blob_id):
+    if not problem and expected:
         with local.open("rb") as file:  # a git blob id is the sha1 of `blob <size>\0` + the bytes
-            digest = hashlib.file_digest(
-                file, "sha256" if remote.sha256 else lambda: hashlib.sha1(b"blob %d\0" % size)
-            )
-        name, expected = ("sha256", remote.sha256) if remote.sha256 else ("git blob id", remote.blob_id)
-        problem = (
-            "" if digest.hexdigest() == expected else f"{name} {digest.hexdigest()}, the Hub says {expected}"
-        )
+            blob = lambda: hashlib.sha1(b"blob %d\0" % size)  # noqa: E731
+            digest = hashlib.file_digest(file, "sha256" if remote.lfs else blob).hexdigest()
+        name = "sha256" if remote.lfs else "git blob id"
+        problem = "" if digest == expected else f"{name} {digest}, the Hub says {expected}"
     elif remote.size is None:
         local.unlink()
         raise WeightsError(
-            f"The Hub reported no size or checksum for {remote.path} in {plan.source.repo_id}@{plan.commit}, "
-            "so it cannot be verified; it was not kept."
+            f"The Hub reported no size or checksum for {remote.rfilename} in "
+            f"{plan.source.repo_id}@{plan.commit}, so it cannot be verified; it was not kept."
         )
     if problem:
         local.unlink()
         raise WeightsError(
-            f"{plan.source.folder}/{remote.path} downloaded from {plan.source.repo_id}@{plan.commit} failed "
-            f"its checksum ({problem}); the file was deleted: {RUN_AGAIN}."
+            f"{plan.source.folder}/{remote.rfilename} downloaded from {plan.source.repo_id}@{plan.commit} "
+            f"failed its checksum ({problem}); the file was deleted: {RUN_AGAIN}."
         )
-
-
-def _prune(staging: Path, keep: set[str]) -> None:
-    """Drop the Hub client's bookkeeping and any file the plan does not name (an earlier run's, against
-    another commit): the folder moved into place holds exactly the verified files."""
-    shutil.rmtree(staging / _HUB_CACHE, ignore_errors=True)
-    for relative in _local_files(staging):
-        if relative not in keep:
-            (staging / relative).unlink()
-    for directory in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
-        if not any(directory.iterdir()):
-            directory.rmdir()
-
-
-def _record(plans: Sequence[Plan]) -> dict[str, object]:
-    return {
-        "sources": [
-            {
-                "repo_id": plan.source.repo_id,
-                "revision": plan.source.revision,
-                "commit": plan.commit,
-                "files": {
-                    remote.path: {
-                        "size": remote.size,
-                        **({"sha256": remote.sha256} if remote.sha256 else {"git_blob_id": remote.blob_id}),
-                    }
-                    for remote in plan.files
-                },
-            }
-            for plan in plans
-        ]
-    }
 
 
 def _human(size: int) -> str:

@@ -54,14 +54,11 @@ def hub_errors(source: Source, endpoint: str, token: str | bool, path: str | Non
         if not kind and not isinstance(error, httpx2.HTTPError | OSError):
             raise
         where = f"{endpoint}/{repo_id}"
+        access = f"accept its license at {where} and set HF_TOKEN to a token of that account"
+        if token:
+            access = f"the account of HF_TOKEN has no access: accept its license at {where}"
         message = {
-            "gated": f"{repo_id} is gated: "
-            + (
-                f"the account of HF_TOKEN has no access: accept its license at {where}"
-                if token
-                else f"accept its license at {where} and set HF_TOKEN to a token of that account"
-            )
-            + f", then {RUN_AGAIN}.",
+            "gated": f"{repo_id} is gated: {access}, then {RUN_AGAIN}.",
             "no repo": f"{endpoint} answered that {repo_id} does not exist or is private ({token_fix}).",
             "no revision": f"{repo_id} has no revision {source.revision!r} at {endpoint}; the manifest "
             "(flux_day/weights/manifest.py) names it.",

@@ -65,7 +65,5 @@ MANIFEST: Final[tuple[Source, ...]] = (
 
 def folders(manifest: tuple[Source, ...] = MANIFEST) -> dict[str, tuple[Source, ...]]:
     """The manifest's rows grouped by folder, in table order."""
-    grouped: dict[str, list[Source]] = {}
-    for source in manifest:
-        grouped.setdefault(source.folder, []).append(source)
-    return {folder: tuple(rows) for folder, rows in grouped.items()}
+    names = dict.fromkeys(source.folder for source in manifest)
+    return {folder: tuple(source for source in manifest if source.folder == folder) for folder in names}
