@@ -19,7 +19,7 @@ does not generate or build kernels again. A folder that cannot be written is a w
 uses its own temporary folder, and compiles again after a restart.
 
 Inductor's options are set here, on each compile (`INDUCTOR_OPTIONS`), never in its global config,
-which is why the torchao configs say `set_inductor_config=False` (`flux_day.fast`).
+which is why the torchao configs say `set_inductor_config=False` (`flux_day.fp8`).
 """
 
 from __future__ import annotations

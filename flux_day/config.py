@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from flux_day.components import TRANSFORMERS
 from flux_day.errors import SettingsError
+from flux_day.models import TRANSFORMERS
 
 _GB = 1000**3
 TRUE = frozenset({"1", "true", "yes", "on"})

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
-from flux_day.model_specs import MODELS
+from flux_day.models import MODELS
 from flux_day.request import GenerationRequest
 
 log = logging.getLogger("flux_day.engine")  # the request's summary line belongs to the engine's log

@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from flux_day.components import transformer_component
 from flux_day.errors import InputError
 from flux_day.input_checks import (
     bounded,
@@ -26,6 +25,7 @@ from flux_day.input_checks import (
     shown,
 )
 from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
+from flux_day.models import transformer_component
 from flux_day.schema import DEFAULTS
 from flux_day.sizes import CUSTOM, aspect_ratio_size
 from flux_day.sizes import custom_size as round_custom_size

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from flux_day.input_checks import CHOICES
-from flux_day.model_specs import MODELS, shared_spec
+from flux_day.models import MODELS, shared_spec
 from flux_day.weights.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -50,7 +50,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from flux_day import filelocks
 from flux_day.config import Settings, credentials
 from flux_day.errors import WeightsError
-from flux_day.model_specs import MODELS
+from flux_day.models import MODELS
 from flux_day.weights.checksums import mismatch
 from flux_day.weights.hub_errors import RUN_AGAIN, hub_errors
 from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
