@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,7 @@ from flux_day.compile import CompiledTransformers, compile_backend, encode_nothi
 from flux_day.config import Settings
 from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.fp8 import Fp8Cache, Recipe, fp8_transformer
-from flux_day.generation import Generation, call_arguments, log_summary, timed
-from flux_day.loras.formats import LoraWeights
+from flux_day.generation import Generation, PreparedRequest, call_arguments, timed
 from flux_day.loras.fuse import WeightFuser
 from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRequest
@@ -45,15 +43,6 @@ from flux_day.safety import SafetyFilter
 from flux_day.weights.download import ensure_weights
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedRequest:
-    """A request with its LoRAs read (None for scale 0 ones), and the seconds each part took so far."""
-
-    request: GenerationRequest
-    loras: list[LoraWeights | None]
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -74,8 +63,7 @@ class Engine:
         progress: Callable[[str], None] = log.info,
         recipe: Recipe | None = None,
     ) -> None:
-        self.settings = settings
-        self.device = pick_device(settings.device)
+        self.settings, self.device = settings, pick_device(settings.device)
         self.recipe = recipe or Recipe.for_device(self.device)
         self.dtype = self.recipe.dtype
         if models is None:
@@ -89,7 +77,7 @@ class Engine:
         self.residency = Residency(self._modules(), self.plan, self.device, host, on_leave=fuser.forget)
         self.loras = LoraManager(settings, fuser)
         self.fp8_cache = Fp8Cache(settings.fp8_cache)
-        self.pipelines = {  # by transformer component: go_fast's are added on first need
+        self.pipelines = {  # by transformer component; go_fast's are added on first need
             transformer_component(model, fp8=False): build_pipelines(models, model, transformer)
             for model, transformer in models.transformers.items()
         }
@@ -106,26 +94,27 @@ class Engine:
     def _modules(self) -> dict[str, nn.Module]:
         """Every planned module that exists at setup (fp8 copies are made on first need)."""
         shared = self.models.shared
-        return {
-            transformer_component(model, fp8=False): transformer
-            for model, transformer in self.models.transformers.items()
-        } | {
+        modules = {
             CLIP: shared["text_encoder"],
             T5: shared["text_encoder_2"],
             VAE: shared["vae"],
             SAFETY: self.safety,
         }
+        return modules | {
+            f"{model}-full": transformer for model, transformer in self.models.transformers.items()
+        }
 
     def _plan(self, budget: GpuBudget | None) -> MemoryPlan:
-        """Measure every component (fp8 copies by the size they will have), decide what stays on the
-        GPU, and log the plan as one table."""
+        """Measure every component (fp8 copies by the size they will have), decide what stays on the GPU,
+        and log the plan as one table."""
+        if budget is None and self.device.type == "cuda":
+            budget = GpuBudget(torch.cuda.get_device_properties(self.device).total_memory)
         sizes = component_sizes(self.models, self.safety)
-        if budget is not None:
-            plan = plan_memory(sizes, budget.total_bytes, budget.reserve_bytes)
-        elif self.device.type == "cuda":
-            plan = plan_memory(sizes, torch.cuda.get_device_properties(self.device).total_memory)
-        else:
-            plan = plan_memory(sizes, None)
+        plan = (
+            plan_memory(sizes, budget.total_bytes, budget.reserve_bytes)
+            if budget
+            else plan_memory(sizes, None)
+        )
         log.info("memory plan:\n%s", format_plan(plan))
         return plan
 
@@ -153,8 +142,8 @@ class Engine:
         return compiled
 
     def pipeline(self, model: str, mode: str, fp8: bool) -> Any:
-        """The pipeline for `model` in `mode`; go_fast's are built on first need, around the fp8 copy
-        (read from the disk cache, or quantized from the master's pristine values)."""
+        """The pipeline for `model` in `mode`; go_fast's are built on first need around the fp8 copy (read
+        from the disk cache, or quantized from the master's pristine values), which joins the residency."""
         name = transformer_component(model, fp8)
         if name not in self.pipelines:
             master, files = self.models.transformers[model], self.models.sources.get(model, ())
@@ -166,6 +155,13 @@ class Engine:
             self.pipelines[name] = build_pipelines(self.models, model, self.residency.add(name, build))
         return self.pipelines[name][mode]
 
+    def lora_components(self, model: str) -> dict[str, nn.Module]:
+        """The modules LoRA files name: this model's full-precision transformer and CLIP's encoder."""
+        return {
+            "transformer": self.models.transformers[model],
+            "text_encoder": self.models.shared["text_encoder"],
+        }
+
     def generate(self, request: GenerationRequest) -> Generation:
         """Run `request`: its images in output order, and what it took (timings, counts)."""
         return self.run_prepared(self.prepare(request))
@@ -173,36 +169,37 @@ class Engine:
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Everything of `request` before the GPU: whether it fits, its LoRAs downloaded and parsed.
         Touches no weight: many requests' threads may prepare while one runs (`run_prepared`)."""
-        self._check_fits(request)
+        if self.plan[request.transformer] == "cpu-only":
+            raise CapacityError(
+                f"go_fast: {request.transformer} does not fit this GPU (see the memory plan in the setup "
+                f"log); set go_fast={'false' if request.fp8 else 'true'}."
+            )
         timings: dict[str, float] = {}
         with timed(timings, "loras"):
             loras = self.loras.prepare(request.model, self.lora_components(request.model), request.loras)
         return PreparedRequest(request, loras, timings)
 
     def run_prepared(self, prepared: PreparedRequest) -> Generation:
-        """The GPU part of a prepared request: one request at a time (the caller's to keep). A cancel
-        stops it at the next denoising step (`flux_day.cancel`), its LoRAs restored."""
+        """The GPU part of a prepared request, one at a time (the caller's to keep). A failure or a cancel
+        (cog raises CancelationException into this thread, anywhere; `flux_day.cancel` at each step)
+        restores every LoRA, so nothing of this request reaches the next one."""
         request, timings = prepared.request, prepared.timings
         self.steps_done = 0
         try:
             images = self._run(prepared, timings)
         except BaseException as error:
-            self._abandon(request, error)
+            self.loras.release()
+            log.info(  # no class name: these lines are the prediction's logs, which its sender reads
+                "request %s after %d of %d denoising steps; every LoRA restored",
+                "cancelled" if not isinstance(error, Exception) else "failed",
+                self.steps_done,
+                request.num_inference_steps * request.num_outputs,
+            )
             raise
-        generation = Generation(
-            images,
-            {f"timing.{key}": value for key, value in timings.items()}
-            | {
-                "images": len(images),
-                "steps": request.num_inference_steps * request.num_outputs,
-                "megapixels": round(request.width * request.height * len(images) / 1e6, 4),
-            },
-        )
-        log_summary(request, generation)
-        return generation
+        return Generation.logged(request, images, timings)
 
     def _run(self, prepared: PreparedRequest, timings: dict[str, float]) -> list[Image.Image]:
-        """The algorithm, and everything a failure or a cancel must undo: LoRAs, denoising, safety."""
+        """The algorithm: LoRAs, prompt, denoising, safety."""
         request, loras = prepared.request, prepared.loras
         if request.go_fast and not request.fp8:
             log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
@@ -213,82 +210,38 @@ class Engine:
         # (T5 may share its slot on small cards).
         with timed(timings, "loras"):
             self.loras.activate(
-                request.model, components, request.loras, request.fp8, ("text_encoder",), loras, fp8
+                request.model, components, request.loras, request.fp8, ["text_encoder"], loras, fp8
             )
-        prompt_embeds, pooled_prompt_embeds = self._encode(pipe, request)
+        self.residency.need([CLIP, T5])
+        with torch.inference_mode():
+            text_tokens = MODELS[request.model].max_sequence_length
+            embeds, pooled, _ = pipe.encode_prompt(
+                request.prompt, None, self.device, max_sequence_length=text_tokens
+            )
         self.residency.need([VAE, request.transformer])
         with timed(timings, "loras"):
             self.loras.activate(
                 request.model, components, request.loras, request.fp8, prepared=loras, fp8=fp8
             )
-        with timed(timings, "generate"):
-            images = self._denoise(pipe, request, prompt_embeds, pooled_prompt_embeds)
+        with timed(timings, "generate"), torch.inference_mode():
+            images = [  # one call per output, with its own seed, on the prompt encoded once
+                pipe(
+                    **call_arguments(request, seed),
+                    prompt_embeds=embeds,
+                    pooled_prompt_embeds=pooled,
+                    callback_on_step_end=self._count_step,
+                ).images[0]
+                for seed in request.seeds
+            ]
         if not request.disable_safety_checker:
             with timed(timings, "safety"):
                 self.residency.need([SAFETY])
                 images = self.safety.filter(images)
         return images
 
-    def _check_fits(self, request: GenerationRequest) -> None:
-        """Refuse a request whose transformer this card cannot run (the plan marks it cpu-only)."""
-        if self.plan[request.transformer] == "cpu-only":
-            raise CapacityError(
-                f"go_fast: {request.transformer} does not fit this GPU (see the memory plan in the setup "
-                f"log); set go_fast={'false' if request.fp8 else 'true'}."
-            )
-
-    def _abandon(self, request: GenerationRequest, error: BaseException) -> None:
-        """A failed or cancelled request (cog raises CancelationException into this thread, anywhere):
-        whatever was fused goes, so nothing of this request reaches the next one."""
-        self.loras.release()
-        log.info(
-            "request %s after %d of %d denoising steps; every LoRA restored",
-            "cancelled" if not isinstance(error, Exception) else "failed",
-            self.steps_done,
-            request.num_inference_steps * request.num_outputs,
-        )  # no class name: these lines are the prediction's logs, which its sender reads
-
-    def _encode(self, pipe: object, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt's T5 and pooled CLIP embeddings, once per request."""
-        self.residency.need([CLIP, T5])
-        with torch.inference_mode():
-            prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
-                prompt=request.prompt,
-                prompt_2=None,
-                device=self.device,
-                max_sequence_length=MODELS[request.model].max_sequence_length,
-            )
-        return prompt_embeds, pooled_prompt_embeds
-
-    def _denoise(
-        self,
-        pipe: object,
-        request: GenerationRequest,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
-    ) -> list[Image.Image]:
-        """One pipeline call per output with its own seed, on the prompt encoded once."""
-        with torch.inference_mode():
-            return [
-                pipe(
-                    **call_arguments(request, seed),
-                    prompt_embeds=prompt_embeds,
-                    pooled_prompt_embeds=pooled_prompt_embeds,
-                    callback_on_step_end=self._count_step,
-                ).images[0]
-                for seed in request.seeds
-            ]
-
     def _count_step(self, pipe: object, step: int, timestep: object, tensors: dict) -> dict:
-        """diffusers' per-step hook: counts steps, so a cancel's log line says where it stopped, and
-        stops a cancelled request (an async cancel does not reach this thread by itself)."""
+        """diffusers' per-step hook: counts steps (a cancel's log line says where it stopped) and stops a
+        cancelled request (an async cancel does not reach this thread by itself)."""
         self.steps_done += 1
         stop_if_cancelled()
         return tensors
-
-    def lora_components(self, model: str) -> dict[str, nn.Module]:
-        """The modules LoRA files name: this model's full-precision transformer and CLIP's encoder."""
-        return {
-            "transformer": self.models.transformers[model],
-            "text_encoder": self.models.shared["text_encoder"],
-        }

@@ -25,7 +25,7 @@ def set_storage(tensor: torch.Tensor, value: torch.Tensor) -> None:
     """Make `tensor` hold `value`'s storage and stay the same Python object. A wrapper subclass (torchao's
     fp8 weight) keeps its storage in inner tensors that `.data =` would leave behind, so it is swapped
     whole with `torch.utils.swap_tensors`, as `nn.Module._apply` does."""
-    if not _is_subclass(tensor) and not _is_subclass(value):
+    if not hasattr(tensor, "__tensor_flatten__") and not hasattr(value, "__tensor_flatten__"):
         tensor.data = value
         return
     parameter = isinstance(tensor, nn.Parameter)
@@ -34,13 +34,9 @@ def set_storage(tensor: torch.Tensor, value: torch.Tensor) -> None:
     )
 
 
-def _is_subclass(tensor: torch.Tensor) -> bool:
-    return hasattr(tensor, "__tensor_flatten__")
-
-
 def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors that hold `tensor`'s storage: itself, or a subclass's inner tensors."""
-    if not _is_subclass(tensor):
+    if not hasattr(tensor, "__tensor_flatten__"):
         return [tensor.detach()]
     names, _ = tensor.__tensor_flatten__()
     return [leaf for name in names for leaf in _leaves(getattr(tensor, name))]
@@ -48,7 +44,7 @@ def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def _rebuilt(tensor: torch.Tensor, leaves: Iterator[torch.Tensor]) -> torch.Tensor:
     """`tensor` made of `leaves` (in `_leaves` order) instead of its own storage."""
-    if not _is_subclass(tensor):
+    if not hasattr(tensor, "__tensor_flatten__"):
         return next(leaves)
     names, meta = tensor.__tensor_flatten__()
     inner = {name: _rebuilt(getattr(tensor, name), leaves) for name in names}
@@ -73,8 +69,7 @@ class PinnedArena:
         self._open: list[tuple[torch.Tensor, int]] = []  # chunks for `copy`, and how much of each is used
 
     def copies(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Host copies of `tensors` (a subclass rebuilt around copies of its inner tensors), packed
-        together into new chunks."""
+        """Host copies of `tensors` (a subclass around copies of its inner tensors), packed in new chunks."""
         leaves = [leaf for tensor in tensors for leaf in _leaves(tensor)]
         layout = pinned_layout([tensor_bytes(leaf) for leaf in leaves], self.chunk_bytes, self.align)
         chunks = [self._chunk(size) for size in layout.chunks]
@@ -145,8 +140,8 @@ class Residency:
                 self._visit(name, lambda name=name: self._bring(name))
 
     def add(self, name: str, build: Callable[[torch.device], nn.Module]) -> nn.Module:
-        """A module made on first need (an fp8 copy), built where its placement runs it: offloaded, on
-        the GPU as the visitor once the slot is free, then given its home copy."""
+        """A module made on first need (an fp8 copy), built where it runs: offloaded, on the GPU as the
+        visitor once the slot is free, then given its home copy."""
         if self.plan[name] != "offloaded":
             self.modules[name] = build(self.device if self.plan[name] == "resident" else torch.device("cpu"))
         else:

@@ -25,24 +25,18 @@ class Update(Protocol):
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the update ((out, in) for a weight, (out,) for a bias), without computing it."""
-        ...
 
     def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
         """`times · scale ·` rows `rows` of the update, in float32 on `device` (not to be written)."""
-        ...
 
     def rows_from(self, first: int, count: int) -> Update:
-        """The update of `count` rows starting at row `first` of this whole-module one, wrapping past
-        its last row (BFL's swapped halves are such a rotation)."""
-        ...
+        """`count` rows of this whole-module update from row `first`, wrapping (BFL's swapped halves)."""
 
     def prepared(self, device: torch.device) -> Update:
         """The same update with what every chunk reads (small factors, their products) on `device`."""
-        ...
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors it holds (what it costs in memory)."""
-        ...
 
 
 def rotated_rows(tensor: torch.Tensor, first: int, count: int) -> torch.Tensor:
@@ -64,7 +58,6 @@ class Delta:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The shape of the update ((out, in) for a weight, (out,) for a bias), without computing it."""
         return tuple(self.up.shape) if self.down is None else (self.up.shape[0], self.down.shape[1])
 
     def matrix(self, device: torch.device) -> torch.Tensor:
@@ -79,15 +72,12 @@ class Delta:
         return up if self.down is None else up @ self.down.to(device, torch.float32)
 
     def rows_from(self, first: int, count: int) -> Delta:
-        """The update of `count` rows from row `first` on, wrapping past the last row."""
         return Delta(rotated_rows(self.up, first, count), self.down, self.scale)
 
     def prepared(self, device: torch.device) -> Delta:
-        """Itself: a dense update's rows travel chunk by chunk, never whole."""
-        return self
+        return self  # a dense update's rows travel chunk by chunk, never whole
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """`up`, and `down` when it has one."""
         return (self.up,) if self.down is None else (self.up, self.down)
 
 

@@ -13,7 +13,7 @@ import time
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -185,10 +185,6 @@ class LoraManager:
         """Bytes the parsed LoRAs kept for reuse hold."""
         with self._guard:
             return sum(weights.held_bytes for weights, _ in self._parsed.values())
-
-    def cached_file(self, ref: LoraRef) -> AbstractContextManager[Path]:
-        """The ready .safetensors for `ref` in the disk cache, downloaded when absent (`LoraDownloads`)."""
-        return self.downloads.cached_file(ref)
 
     def forget_parsed(self) -> None:
         """Forget every parsed LoRA: each is read and parsed again on its next use (a cold switch)."""
