@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -103,38 +103,6 @@ def fp8_bytes(master: nn.Module) -> int:
                 tensor.numel() + tensor.shape[0] * 4 if linear else tensor.numel() * tensor.element_size()
             )
     return total
-
-
-def fp8_copy(
-    master: nn.Module,
-    device: torch.device,
-    config: object,
-    cached: Mapping[str, torch.Tensor] | None = None,
-    weight_of: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.detach,
-) -> nn.Module:
-    """An fp8 copy of `master` on `device`, one layer at a time (peak: the fp8 model plus one layer).
-
-    Linear weights come from `cached` when given, else from quantizing the master's pristine value
-    (`weight_of`: a LoRA may be fused into the master now). The structural deepcopy drops the master's
-    compiled blocks (torch drops `nn.Module.compile`'s call on copy), so the copy runs its own.
-    """
-    fp8 = copy.deepcopy(master, memo={id(t): t for t in [*master.parameters(), *master.buffers()]})
-    with torch.no_grad():
-        for name, module in fp8.named_modules():
-            for key, param in list(module.named_parameters(recurse=False)):
-                full_key = f"{name}.{key}" if name else key
-                if isinstance(module, nn.Linear) and key == "weight":
-                    value = (
-                        cached[full_key].to(device)
-                        if cached is not None
-                        else quantized_weight(weight_of(param).to(device), config)
-                    )
-                else:  # biases and norms: their pristine values too (a `diff_b` may be fused now)
-                    value = weight_of(param).to(device, copy=True)
-                setattr(module, key, nn.Parameter(value, requires_grad=False))
-            for key, buffer in list(module.named_buffers(recurse=False)):
-                setattr(module, key, buffer.to(device, copy=True))
-    return fp8.eval()
 
 
 def fingerprint(files: Sequence[Path], config: object, dtype: torch.dtype) -> str:
@@ -227,15 +195,29 @@ def fp8_transformer(
     files: Sequence[Path] = (),
     weight_of: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.detach,
 ) -> nn.Module:
-    """`model`'s fp8 transformer on `device`: read from `cache` when it holds one made from these `files`,
-    else quantized from the pristine master (`weight_of`) and then cached."""
+    """`model`'s fp8 transformer on `device`, one layer at a time (peak: the fp8 model plus one layer):
+    linear weights read from `cache` when it holds a copy made from these `files`, else quantized from
+    the master's pristine values (`weight_of`: a LoRA may be fused into the master now) and then cached.
+    The deepcopy leaves the master's compiled blocks behind (torch drops them on copy)."""
     started = time.perf_counter()
     stamp = fingerprint(files, recipe.fp8, next(master.parameters()).dtype) if files else None
     cached = cache.load(model, stamp) if stamp else None
-    fp8 = fp8_copy(master, device, recipe.fp8, cached, weight_of)
+    fp8 = copy.deepcopy(master, memo={id(t): t for t in [*master.parameters(), *master.buffers()]})
+    with torch.no_grad():
+        for name, module in fp8.named_modules():
+            for key, param in list(module.named_parameters(recurse=False)):
+                if not isinstance(module, nn.Linear) or key != "weight":  # biases, norms: pristine values too
+                    value = weight_of(param).to(device, copy=True)
+                elif cached is not None:
+                    value = cached[f"{name}.{key}" if name else key].to(device)
+                else:
+                    value = quantized_weight(weight_of(param).to(device), recipe.fp8)
+                setattr(module, key, nn.Parameter(value, requires_grad=False))
+            for key, buffer in list(module.named_buffers(recurse=False)):
+                setattr(module, key, buffer.to(device, copy=True))
     how = "read from the fp8 cache" if cached is not None else "quantized"
     took = time.perf_counter() - started
     log.info("go_fast: %s fp8 transformer (%s) %s in %.1fs", model, type(recipe.fp8).__name__, how, took)
     if cached is None and stamp:
         cache.save(model, fp8, stamp)
-    return fp8
+    return fp8.eval()

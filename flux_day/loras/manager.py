@@ -83,15 +83,7 @@ class LoraManager:
             for lora, weights in zip(loras, prepared, strict=True)
             if weights is not None and lora.scale != 0
         ]
-        plans: dict[str, dict[torch.Tensor, list[ScaledDelta]]] = {
-            part: defaultdict(list) for part in LORA_PARTS
-        }
-        for _, weights, scale in chosen:
-            for updates, params in ((weights.deltas, index.weights), (weights.biases, index.biases)):
-                for module, delta in updates.items():
-                    plans[module.split(".", 1)[0]][params[module]].append(
-                        ScaledDelta(weights.digest, delta, scale)
-                    )
+        plans = _plans(chosen, index)
         group = transformer_component(model, fp8 is not None)
         started, written = time.perf_counter(), set()
         try:
@@ -215,6 +207,19 @@ class LoraManager:
             if cached is not None:  # refused once read; the cache's read lock is released by now
                 self.downloads.cache.discard(cached)
             raise
+
+
+def _plans(
+    chosen: Sequence[tuple[LoraRequest, LoraWeights, float]], index: ModuleIndex
+) -> dict[str, dict[torch.Tensor, list[ScaledDelta]]]:
+    """Each part's {parameter: its scaled deltas}, the parameters straight from `index`."""
+    plans: dict[str, dict[torch.Tensor, list[ScaledDelta]]] = {part: defaultdict(list) for part in LORA_PARTS}
+    for _, weights, scale in chosen:
+        for updates, params in ((weights.deltas, index.weights), (weights.biases, index.biases)):
+            for module, delta in updates.items():
+                part = module.split(".", 1)[0]
+                plans[part][params[module]].append(ScaledDelta(weights.digest, delta, scale))
+    return plans
 
 
 def _overflow_error(
