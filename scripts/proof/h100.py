@@ -1,9 +1,9 @@
 """The 80 GB card: the H100's layout (encoders, VAE and dev resident; schnell's two transformers swap
 through one slot), and the request sequence that once leaked a LoRA into the next user's image.
 
-On CUDA the process is capped to the H100's total memory (`memory_sim.CARDS`, 79.2 GiB as torch
+On CUDA the process is capped to the H100's total memory (`memory_model.CARDS`, 79.2 GiB as torch
 reports it) before the engine's setup, and the plan is made for that card. On a CPU the card is
-`memory_sim.card_offloading_schnell` of the tiny models: the same plan, the same moves. Sequence:
+`memory_model.card_offloading_schnell` of the tiny models: the same plan, the same moves. Sequence:
 schnell go_fast before any LoRA (the reference), `schnell go_fast + LoRA A`, `schnell, go_fast=false`
 (the fp8 copy goes home with LoRA A fused), `schnell go_fast, no LoRA`: that image must be the
 reference's, and the fp8 copy sent home must hold nothing on the device (every inner tensor of its
