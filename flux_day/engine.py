@@ -36,7 +36,14 @@ from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRequest
 from flux_day.memory_plan import GpuBudget, MemoryPlan, format_plan, plan_memory
 from flux_day.models import CLIP, MODELS, SAFETY, T5, VAE, transformer_component
-from flux_day.pipelines import FluxModels, build_pipelines, component_sizes, load_models, pick_device
+from flux_day.pipelines import (
+    FluxModels,
+    build_pipelines,
+    component_sizes,
+    load_models,
+    pick_device,
+    planned_modules,
+)
 from flux_day.request import GenerationRequest
 from flux_day.residency import PinnedArena, Residency
 from flux_day.safety import SafetyFilter
@@ -74,7 +81,8 @@ class Engine:
         self.plan = self._plan(budget)
         host = PinnedArena(pin=self.device.type == "cuda")
         fuser = WeightFuser(self.plan, host)
-        self.residency = Residency(self._modules(), self.plan, self.device, host, on_leave=fuser.forget)
+        modules = planned_modules(models, self.safety)
+        self.residency = Residency(modules, self.plan, self.device, host, on_leave=fuser.forget)
         self.loras = LoraManager(settings, fuser)
         self.fp8_cache = Fp8Cache(settings.fp8_cache)
         self.pipelines = {  # by transformer component; go_fast's are added on first need
@@ -90,19 +98,6 @@ class Engine:
                 self.loras.weights(default, "dev", self.lora_components("dev"))
             except InputError as error:
                 raise WeightsError(str(error)) from None
-
-    def _modules(self) -> dict[str, nn.Module]:
-        """Every planned module that exists at setup (fp8 copies are made on first need)."""
-        shared = self.models.shared
-        modules = {
-            CLIP: shared["text_encoder"],
-            T5: shared["text_encoder_2"],
-            VAE: shared["vae"],
-            SAFETY: self.safety,
-        }
-        return modules | {
-            f"{model}-full": transformer for model, transformer in self.models.transformers.items()
-        }
 
     def _plan(self, budget: GpuBudget | None) -> MemoryPlan:
         """Measure every component (fp8 copies by the size they will have), decide what stays on the GPU,

@@ -76,18 +76,11 @@ PRODUCTION: Final = Recipe(
 WEIGHT_ONLY: Final = Recipe(torch.float32, Float8WeightOnlyConfig(set_inductor_config=False))
 
 
-class _WeightSlot(nn.Module):
-    """Holds one tensor as `weight`, so torchao's `quantize_` quantizes exactly it, as in a whole model."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-
-
 def quantized_weight(weight: torch.Tensor, config: object) -> torch.Tensor:
     """`weight` quantized exactly as `quantize_` quantizes a linear holding it (unchanged where torchao
     skips a shape)."""
-    slot = _WeightSlot(weight.detach())
+    slot = nn.Module()  # holds just this tensor, as a linear holds its weight: no layer built around it
+    slot.weight = nn.Parameter(weight.detach(), requires_grad=False)
     quantize_(slot, config, filter_fn=lambda module, fqn: True)
     return slot.weight.detach()
 

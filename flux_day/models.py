@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
@@ -73,13 +72,12 @@ def shared_spec() -> ModelSpec:
     return next(spec for spec in MODELS.values() if spec.ships_shared)
 
 
-class Shared(StrEnum):
-    """Components every request uses, whatever its model (a `str`, so they key plans and logs as is)."""
-
-    CLIP = "clip"
-    T5 = "t5"
-    VAE = "vae"
-    SAFETY = "safety"  # the CompVis checker and the Falconsai classifier, placed together
+# Components every request uses, whatever its model; "safety" is the CompVis checker and the Falconsai
+# classifier, placed together.
+CLIP: Final = "clip"
+T5: Final = "t5"
+VAE: Final = "vae"
+SAFETY: Final = "safety"
 
 
 def transformer_component(model: str, fp8: bool) -> str:
@@ -88,4 +86,3 @@ def transformer_component(model: str, fp8: bool) -> str:
 
 
 TRANSFORMERS: Final = tuple(transformer_component(model, fp8) for model in MODELS for fp8 in (False, True))
-CLIP, T5, VAE, SAFETY = Shared.CLIP, Shared.T5, Shared.VAE, Shared.SAFETY

@@ -122,17 +122,14 @@ def build_pipelines(
     }
 
 
-def component_sizes(models: FluxModels, safety: torch.nn.Module) -> dict[str, int]:
-    """Bytes of every component the memory plan places, by its name; fp8 copies by the size they will
-    have (they are made on first use)."""
+def planned_modules(models: FluxModels, safety: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every module the memory plan places that exists at setup, by its name (fp8 copies come later)."""
     shared = models.shared
-    sizes = {
-        CLIP: module_bytes(shared["text_encoder"]),
-        T5: module_bytes(shared["text_encoder_2"]),
-        VAE: module_bytes(shared["vae"]),
-        SAFETY: module_bytes(safety),
-    }
-    for model, transformer in models.transformers.items():
-        sizes[transformer_component(model, fp8=False)] = module_bytes(transformer)
-        sizes[transformer_component(model, fp8=True)] = fp8_bytes(transformer)
-    return sizes
+    modules = {CLIP: shared["text_encoder"], T5: shared["text_encoder_2"], VAE: shared["vae"], SAFETY: safety}
+    return modules | {transformer_component(m, False): t for m, t in models.transformers.items()}
+
+
+def component_sizes(models: FluxModels, safety: torch.nn.Module) -> dict[str, int]:
+    """Bytes of every component the memory plan places; fp8 copies by the size they will have."""
+    sizes = {name: module_bytes(module) for name, module in planned_modules(models, safety).items()}
+    return sizes | {transformer_component(m, True): fp8_bytes(t) for m, t in models.transformers.items()}

@@ -116,18 +116,14 @@ class GpuScheduler:
     async def _until_done(self, flag: threading.Event, work: Callable[..., Result], *args: object) -> Result:
         """`work(*args)` in a thread; cancelled, the thread is told (`flag`) and awaited to its end first,
         so what it holds (the GPU, fused LoRAs, a lock) is let go before the cancel goes on."""
-        return await _settled_on_cancel(flag, asyncio.ensure_future(self.in_thread(work, *args)))
-
-
-async def _settled_on_cancel(flag: threading.Event, thread: asyncio.Future[Result]) -> Result:
-    """`thread`'s result; cancelled, `flag` set and `thread` awaited to its end, then the cancel."""
-    try:
-        return await asyncio.shield(thread)
-    except asyncio.CancelledError:
-        flag.set()
-        while not thread.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({thread})
-        if not thread.cancelled():
-            thread.exception()  # retrieved: its `Cancelled` (or failure) is this cancel's, not news
-        raise
+        thread = asyncio.ensure_future(self.in_thread(work, *args))
+        try:
+            return await asyncio.shield(thread)
+        except asyncio.CancelledError:
+            flag.set()
+            while not thread.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({thread})
+            if not thread.cancelled():
+                thread.exception()  # retrieved: its `Cancelled` (or failure) is this cancel's, not news
+            raise
