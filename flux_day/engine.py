@@ -80,7 +80,7 @@ class Engine:
         self.safety = safety or SafetyFilter(Path(settings.weights), torch.device("cpu"), self.dtype)
         self.plan = self._plan(budget)
         host = PinnedArena(pin=self.device.type == "cuda")
-        fuser = WeightFuser(self.plan, host)
+        fuser = WeightFuser(self.plan, host, self.recipe.quantize)
         modules = planned_modules(models, self.safety)
         self.residency = Residency(modules, self.plan, self.device, host, on_leave=fuser.forget)
         self.loras = LoraManager(settings, fuser)
@@ -200,7 +200,7 @@ class Engine:
             log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
         pipe = self.pipeline(request.model, request.mode, request.fp8)
         components = self.lora_components(request.model)
-        fp8 = (pipe.transformer, self.recipe.quantize) if request.fp8 else None
+        fp8 = pipe.transformer if request.fp8 else None
         # CLIP's part is fused before the prompt is encoded, the transformer's once it is on the GPU
         # (T5 may share its slot on small cards).
         with timed(timings, "loras"):

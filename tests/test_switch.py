@@ -91,9 +91,8 @@ def test_an_fp8_slot_is_quantize_of_the_master_pristine_plus_the_lora_and_never_
     before_master, before_fp8 = master.weight.detach().clone(), inner_tensors(fp8.weight)
     before_fp8 = {k: v.clone() for k, v in before_fp8.items()}
     lora = delta(4, rows=16, columns=32)
-    fuser = WeightFuser()
-    plan = {master.weight: [ScaledDelta("a", lora, 1.5)]}
-    fuser.apply(plan, "dev-fp8", {master.weight: fp8.weight}, lambda w: quantized_weight(w, config))
+    fuser = WeightFuser(quantize=lambda w: quantized_weight(w, config))
+    fuser.apply({master.weight: [ScaledDelta("a", lora, 1.5)]}, "dev-fp8", {master.weight: fp8.weight})
     assert torch.equal(master.weight, before_master)
     # The same LoRA fused into a copy of the master (checked against independent math elsewhere), then
     # quantized as torchao does: the fp8 layer must be exactly that.

@@ -42,15 +42,20 @@ class Fused:
     group: str
     pristine: dict[str, torch.Tensor]
     source: torch.Tensor | None = None
-    quantize: Quantize | None = None
     content: Content | None = None  # None: pristine
 
 
 class WeightFuser:
-    """Which deltas are fused into which weights, and the pristine copies that undo them."""
+    """Which deltas are fused into which weights, and the pristine copies that undo them; `quantize`
+    makes an fp8 layer's value (the recipe's)."""
 
-    def __init__(self, plan: MemoryPlan | None = None, host: PinnedArena | None = None) -> None:
-        self.plan = plan
+    def __init__(
+        self,
+        plan: MemoryPlan | None = None,
+        host: PinnedArena | None = None,
+        quantize: Quantize | None = None,
+    ) -> None:
+        self.plan, self.quantize = plan, quantize
         self.host = host or PinnedArena(pin=torch.cuda.is_available())
         self.records: dict[torch.Tensor, Fused] = {}
         self.device_bytes = 0  # pristine copies kept on the GPU: measured against the plan's room
@@ -66,12 +71,11 @@ class WeightFuser:
         plan: Mapping[torch.Tensor, Sequence[ScaledDelta]],
         group: str = "",
         into: Mapping[torch.Tensor, torch.Tensor] | None = None,
-        quantize: Quantize | None = None,
     ) -> set[torch.Tensor]:
-        """Make `group`'s weights hold exactly `plan` (an empty plan restores them); other groups keep
-        theirs. With `into` (master -> fp8 parameter), each master's deltas are written into its fp8
-        counterpart through `quantize`. Returns the weights written (only those whose content changes).
-        On any failure every weight is restored before the error propagates."""
+        """Make `group`'s weights hold exactly `plan` (an empty plan restores them; other groups keep theirs)
+        and return those written (whose content changed). With `into` (master -> fp8 parameter) each
+        master's deltas go into its fp8 counterpart as quantize(master pristine + deltas). On any failure
+        every weight is restored before the error propagates."""
         targets = {(into or {}).get(param, param): (param, parts) for param, parts in plan.items()}
         written: set[torch.Tensor] = set()
         finite: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -82,8 +86,7 @@ class WeightFuser:
                     written.add(param)
             for param, (source, parts) in targets.items():
                 if param not in self.records:
-                    derived = (source, quantize if hasattr(param, "__tensor_flatten__") else None)
-                    self.records[param] = Fused(group, self._pristine_copy(param), *(derived if into else ()))
+                    self.records[param] = Fused(group, self._pristine_copy(param), source if into else None)
                 if self.records[param].content != _content(parts):
                     finite.append((param, self._fuse(param, parts)))
                     written.add(param)
@@ -141,7 +144,8 @@ class WeightFuser:
                 master = self.pristine(record.source)
                 device = next(iter(targets.values())).device
                 value = fused_weight(master, parts, self._scratch(master.shape, master.dtype, device))
-                fresh = inner_tensors(record.quantize(value)) if record.quantize else {"": value}
+                subclass = self.quantize is not None and hasattr(param, "__tensor_flatten__")
+                fresh = inner_tensors(self.quantize(value)) if subclass else {"": value}
                 for key, tensor in targets.items():
                     tensor.copy_(fresh[key])
             finite = value.isfinite().all()

@@ -26,7 +26,7 @@ from flux_day.loras.delta_math import ScaledDelta
 from flux_day.loras.downloads import LoraDownloads
 from flux_day.loras.flux_layout import ModuleIndex
 from flux_day.loras.formats import LoraWeights, read_lora
-from flux_day.loras.fuse import Quantize, UnrepresentableWeight, WeightFuser
+from flux_day.loras.fuse import UnrepresentableWeight, WeightFuser
 from flux_day.loras.refs import LoraRef, LoraRequest, decode_data_uri
 from flux_day.loras.safetensors_file import LoraSource
 from flux_day.models import CLIP, transformer_component
@@ -68,10 +68,10 @@ class LoraManager:
         go_fast: bool = False,
         parts: Sequence[str] = LORA_PARTS,
         prepared: Sequence[LoraWeights | None] | None = None,
-        fp8: tuple[nn.Module, Quantize] | None = None,
+        fp8: nn.Module | None = None,
     ) -> set[torch.Tensor]:
         """Fuse exactly `loras` (scale 0 ones skipped) into `model`'s `parts` of `components` (what LoRA
-        files name), or with `fp8` (its fp8 transformer and quantizer) into that copy's layers; other
+        files name), or with `fp8` (its fp8 transformer) into that copy's layers; other
         models and precisions keep theirs. `go_fast` applies the schema's 1.5x to every scale.
         `prepared`: what `prepare` read for these `loras`. Returns the weights written."""
         index = self._index(model, components)
@@ -90,8 +90,8 @@ class LoraManager:
             if "text_encoder" in parts:
                 written |= self.fuser.apply(plans["text_encoder"], CLIP)
             if "transformer" in parts:
-                into = None if fp8 is None else _same_names(components["transformer"], fp8[0])
-                written |= self.fuser.apply(plans["transformer"], group, into, fp8 and fp8[1])
+                into = None if fp8 is None else _same_names(components["transformer"], fp8)
+                written |= self.fuser.apply(plans["transformer"], group, into)
         except UnrepresentableWeight as error:  # apply restored every weight before raising
             raise _overflow_error(error, chosen, index, model) from None
         if written:

@@ -153,7 +153,7 @@ class Switches:
 
         self.engine, self.diffusers_pipe, self.model = engine, diffusers_pipe, "dev"
         self.components = engine.lora_components(self.model)
-        self.fp8 = (engine.pipeline(self.model, "txt2img", fp8=True).transformer, engine.recipe.quantize)
+        self.fp8 = engine.pipeline(self.model, "txt2img", fp8=True).transformer
         self.transformer = self.components["transformer"]
         self.linears = {n: m for n, m in self.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
         self.sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None

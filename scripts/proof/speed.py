@@ -135,7 +135,7 @@ def _switch_seconds(run: Run, requests: dict, fast: bool, cold: bool) -> float:
     """Median seconds of switching between the two LoRAs (both parsed, or parsed again when cold)."""
     engine = run.engine
     components = engine.lora_components("dev")
-    fp8 = (engine.pipeline("dev", "txt2img", fp8=True).transformer, engine.recipe.quantize) if fast else None
+    fp8 = engine.pipeline("dev", "txt2img", fp8=True).transformer if fast else None
     current = ["A"]
     engine.loras.activate("dev", components, requests["A"], go_fast=fast, fp8=fp8)
 
