@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
-from flux_day.models import CLIP, SAFETY, T5, VAE, transformer_component
+from flux_day.models import CLIP, SAFETY, T5, VAE
 
 if TYPE_CHECKING:
     import torch
@@ -27,16 +27,9 @@ PINNED_CHUNK: Final = 2**28  # 256 MiB: see `pinned_layout`
 PINNED_ALIGN: Final = 512  # every pinned tensor starts on a 512-byte boundary (DMA- and dtype-aligned)
 DEFAULT_RESERVE: Final = 10 * GIB  # activations of a 1440x1440 denoise and the VAE decode
 
-DEFAULT_PRIORITY: Final = (
-    CLIP,
-    VAE,
-    SAFETY,  # the CompVis checker and Falconsai classifier: small, and run on every output
-    T5,
-    transformer_component("dev", fp8=False),  # the default request: never moved once it is in
-    transformer_component("dev", fp8=True),
-    transformer_component("schnell", fp8=True),
-    transformer_component("schnell", fp8=False),
-)
+# Small and every output first; T5 last of the shared (once per request, where a transformer runs every
+# step); then dev in full precision, the default request, which must never wait for a move.
+DEFAULT_PRIORITY: Final = (CLIP, VAE, SAFETY, T5, "dev-full", "dev-fp8", "schnell-fp8", "schnell-full")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
