@@ -1,11 +1,8 @@
 """A request's cancel, seen by the threads that work for it.
 
-Cog cancels an async prediction by cancelling its task: the `CancelledError` lands at the task's
-`await`, not in the threads the task waits on (a download, the GPU). So each request's threads run
-under its cancel flag (a `threading.Event` in a context variable: `GpuScheduler.in_thread` copies
-it into them), and the loops that can run long — a download's chunks, a wait on another's download,
-the denoising steps — call `stop_if_cancelled`, which raises `Cancelled` there, as Cog's own cancel
-of a sync predictor would.
+Cog cancels an async prediction's task, not the threads it waits on, so each request's threads run
+under its cancel flag (a context variable `GpuScheduler.in_thread` copies into them), and long loops
+(download chunks, waits, denoising steps) call `stop_if_cancelled`.
 """
 
 from __future__ import annotations
@@ -17,8 +14,8 @@ from contextvars import ContextVar
 
 
 class Cancelled(BaseException):
-    """The request was cancelled; a BaseException, like Cog's CancelationException, so that no
-    `except Exception` on the way turns it into a failure."""
+    """The request was cancelled; a BaseException, like Cog's CancelationException, so no `except
+    Exception` on the way turns it into a failure."""
 
 
 # A request's cancel flag: a `threading.Event` set once by whoever cancels it.

@@ -1,25 +1,11 @@
-"""torch.compile, regional: the transformers' repeated blocks, compiled once with the token count dynamic.
+"""go_fast's other half, torch.compile, regional: the transformers' repeated blocks, token count dynamic.
 
-FLUX's transformer is 19 double and 38 single blocks of two classes; everything around them (embeddings,
-RoPE, the final norm) is a few small ops. diffusers' `compile_repeated_blocks` compiles each block
-class's forward; dynamo keys its graphs on the code and guards on shapes and dtypes, not on which block
-instance runs it, so every block of a class runs one graph: a handful of block graphs per setup
-instead of a whole-model graph per image size (minutes each on a GPU). The token dimension is dynamic
-(`dynamic=True`): the seed's 22 sizes (10 token counts), img2img's sizes that follow the input image and
-`custom` sizes all run those graphs. Setup runs one denoising step at each seed token count, at one
-odd size (`ODD_SIZE`) and at a single token (dynamo specialises a dimension of size 1: a 16x16 input
-image has graphs of its own), so whatever dynamo specialises happens at setup, never in a request.
-
-LoRA fuses write into the same tensors in place (fp8 ones into their qdata and scale), and dynamo
-guards a parameter on its metadata, never on its values: a LoRA switch never recompiles.
-
-Compiled artifacts persist in `FLUX_DAY_COMPILE_CACHE` (inductor's FX-graph, AOTAutograd and kernel
-caches, via `TORCHINDUCTOR_CACHE_DIR`): a restarted server traces again (seconds for a few blocks) but
-does not generate or build kernels again. A folder that cannot be written is a warning: inductor then
-uses its own temporary folder, and compiles again after a restart.
-
-Inductor's options are set here, on each compile (`INDUCTOR_OPTIONS`), never in its global config,
-which is why the torchao configs say `set_inductor_config=False` (`flux_day.fast`).
+Dynamo keys graphs on code and guards on shapes, not on the block instance, so every block of a class
+runs one graph, at every image size (`dynamic=True`). Setup runs one step at each seed token count, an
+odd size and one token, so whatever dynamo specialises happens at setup. LoRA fuses write the same
+tensors in place and dynamo never guards on values: a switch never recompiles. Artifacts persist in
+`FLUX_DAY_COMPILE_CACHE`; inductor's options are passed per compile (`INDUCTOR_OPTIONS`), never set
+globally (hence torchao's `set_inductor_config=False` in `flux_day.fp8`).
 """
 
 from __future__ import annotations
@@ -38,27 +24,20 @@ from flux_day.sizes import ASPECT_RATIOS, MEGAPIXEL_SIDE_SCALE, SIZE_STEP, aspec
 
 log = logging.getLogger(__name__)
 
-# huggingface/flux-fast's choices for FLUX on an H100, passed to inductor with each compile (only
-# inductor takes them). `conv_1x1_as_mm` is left out: only the VAE has convolutions, and it is not compiled.
+# huggingface/flux-fast's choices for FLUX on an H100: tune each Triton kernel's launch (paid once, kept
+# in the cache) trying every direction, and leave pointwise epilogues to their own fused kernels.
 INDUCTOR_OPTIONS: Final[dict[str, Any]] = {
-    # Tune each generated Triton kernel's launch configuration beyond inductor's heuristics: paid once
-    # per kernel at compile time, kept in the compile cache, faster every step after.
     "coordinate_descent_tuning": True,
-    # ... trying every direction at each step of that search, not only the first that helps.
     "coordinate_descent_check_all_directions": True,
-    # Leave pointwise epilogues (bias, gates, residual adds) to their own fused kernels instead of
-    # matmul-template epilogues, which flux-fast found slower for FLUX's shapes.
     "epilogue_fusion": False,
 }
-# Not a seed token count, odd, and not a text length (256, 512): the size that makes dynamo settle the
-# dynamic graphs at setup, so the first img2img or custom request compiles nothing.
+# Odd, no seed token count and no text length: settles the dynamic graphs, so no request compiles.
 ODD_SIZE: Final = (336, 464)
 ONE_TOKEN: Final = (16, 16)  # the smallest img2img size (`sizes.image_size`): one token
 
 
 def compile_backend(setting: str, device: torch.device) -> str | None:
-    """`Settings.compile` ("auto", "off" or a backend name) as a torch.compile backend for `device`,
-    or None for no compilation; an unknown backend fails setup naming the setting."""
+    """`Settings.compile` ("auto", "off" or a backend) as a torch.compile backend, or None for none."""
     if setting == "auto":
         return "inductor" if device.type == "cuda" else None
     if setting == "off":
@@ -83,15 +62,14 @@ def image_tokens(width: int, height: int) -> int:
 
 
 def warm_up_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """One size per token count of `sizes` (the transformer sees nothing else of a size), then `ODD_SIZE`
-    and `ONE_TOKEN`."""
+    """One size per token count of `sizes`, then `ODD_SIZE` and `ONE_TOKEN`."""
     by_tokens = {image_tokens(w, h): (w, h) for w, h in reversed(sizes)}
     return [*reversed(by_tokens.values()), ODD_SIZE, ONE_TOKEN]
 
 
 def use_compile_cache(cache_dir: Path) -> None:
-    """Point inductor's caches at `cache_dir` (read by inductor at each compile); a folder that cannot be
-    made or written is a warning, and inductor keeps its own temporary folder."""
+    """Point inductor's caches at `cache_dir`; one that cannot be written is a warning (inductor then
+    keeps its own temporary folder)."""
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(cache_dir, os.W_OK):
@@ -108,13 +86,13 @@ def use_compile_cache(cache_dir: Path) -> None:
 
 
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
-    """The blocks regional compilation compiles: those whose class the model names in `_repeated_blocks`."""
+    """The blocks whose class the model names in `_repeated_blocks`."""
     names = set(getattr(transformer, "_repeated_blocks", ()))
     return [module for module in transformer.modules() if type(module).__name__ in names]
 
 
 class CompiledTransformers:
-    """Compiles transformers' repeated blocks (`install`) and runs them once per warm-up size (`warm_up`)."""
+    """Compiles transformers' repeated blocks (`install`) and runs them at each warm-up size (`warm_up`)."""
 
     def __init__(self, backend: str, sizes: Sequence[tuple[int, int]], cache_dir: Path | None) -> None:
         self.backend = backend
@@ -125,15 +103,14 @@ class CompiledTransformers:
         self.transformers: list[nn.Module] = []
 
     def install(self, transformers: Iterable[nn.Module]) -> None:
-        """Compile the repeated blocks of these transformers (each on its first call, as torch does)."""
+        """Compile these transformers' repeated blocks (each on its first call)."""
         for transformer in transformers:
             if any(block._compiled_call_impl is not None for block in repeated_blocks(transformer)):
                 continue
             transformer.compile_repeated_blocks(backend=self.backend, dynamic=True, options=self.options)
             self.transformers.append(transformer)
-        # Dynamo keeps one cache per block class's forward, shared by every transformer: per parameter
-        # format (full precision, fp8) up to four graphs (one token or more; the single blocks' text
-        # states contiguous or a slice), with room for a split. (torch 2.13 has no public setting.)
+        # One dynamo cache per block class, shared by every transformer: up to four graphs per parameter
+        # format (one token or more; text states contiguous or a slice), and room for a split.
         limit = 4 * max(1, len(self.transformers)) + 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(
@@ -141,8 +118,7 @@ class CompiledTransformers:
         )
 
     def warm_up(self, pipe: Any, embeds: tuple[torch.Tensor, torch.Tensor], text_tokens: int) -> None:
-        """Run `pipe`'s transformer at every warm-up size now: one denoising step each, through the
-        pipeline itself, so the graphs are guarded on exactly what requests pass."""
+        """One denoising step at every warm-up size, through the pipeline, as requests run it."""
         for size in self.sizes:
             denoise_latents(pipe, embeds, size, 1, text_tokens)
 
@@ -155,8 +131,8 @@ def denoise_latents(
     text_tokens: int,
     generator: torch.Generator | None = None,
 ) -> Any:
-    """`steps` denoising steps of one image at `size` (width, height) from precomputed prompt
-    embeddings, latents out: the transformer's work alone (what compiling warms and benchmarks time)."""
+    """`steps` denoising steps of one image at `size` (width, height), latents out: the transformer's
+    work alone (what compiling warms and benchmarks time)."""
     prompt_embeds, pooled = embeds
     width, height = size
     with torch.inference_mode():

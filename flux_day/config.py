@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from flux_day.components import TRANSFORMERS
 from flux_day.errors import SettingsError
+from flux_day.models import TRANSFORMERS
 
 _GB = 1000**3
 TRUE = frozenset({"1", "true", "yes", "on"})

@@ -1,5 +1,5 @@
-"""What a request produces, and the pure pieces of producing it: the diffusers call for one output,
-the metrics' timings, and the one summary line a request logs (LoRA sources shown without secrets)."""
+"""What a request produces, and the pure pieces of producing it: the diffusers call for one output, its
+metrics, and the one summary line a request logs (LoRA sources shown without secrets)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,26 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
-from flux_day.model_specs import MODELS
+from flux_day.loras.formats import LoraWeights
+from flux_day.loras.refs import DEFAULT_LORA_INPUT
+from flux_day.models import MODELS
 from flux_day.request import GenerationRequest
 
 log = logging.getLogger("flux_day.engine")  # the request's summary line belongs to the engine's log
+
+
+@dataclass
+class PreparedRequest:
+    """A request with its LoRAs read (None for scale 0 ones), and the seconds each part took so far."""
+
+    request: GenerationRequest
+    loras: list[LoraWeights | None]
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,34 @@ class Generation:
 
     images: list[Image.Image]
     metrics: dict[str, float]
+
+    @classmethod
+    def logged(
+        cls, request: GenerationRequest, images: list[Image.Image], timings: dict[str, float]
+    ) -> Generation:
+        """The generation of `request`, its one summary line logged: what ran, with what, how long."""
+        steps, pixels = request.num_inference_steps * request.num_outputs, request.width * request.height
+        counts = {"images": len(images), "steps": steps, "megapixels": round(pixels * len(images) / 1e6, 4)}
+        loras = [
+            f"{lora.input_name}={lora.ref.shown}x{lora.scale:g}"
+            for lora in request.loras
+            if lora.input_name != DEFAULT_LORA_INPUT
+        ]
+        log.info(
+            "request mode=%s model=%s%s size=%dx%d steps=%d seed=%d images=%d/%d loras=%s timings=%s",
+            request.mode,
+            request.model,
+            " fp8" if request.fp8 else "",
+            request.width,
+            request.height,
+            request.num_inference_steps,
+            request.seed,
+            len(images),
+            request.num_outputs,
+            loras or "none",
+            {key: round(value, 3) for key, value in timings.items()},
+        )
+        return cls(images, {f"timing.{key}": value for key, value in timings.items()} | counts)
 
 
 @contextmanager
@@ -35,38 +73,6 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         yield
     finally:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
-
-
-def log_summary(request: GenerationRequest, generation: Generation) -> None:
-    """One line per request: what ran, with what, and how long each part took."""
-    log.info(
-        "request mode=%s model=%s%s size=%dx%d steps=%d seed=%d images=%d/%d loras=%s timings=%s",
-        request.mode,
-        request.model,
-        " fp8" if request.fp8 else "",
-        request.width,
-        request.height,
-        request.num_inference_steps,
-        request.seed,
-        len(generation.images),
-        request.num_outputs,
-        shown_loras(request.loras),
-        {
-            key.removeprefix("timing."): round(value, 3)
-            for key, value in generation.metrics.items()
-            if key.startswith("timing.")
-        },
-    )
-
-
-def shown_loras(loras: tuple[LoraRequest, ...]) -> list[str] | str:
-    """LoRAs as a log may show them: no query strings, tokens or data URI bodies."""
-    shown = [
-        f"{lora.input_name}={lora.ref.shown}x{lora.scale:g}"
-        for lora in loras
-        if lora.input_name != DEFAULT_LORA_INPUT
-    ]
-    return shown or "none"
 
 
 def call_arguments(request: GenerationRequest, seed: int) -> dict[str, object]:

@@ -1,41 +1,11 @@
-"""Which loaded components live on the GPU and which wait in host memory: a pure decision on bytes.
+"""Which components live on the GPU and which wait in host memory: a pure decision on bytes, for any card.
 
-Nothing here touches a device: the engine measures its modules with `module_bytes` (and the fp8
-copies it has not made yet with their expected size), asks `plan_memory` for a `MemoryPlan`, logs
-`format_plan(plan)` and moves modules accordingly (`residency.Residency`). The rules that decide a
-move (`visit`) and where a LoRA's pristine copy goes (`pristine_site`) live here too, so the
-simulator (`memory_sim`) and the engine follow the same ones. Keeping the decision pure keeps it
-testable for any card without one.
-
-The GPU budget is `device_bytes - reserve_bytes`. Offloaded components share one swap slot, as big
-as the largest of them: the engine keeps at most one offloaded component on the GPU at a time
-(bring it in, run, send it back before the next one comes; keeping the last one until another is
-needed is fine), so peak use is resident + slot + reserve <= device, always.
-
-Rule 1, servability first: a component that fits the budget alone must stay runnable, so one goes
-resident only if the largest other non-resident runnable component still fits beside it. A server
-that can run every model slowly beats one that runs half of them fast; e.g. a full-precision
-transformer kept swappable is what lets go_fast=False still mean the original weights.
-
-Rule 2, then by how much each byte saves, walking `priorities` greedily (unknown names go last):
-CLIP, the VAE and the safety models (small, every request), the T5 (every request; last of the
-shared, it is large and runs once per request where a transformer runs every step), then dev's
-full-precision transformer (the default request: dev, go_fast off, must never wait for a move),
-dev's fp8 copy, then schnell's. An offloaded master is never written: go_fast LoRAs are computed
-from its pristine host copy on the GPU, layer by layer, into the fp8 copy that runs.
-
-Whatever GPU room is left after the resident set, the slot and the reserve is for LoRAs' pristine
-copies (`pristine_bytes`); copies beyond it go to pinned host memory.
-
-Pinned host memory (an offloaded component's home copy, LoRAs' host pristine copies) is laid out by
-`pinned_layout`: PyTorch's pinned allocator rounds every allocation up to a power of two, so tensors
-are packed into power-of-two chunks, and what is pinned stays within a few percent of the bytes.
-
-So (cards as torch reports them, 10 GiB reserve): 141 GB holds everything resident with ~57 GB
-for pristine copies; 80 GB keeps the encoders, VAE, dev in full precision and dev's fp8 copy
-resident and swaps schnell's two transformers through one 23.8 GB slot; 48 GB keeps the encoders
-and VAE and swaps every transformer; 24 GB keeps CLIP, the VAE and the safety models, swaps T5 and
-the fp8 transformers through one 11.9 GB slot, and the full-precision ones are cpu-only.
+The GPU budget is `device_bytes - reserve_bytes`. Offloaded components share one swap slot, as big as
+the largest of them, so peak use is resident + slot + reserve <= device. Rule 1, servability first: a
+component goes resident only if the largest other runnable non-resident one still fits beside it (a
+full-precision transformer kept swappable is what lets go_fast=False mean the original weights). Rule 2:
+then by how much each byte saves, in `DEFAULT_PRIORITY` order. The room left is for LoRAs' pristine
+copies (`pristine_site`); the rest of those go to pinned host memory, packed by `pinned_layout`.
 """
 
 from __future__ import annotations
@@ -44,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
-from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
+from flux_day.models import CLIP, SAFETY, T5, VAE
 
 if TYPE_CHECKING:
     import torch
@@ -57,16 +27,9 @@ PINNED_CHUNK: Final = 2**28  # 256 MiB: see `pinned_layout`
 PINNED_ALIGN: Final = 512  # every pinned tensor starts on a 512-byte boundary (DMA- and dtype-aligned)
 DEFAULT_RESERVE: Final = 10 * GIB  # activations of a 1440x1440 denoise and the VAE decode
 
-DEFAULT_PRIORITY: Final = (
-    CLIP,
-    VAE,
-    SAFETY,  # the CompVis checker and Falconsai classifier: small, and run on every output
-    T5,
-    transformer_component("dev", fp8=False),  # the default request: never moved once it is in
-    transformer_component("dev", fp8=True),
-    transformer_component("schnell", fp8=True),
-    transformer_component("schnell", fp8=False),
-)
+# Small and every output first; T5 last of the shared (once per request, where a transformer runs every
+# step); then dev in full precision, the default request, which must never wait for a move.
+DEFAULT_PRIORITY: Final = (CLIP, VAE, SAFETY, T5, "dev-full", "dev-fp8", "schnell-fp8", "schnell-full")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -82,6 +45,14 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 def module_bytes(module: torch.nn.Module) -> int:
     """Parameters plus buffers, each shared tensor counted once (`parameters()` deduplicates)."""
     return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    """A GPU to plan for: its total memory and the room kept for activations."""
+
+    total_bytes: int
+    reserve_bytes: int = DEFAULT_RESERVE
 
 
 class Component(NamedTuple):
@@ -123,21 +94,9 @@ class MemoryPlan:
         return max(0, budget - self.total("resident") - self.swap_bytes)
 
 
-def visit(plan: MemoryPlan, visitor: str | None, name: str) -> str | None:
-    """The component to send back to host memory so `name` can run on the GPU (None: no move).
-
-    Resident and cpu-only components never move; an offloaded one takes the plan's single slot and
-    keeps it until another offloaded component needs it, so a stream of one kind of request moves
-    nothing after the first.
-    """
-    if plan[name] != "offloaded" or name == visitor:
-        return None
-    return visitor
-
-
 def pristine_site(plan: MemoryPlan, used_device_bytes: int, nbytes: int) -> Site:
-    """Where a LoRA's pristine copy of a GPU weight goes: the plan's room on the device while it
-    lasts (first touched, first placed), else pinned host memory, read over PCIe when restoring."""
+    """Where a LoRA's pristine copy of a GPU weight goes: the plan's room on the device while it lasts,
+    else pinned host memory (read over PCIe when restoring)."""
     if plan.device_bytes is None or used_device_bytes + nbytes <= plan.pristine_bytes:
         return "device"
     return "host"
@@ -158,15 +117,10 @@ class PinnedLayout(NamedTuple):
 def pinned_layout(
     sizes: Sequence[int], chunk_bytes: int = PINNED_CHUNK, align: int = PINNED_ALIGN
 ) -> PinnedLayout:
-    """Pack tensors of `sizes` bytes into pinned chunks whose sizes are powers of two, so the pinned
-    allocator (`CachingHostAllocator`, which rounds each allocation up to one) adds nothing to them.
-
-    First fit, largest first, into `chunk_bytes` chunks (a tensor larger than that gets a chunk of its
-    own power of two, whose rest smaller tensors fill); then every chunk shrinks to the power of two
-    its contents need, so only a partly filled chunk (in practice the last) rounds up. FLUX.1 dev's
-    transformer (1160 tensors, 23.80 GB in bf16, the largest a double block's 113 MB AdaLN linear)
-    takes 24.19 GB in 256 MiB chunks (+1.6%, tails too short for the next tensor), its fp8 copy 11.92
-    GB takes 12.08 GB (+1.4%); pinned tensor by tensor they would take 1.56x.
+    """Pack tensors of `sizes` bytes into chunks whose sizes are powers of two, which the pinned allocator
+    (it rounds each allocation up to one) takes as they are: first fit, largest first, into `chunk_bytes`
+    chunks, each then shrunk to the power of two its contents need. FLUX.1 dev's bf16 transformer takes
+    +1.6% this way; pinned tensor by tensor it would take 1.56x.
     """
     if chunk_bytes & (chunk_bytes - 1) or align & (align - 1):
         raise ValueError(f"chunk_bytes ({chunk_bytes}) and align ({align}) must be powers of two")
@@ -194,9 +148,8 @@ def plan_memory(
     reserve_bytes: int = DEFAULT_RESERVE,
     priorities: Sequence[str] = DEFAULT_PRIORITY,
 ) -> MemoryPlan:
-    """Place each component `resident` (on the GPU), `offloaded` (host memory, brought in when a
-    request needs it) or `cpu-only` (bigger than the GPU can ever take beside the reserve), by the
-    rules of this module's docstring. Nothing is ever dropped: every component is held somewhere."""
+    """Place each component `resident` (on the GPU), `offloaded` (host memory, visiting the GPU when a
+    request needs it) or `cpu-only` (bigger than the GPU can take beside the reserve), by the rules above."""
     if any(size < 0 for size in components.values()):
         raise ValueError(f"component sizes must be >= 0: {dict(components)}")
     order = [n for n in dict.fromkeys(priorities) if n in components]

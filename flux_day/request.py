@@ -15,9 +15,9 @@ from typing import Any, Final, Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flux_day.components import transformer_component
 from flux_day.errors import InputError
 from flux_day.loras.refs import DEFAULT_LORA_INPUT, LoraRequest
+from flux_day.models import transformer_component
 from flux_day.schema import DEFAULTS, LORA_INPUTS, SCHEMA, refuse_unknown, shown
 from flux_day.sizes import CUSTOM, aspect_ratio_size
 from flux_day.sizes import custom_size as round_custom_size

@@ -1,17 +1,10 @@
-"""Applying the memory plan: resident components live on the GPU, offloaded ones visit it one at a time.
+"""Applying the memory plan: resident modules live on the GPU, offloaded ones visit it one at a time.
 
-`memory_plan.plan_memory` decides (a pure function, tested per card size) and `memory_plan.visit`
-says which visitor leaves; this moves tensors. An offloaded component lives in pinned host memory (its
-**home** copy), which is never written: a visit copies it to the GPU, where LoRAs may be fused into
-it, and leaving just drops the GPU copy (no copy back, and the home copy doubles as the pristine copy
-LoRA restores read). Modules made on first use (fp8 copies) are built when first needed, on the GPU,
-and given a home copy then if the plan offloads them. A `cpu-only` component (larger than any slot
-this card allows) runs where it is, on the CPU: slow, but served, and the setup log's table says so.
-
-Home copies (and LoRAs' host pristine copies, `loras.pristine`) are views into one `PinnedArena`,
-packed into power-of-two chunks so the pinned allocator's rounding costs a few percent, not 1.5x.
-Every move goes through `set_storage`, which keeps each `Parameter` the same Python object (the LoRA
-fuser's and torch.compile's references) and carries a tensor subclass's inner tensors with it.
+An offloaded module lives in pinned host memory (its **home** copy), which is never written: a visit
+copies it to the GPU, where LoRAs may be fused into it, and leaving just drops the GPU copy, so the
+home copy doubles as the pristine copy LoRA restores read. A `cpu-only` module runs where it is. Every
+move goes through `set_storage`, which keeps each `Parameter` the same Python object (what the LoRA
+fuser and compiled graphs hold) and carries a tensor subclass's inner tensors with it.
 """
 
 from __future__ import annotations
@@ -23,37 +16,27 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from flux_day.memory_plan import PINNED_ALIGN, PINNED_CHUNK, MemoryPlan, pinned_layout, tensor_bytes, visit
+from flux_day.memory_plan import PINNED_ALIGN, PINNED_CHUNK, MemoryPlan, pinned_layout, tensor_bytes
 
 log = logging.getLogger(__name__)
 
-Builder = Callable[[torch.device], nn.Module]
-
 
 def set_storage(tensor: torch.Tensor, value: torch.Tensor) -> None:
-    """Make `tensor` hold `value`'s storage and stay the same Python object (what the LoRA fuser's slots,
-    the home-copy table keyed by `id` and compiled graphs refer to).
-
-    `.data =` is enough for a plain tensor. A wrapper subclass (torchao's fp8 `Float8Tensor`) keeps its
-    storage in inner tensors (`qdata`, `scale`) that `.data =` would leave where they were, so it is
-    swapped whole with `torch.utils.swap_tensors`, as `nn.Module._apply` does for these.
-    """
-    if not _is_subclass(tensor) and not _is_subclass(value):
+    """Make `tensor` hold `value`'s storage and stay the same Python object. A wrapper subclass (torchao's
+    fp8 weight) keeps its storage in inner tensors that `.data =` would leave behind, so it is swapped
+    whole with `torch.utils.swap_tensors`, as `nn.Module._apply` does."""
+    if not hasattr(tensor, "__tensor_flatten__") and not hasattr(value, "__tensor_flatten__"):
         tensor.data = value
         return
-    replacement = (
-        nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter) else value.detach()
+    parameter = isinstance(tensor, nn.Parameter)
+    torch.utils.swap_tensors(
+        tensor, nn.Parameter(value, requires_grad=False) if parameter else value.detach()
     )
-    torch.utils.swap_tensors(tensor, replacement)
-
-
-def _is_subclass(tensor: torch.Tensor) -> bool:
-    return hasattr(tensor, "__tensor_flatten__")
 
 
 def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors that hold `tensor`'s storage: itself, or a subclass's inner tensors."""
-    if not _is_subclass(tensor):
+    if not hasattr(tensor, "__tensor_flatten__"):
         return [tensor.detach()]
     names, _ = tensor.__tensor_flatten__()
     return [leaf for name in names for leaf in _leaves(getattr(tensor, name))]
@@ -61,7 +44,7 @@ def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def _rebuilt(tensor: torch.Tensor, leaves: Iterator[torch.Tensor]) -> torch.Tensor:
     """`tensor` made of `leaves` (in `_leaves` order) instead of its own storage."""
-    if not _is_subclass(tensor):
+    if not hasattr(tensor, "__tensor_flatten__"):
         return next(leaves)
     names, meta = tensor.__tensor_flatten__()
     inner = {name: _rebuilt(getattr(tensor, name), leaves) for name in names}
@@ -69,29 +52,24 @@ def _rebuilt(tensor: torch.Tensor, leaves: Iterator[torch.Tensor]) -> torch.Tens
 
 
 def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy of `tensor` on `device`, leaf by leaf: a subclass's own `.to(copy=True)` may return its
-    inner tensors uncopied when the device is the same (torchao's does), and a visit must never write
-    the home copy (a CPU engine planned as a GPU runs exactly that move)."""
-    copies = (leaf.to(device, non_blocking=True, copy=True) for leaf in _leaves(tensor))
-    return _rebuilt(tensor, iter(copies))
+    """A copy of `tensor` on `device`, leaf by leaf: torchao's `.to(copy=True)` may return its inner
+    tensors uncopied on the same device, and a visit must never write the home copy."""
+    return _rebuilt(tensor, iter([leaf.to(device, non_blocking=True, copy=True) for leaf in _leaves(tensor)]))
 
 
 class PinnedArena:
-    """Host memory for copies kept for the server's life (home copies, pristine copies): views into
-    chunks whose sizes are powers of two, page-locked with `pin` (fast, asynchronous copies to a GPU).
-
-    Nothing is freed: the copies live as long as the modules they belong to. `pinned_bytes` is what
-    the chunks take (what the pinned allocator really reserves), `tensor_bytes` what the copies need.
-    """
+    """Host copies kept for the server's life (offloaded modules' home copies, by tensor, and LoRAs'
+    pristine copies): views into page-locked chunks whose sizes are powers of two (`pinned_layout`).
+    `pinned_bytes` is what the chunks take, `tensor_bytes` what the copies need."""
 
     def __init__(self, pin: bool, chunk_bytes: int = PINNED_CHUNK, align: int = PINNED_ALIGN) -> None:
         self.pin, self.chunk_bytes, self.align = pin, chunk_bytes, align
         self.pinned_bytes = self.tensor_bytes = 0
+        self.homes: dict[int, torch.Tensor] = {}  # id(tensor of an offloaded module) -> its home copy
         self._open: list[tuple[torch.Tensor, int]] = []  # chunks for `copy`, and how much of each is used
 
     def copies(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Host copies of `tensors` (a subclass rebuilt around copies of its inner tensors), packed
-        together into new chunks by `memory_plan.pinned_layout`."""
+        """Host copies of `tensors` (a subclass around copies of its inner tensors), packed in new chunks."""
         leaves = [leaf for tensor in tensors for leaf in _leaves(tensor)]
         layout = pinned_layout([tensor_bytes(leaf) for leaf in leaves], self.chunk_bytes, self.align)
         chunks = [self._chunk(size) for size in layout.chunks]
@@ -102,8 +80,7 @@ class PinnedArena:
         return [_rebuilt(tensor, copies) for tensor in tensors]
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy of one plain tensor in the first chunk with room (a new one when none has): for
-        copies made one at a time (LoRAs' pristine copies), whose total is not known in advance."""
+        """A host copy of one plain tensor in the first chunk with room: for copies made one at a time."""
         size = -(-tensor_bytes(tensor) // self.align) * self.align
         index = next((i for i, (chunk, used) in enumerate(self._open) if used + size <= chunk.numel()), None)
         if index is None:
@@ -121,123 +98,97 @@ class PinnedArena:
     def _copy_into(self, chunk: torch.Tensor, offset: int, tensor: torch.Tensor) -> torch.Tensor:
         nbytes = tensor_bytes(tensor)
         self.tensor_bytes += nbytes
-        view = chunk[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
-        return view.copy_(tensor)
+        return chunk[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
 
 
-def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
     """Every parameter and buffer of `module`, each once."""
-    seen: set[int] = set()
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield tensor
+    return list({id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
 
 
 class Residency:
-    """Where each planned module is, and the moves that keep the GPU within its plan."""
+    """Where each planned module is, and the moves that keep the GPU within its plan; `on_leave(name)`
+    is told when a visitor's GPU copy (LoRAs and all) is dropped."""
 
     def __init__(
         self,
         modules: Mapping[str, nn.Module],
         plan: MemoryPlan,
         device: torch.device,
-        builders: Mapping[str, Builder] | None = None,
+        host: PinnedArena | None = None,
+        on_leave: Callable[[str], None] = lambda name: None,
     ) -> None:
-        self.plan, self.device = plan, device
-        self.modules: dict[str, nn.Module] = dict(modules)
-        self.builders = dict(builders or {})
+        self.plan, self.device, self.on_leave = plan, device, on_leave
+        self.host = host or PinnedArena(pin=device.type == "cuda")
+        self.modules: dict[str, nn.Module] = {}
         self.visitor: str | None = None
-        self.on_leave: Callable[[str], None] = lambda name: None  # the LoRA fuser forgets its state
-        self._home: dict[int, torch.Tensor] = {}  # id(tensor) -> its pristine host copy
-        self.host = PinnedArena(pin=device.type == "cuda")  # home copies; LoRAs' host pristine copies too
-        for name, module in self.modules.items():
-            placement = plan[name]
-            if placement == "resident":
-                module.to(device)
-            elif placement == "offloaded":
-                self._make_home(name)
+        for name, module in modules.items():
+            self.modules[name] = module
+            if plan[name] == "offloaded":
+                self._make_home(name, keep_on=False)
             else:
-                module.to("cpu")
-
-    def module(self, name: str) -> nn.Module:
-        """The module `name`, built first if it is made on first use."""
-        if name not in self.modules:
-            self.need([name])
-        return self.modules[name]
-
-    def built(self, name: str) -> bool:
-        return name in self.modules
+                module.to(device if plan[name] == "resident" else "cpu")
 
     def home(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """The pristine host copy of `tensor` when it belongs to an offloaded module, else None."""
-        return self._home.get(id(tensor))
+        return self.host.homes.get(id(tensor))
 
     def need(self, names: Iterable[str]) -> None:
-        """Make `names` available on the GPU (the resident ones already are); a visitor sent home has
-        its GPU copy, LoRAs and all, dropped, and `on_leave(name)` is told."""
+        """Make `names` available on the GPU (resident and cpu-only ones already are where they run)."""
         for name in names:
-            placement = self.plan[name]
-            if name in self.modules and (placement != "offloaded" or name == self.visitor):
-                continue
-            leaving = visit(self.plan, self.visitor, name) if placement == "offloaded" else None
-            started = time.perf_counter()
-            try:
-                if leaving is not None:
-                    self.visitor = None
-                    self._send_home(leaving)
-                    self.on_leave(leaving)
-                if name not in self.modules:
-                    self._build(name)
-                else:
-                    self._bring(name)
-            except BaseException:
-                # A cancel mid-move leaves a module half on the GPU: send it home, so the next request
-                # starts from the plan's state (one visitor at most).
-                if name in self.modules and placement == "offloaded":
-                    self._send_home(name)
-                    self.on_leave(name)
-                raise
-            if placement == "offloaded":
-                self.visitor = name
-            log.info(
-                "memory plan: %s on the %s (%s left) in %.2fs",
-                name,
-                "CPU" if placement == "cpu-only" else "GPU",
-                leaving or "nothing",
-                time.perf_counter() - started,
-            )
+            if self.plan[name] == "offloaded" and name != self.visitor:
+                self._visit(name, lambda name=name: self._bring(name))
 
-    def _build(self, name: str) -> None:
-        placement = self.plan[name]
-        module = self.builders[name](torch.device("cpu") if placement == "cpu-only" else self.device)
+    def add(self, name: str, build: Callable[[torch.device], nn.Module]) -> nn.Module:
+        """A module made on first need (an fp8 copy), built where it runs: offloaded, on the GPU as the
+        visitor once the slot is free, then given its home copy."""
+        if self.plan[name] != "offloaded":
+            self.modules[name] = build(self.device if self.plan[name] == "resident" else torch.device("cpu"))
+        else:
+            self._visit(name, lambda: self._arrive_built(name, build(self.device)))
+        return self.modules[name]
+
+    def _visit(self, name: str, arrive: Callable[[], None]) -> None:
+        started, leaving = time.perf_counter(), self.visitor
+        self.visitor = None
+        try:
+            if leaving is not None:
+                self._send_home(leaving)
+            arrive()
+        except BaseException:  # a cancel mid-move: sent home whole, so the next request starts clean
+            if name in self.modules:
+                self._send_home(name)
+            raise
+        self.visitor = name
+        took = time.perf_counter() - started
+        log.info("memory plan: %s on the GPU (%s left) in %.2fs", name, leaving or "nothing", took)
+
+    def _arrive_built(self, name: str, module: nn.Module) -> None:
         self.modules[name] = module
-        if placement == "offloaded":  # built on the GPU as the visitor; its home copy is made now
-            self._make_home(name, keep_on=True)
+        self._make_home(name, keep_on=True)
 
-    def _make_home(self, name: str, keep_on: bool = False) -> None:
-        """Give every tensor of module `name` a host copy in the arena; the module then sits there (or,
-        with `keep_on`, stays where it is: a visitor just built on the GPU)."""
-        tensors = list(_tensors(self.modules[name]))
-        before = self.host.tensor_bytes
+    def _make_home(self, name: str, keep_on: bool) -> None:
+        """Give every tensor of `name` a home copy; the module then sits there, or with `keep_on` stays
+        where it is (a visitor just built on the GPU)."""
+        tensors, before = _tensors(self.modules[name]), self.host.tensor_bytes
         for tensor, home in zip(tensors, self.host.copies(tensors), strict=True):
-            self._home[id(tensor)] = home
+            self.host.homes[id(tensor)] = home
             if not keep_on:
                 set_storage(tensor, home)
         log.info(
-            "memory plan: %s's home copy, %.2f GB, made in %s host memory, which now holds %.2f GB of"
-            " copies in %.2f GB",
+            "memory plan: %s's home copy, %.2f GB, made in %s host memory (%.2f GB of copies in %.2f GB)",
             name,
             (self.host.tensor_bytes - before) / 1e9,
-            "pinned" if self.host.pin else "ordinary (no GPU)",
+            "pinned" if self.host.pin else "ordinary",
             self.host.tensor_bytes / 1e9,
             self.host.pinned_bytes / 1e9,
         )
 
     def _bring(self, name: str) -> None:
         for tensor in _tensors(self.modules[name]):
-            set_storage(tensor, _copy_to(self._home[id(tensor)], self.device))
+            set_storage(tensor, _copy_to(self.host.homes[id(tensor)], self.device))
 
     def _send_home(self, name: str) -> None:
         for tensor in _tensors(self.modules[name]):
-            set_storage(tensor, self._home[id(tensor)])
+            set_storage(tensor, self.host.homes[id(tensor)])
+        self.on_leave(name)

@@ -1,19 +1,10 @@
 """`GpuScheduler`: many requests at once on one GPU, for Cog's async `run` with `concurrency.max`.
 
-What waits on the network or the disk runs concurrently, in threads: checking the inputs, reading the
-images, downloading and parsing the LoRAs (`Engine.prepare`). What needs the GPU runs one request at a
-time (`Engine.run_prepared`), in the order requests become ready: `asyncio.Lock` wakes its waiters
-first come, first served, and a newcomer never jumps a waiter, so a request is overtaken only by
-those whose LoRAs were ready before its own — no request starves, and one with a slow download never
-holds up those behind it.
-
-Memory stays bounded: the LoRAs parsed for requests waiting for the GPU (or on it) count against
-`FLUX_DAY_PARSED_LORA_BYTES`; while they fill it, a new request waits to read (download and parse)
-its own until one of them is done and lets go of its LoRAs.
-
-A cancel reaches a request's task as `CancelledError` wherever it waits: waiting for its LoRAs or for
-its turn, it just leaves; running, its threads see its cancel flag, and its turn is given up only
-once its thread has stopped and restored its LoRAs, so the next request never sees them half-made.
+Preparing (inputs, downloads, parsing: `Engine.prepare`) runs concurrently in threads; the GPU part
+(`Engine.run_prepared`) runs one request at a time in the order requests become ready (`asyncio.Lock`
+is first come, first served), so a slow download holds up no one. Parsed LoRAs of requests waiting for
+the GPU count against `FLUX_DAY_PARSED_LORA_BYTES`; a new request waits to read its own while they fill
+it. A cancelled running request gives up its turn only once its thread has stopped and restored its LoRAs.
 """
 
 from __future__ import annotations
@@ -31,15 +22,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from flux_day.cancel import cancellable
-from flux_day.engine import Engine, PreparedRequest
-from flux_day.generation import Generation
+from flux_day.engine import Engine
+from flux_day.generation import Generation, PreparedRequest
 from flux_day.request import GenerationRequest
 from flux_day.server_log import log as server_log
 
 Result = TypeVar("Result")
-# asyncio's default executor has min(32, CPUs + 4) threads: on a small machine fewer than the requests
-# that may wait on downloads at once, and one more would wait for a thread, not its download. Cog's
-# slots bound how many requests there are; this bounds nothing they need.
+# asyncio's default executor has min(32, CPUs + 4) threads, fewer than the requests that may wait on
+# downloads at once on a small machine; Cog's slots bound the requests, this bounds nothing they need.
 THREADS = 64
 
 
@@ -69,8 +59,8 @@ class GpuScheduler:
             self._publish()
 
     def _publish(self) -> None:
-        """Write `running` to `running_file`: coglet's health check says READY while a slot is free,
-        so only this tells the preStop hook whether a prediction still runs."""
+        """Write `running` to `running_file`: coglet says READY while a slot is free, so only this tells
+        the preStop hook whether a prediction still runs."""
         if self.running_file is None:
             return
         partial = self.running_file.with_name(f"{self.running_file.name}.{os.getpid()}")
@@ -81,8 +71,8 @@ class GpuScheduler:
             server_log.warning("cannot write %s: %s", self.running_file, error)
 
     async def in_thread(self, work: Callable[..., Result], *args: object, **kwargs: object) -> Result:
-        """`work(*args, **kwargs)` in a thread of its own, under the caller's context (Cog's log routing
-        and metrics scope, this request's cancel flag), as `asyncio.to_thread` runs it."""
+        """`work(*args, **kwargs)` in a thread, under the caller's context (Cog's log routing and metrics
+        scope, this request's cancel flag), as `asyncio.to_thread` runs it."""
         call = functools.partial(contextvars.copy_context().run, work, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._threads, call)
 
@@ -105,8 +95,7 @@ class GpuScheduler:
                 self._freed = asyncio.Event()
 
     async def _room_to_parse(self) -> None:
-        """Wait while the LoRAs of requests waiting for the GPU (or on it) fill the parsed-LoRA budget;
-        with none held, any request goes, however large its LoRAs."""
+        """Wait while held LoRAs fill the parsed-LoRA budget; with none held, any request goes."""
         while self.held_bytes and self.held_bytes >= self.engine.settings.parsed_lora_bytes:
             await self._freed.wait()
 
@@ -115,8 +104,7 @@ class GpuScheduler:
         try:
             return await self._until_done(flag, self.engine.run_prepared, prepared)
         except asyncio.CancelledError:
-            # Cog closed the prediction's log at the cancel: the engine's line about it is lost
-            # there, so the operator's log says where it stopped.
+            # Cog closed the prediction's log at the cancel: the operator's log says where it stopped.
             request = prepared.request
             server_log.info(
                 "request cancelled after %d of %d denoising steps; every LoRA restored",
@@ -126,20 +114,16 @@ class GpuScheduler:
             raise
 
     async def _until_done(self, flag: threading.Event, work: Callable[..., Result], *args: object) -> Result:
-        """`work(*args)` in a thread. Cancelled meanwhile, the thread is told (`flag`) and awaited to its
-        end before the cancel goes on: what it holds (the GPU, fused LoRAs, a lock) is let go first."""
-        return await _settled_on_cancel(flag, asyncio.ensure_future(self.in_thread(work, *args)))
-
-
-async def _settled_on_cancel(flag: threading.Event, thread: asyncio.Future[Result]) -> Result:
-    """`thread`'s result; cancelled, `flag` set and `thread` awaited to its end, then the cancel."""
-    try:
-        return await asyncio.shield(thread)
-    except asyncio.CancelledError:
-        flag.set()
-        while not thread.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({thread})
-        if not thread.cancelled():
-            thread.exception()  # retrieved: its `Cancelled` (or failure) is this cancel's, not news
-        raise
+        """`work(*args)` in a thread; cancelled, the thread is told (`flag`) and awaited to its end first,
+        so what it holds (the GPU, fused LoRAs, a lock) is let go before the cancel goes on."""
+        thread = asyncio.ensure_future(self.in_thread(work, *args))
+        try:
+            return await asyncio.shield(thread)
+        except asyncio.CancelledError:
+            flag.set()
+            while not thread.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({thread})
+            if not thread.cancelled():
+                thread.exception()  # retrieved: its `Cancelled` (or failure) is this cancel's, not news
+            raise

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from flux_day.errors import InputError
-from flux_day.model_specs import MODELS
+from flux_day.models import MODELS
 from flux_day.outputs import OUTPUT_FORMATS
 from flux_day.sizes import ASPECT_RATIOS, CUSTOM, MEGAPIXEL_SIDE_SCALE
 

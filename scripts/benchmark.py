@@ -27,7 +27,7 @@ compilation: compile time and graphs on the deep tree, one image against eager o
 --file-seconds per file, through the real Cog server at --concurrency against 1: makespans, 409s, and
 every image against the same request run alone (and asserts the burst takes under half the time).
 `plan`: the memory plan of FLUX.1 at its real size for 24, 48, 80 and 141 GB cards, and what each
-request of a mix moves between host and GPU and where its LoRA arithmetic runs (flux_day.memory_sim).
+request of a mix moves between host and GPU and where its LoRA arithmetic runs (scripts.bench.memory_model).
 Weights default to a tiny random tree written to a temporary folder. Each question is a module of
 `scripts/bench/` (overhead, lora_switch, setup, fast, plan, compile, concurrency); timing and tables are
 `scripts/bench/timing.py`.

@@ -43,7 +43,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_engine(tiny_weights: Path) -> EngineFactory:
-    """`make_engine(FLUX_DAY_X="...", card=..., default_lora=...)`: a new Engine on the tiny weights on
+    """`make_engine(FLUX_DAY_X="...", budget=..., default_lora=...)`: a new Engine on the tiny weights on
     the CPU, with these settings over the defaults (`tests.harness.engines.cpu_engine`)."""
     return functools.partial(cpu_engine, tiny_weights)
 

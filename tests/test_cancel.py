@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-import flux_day.fast
+import flux_day.fp8
 import flux_day.outputs
 from flux_day.engine import Engine
 from flux_day.outputs import OutputStore
@@ -90,9 +90,9 @@ def test_a_cancel_mid_denoise_stops_there_and_restores_every_lora(
     engine: Engine, go_fast: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     base, styled = pixels(engine, go_fast=go_fast), pixels(engine, go_fast=go_fast, **BOTH)
-    engine.release_loras()
+    engine.loras.release()
     pristine = weights(engine)
-    transformer = fp8_model(engine) if go_fast else engine.fast.masters["dev"]
+    transformer = fp8_model(engine) if go_fast else engine.models.transformers["dev"]
     with (
         caplog.at_level(logging.INFO, logger="flux_day.engine"),
         cancel_on_forward(transformer, call=2),
@@ -102,7 +102,7 @@ def test_a_cancel_mid_denoise_stops_there_and_restores_every_lora(
     assert engine.steps_done == 1  # the step under way when the cancel came was the last one
     assert "request cancelled after 1 of 3 denoising steps; every LoRA restored" in caplog.text
     assert "Cancelled" not in caplog.text  # the prediction's logs name no exception class
-    assert engine.loras.fuser.fused_count == 0
+    assert not engine.loras.fuser.fused
     assert_same(pristine, weights(engine))
     assert np.array_equal(pixels(engine, go_fast=go_fast), base)
     assert np.array_equal(pixels(engine, go_fast=go_fast, **BOTH), styled)
@@ -111,7 +111,7 @@ def test_a_cancel_mid_denoise_stops_there_and_restores_every_lora(
 def test_a_cancel_while_fusing_leaves_the_base_weights(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine.release_loras()
+    engine.loras.release()
     pristine = weights(engine)
     fuse, calls = engine.loras.fuser._fuse, []
 
@@ -131,9 +131,9 @@ def test_a_cancel_while_fusing_leaves_the_base_weights(
 def test_a_cancel_while_re_quantizing_leaves_no_stale_fp8_layer(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine.release_loras()
+    engine.loras.release()
     pristine = weights(engine)
-    quantize, calls = flux_day.fast.quantized_weight, []
+    quantize, calls = flux_day.fp8.quantized_weight, []
 
     def interrupted(*args: object) -> object:
         calls.append(1)
@@ -141,7 +141,7 @@ def test_a_cancel_while_re_quantizing_leaves_no_stale_fp8_layer(
             raise Cancelled
         return quantize(*args)
 
-    monkeypatch.setattr(flux_day.fast, "quantized_weight", interrupted)
+    monkeypatch.setattr(flux_day.fp8, "quantized_weight", interrupted)
     with pytest.raises(Cancelled):
         engine.generate(request(go_fast=True, **BOTH))
     assert len(calls) == 3
@@ -150,7 +150,7 @@ def test_a_cancel_while_re_quantizing_leaves_no_stale_fp8_layer(
 
 def test_a_failed_prediction_leaves_no_lora_fused(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """An ordinary error after the fuse (here, in the safety checker) restores the weights too."""
-    engine.release_loras()
+    engine.loras.release()
     pristine = weights(engine)
 
     def broken(images: list[Image.Image]) -> list[Image.Image]:

@@ -101,13 +101,13 @@ def pixels(engine: Engine, **inputs: object) -> np.ndarray:
 
 def test_setup_compiles_the_repeated_blocks_in_a_few_graphs(compiled: Compiled) -> None:
     engine = compiled.engine
-    master = engine.pipelines["dev"]["txt2img"].transformer
+    master = engine.pipelines["dev-full"]["txt2img"].transformer
     fp8 = engine.pipeline("dev", "txt2img", fp8=True).transformer
     for transformer in (master, fp8):
         blocks = repeated_blocks(transformer)
         assert len(blocks) == 4 and all(block._compiled_call_impl is not None for block in blocks)
         assert transformer._compiled_call_impl is None and "forward" not in vars(transformer)
-    schnell = engine.pipelines["schnell"]["txt2img"].transformer
+    schnell = engine.pipelines["schnell-full"]["txt2img"].transformer
     assert all(block._compiled_call_impl is None for block in repeated_blocks(schnell))
     # Independent of the number of sizes (12 warmed) and of blocks: two formats, a few graphs each.
     assert 2 <= compiled.setup_graphs <= 2 * GRAPHS_PER_FORMAT
@@ -142,7 +142,7 @@ def test_odd_sizes_compile_nothing_and_the_budget_is_never_exhausted(
 def test_a_compiled_engines_go_fast_runs_its_own_fp8_copy(compiled: Compiled, fast_engine: Engine) -> None:
     """The fp8 copy is built from a compiled master: it must run its own blocks, not the master's."""
     engine = compiled.engine
-    master = engine.pipelines["dev"]["txt2img"].transformer
+    master = engine.pipelines["dev-full"]["txt2img"].transformer
     fp8 = engine.pipeline("dev", "txt2img", fp8=True).transformer
     for ours, masters in zip(repeated_blocks(fp8), repeated_blocks(master), strict=True):
         assert ours._compiled_call_impl is not masters._compiled_call_impl

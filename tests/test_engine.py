@@ -10,16 +10,17 @@ import torch
 from PIL import Image
 
 from flux_day.config import Settings
-from flux_day.engine import Card, Engine
+from flux_day.engine import Engine
 from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.generation import call_arguments
-from flux_day.models import build_pipelines, load_models
+from flux_day.memory_plan import GpuBudget
+from flux_day.pipelines import build_pipelines, load_models
 from flux_day.request import GenerationRequest
 from tests.harness.engines import EngineFactory
 
 
 def test_schnell_shares_encoders_tokenizers_and_vae_with_dev(engine: Engine) -> None:
-    dev, schnell = engine.pipelines["dev"]["txt2img"], engine.pipelines["schnell"]["txt2img"]
+    dev, schnell = engine.pipelines["dev-full"]["txt2img"], engine.pipelines["schnell-full"]["txt2img"]
     for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"):
         assert getattr(dev, name) is getattr(schnell, name), name
     assert dev.transformer is not schnell.transformer
@@ -41,9 +42,9 @@ def test_auto_device_is_cpu_float32_without_cuda(engine: Engine) -> None:
 
 
 def test_building_mode_pipelines_keeps_bf16_weights(tiny_weights: Path) -> None:
-    pipelines = build_pipelines(load_models(tiny_weights, torch.bfloat16))
-    for by_mode in pipelines.values():
-        for pipe in by_mode.values():
+    models = load_models(tiny_weights, torch.bfloat16)
+    for model, transformer in models.transformers.items():
+        for pipe in build_pipelines(models, model, transformer).values():
             dtypes = {
                 p.dtype for m in (pipe.transformer, pipe.vae, pipe.text_encoder_2) for p in m.parameters()
             }
@@ -55,7 +56,7 @@ def test_generation_equals_a_bare_diffusers_call(engine: Engine) -> None:
         prompt="a red fox", seed=42, num_inference_steps=3, megapixels="0.25", guidance_scale=3.5
     )
     (ours,) = engine.generate(request).images
-    bare = engine.pipelines["dev"]["txt2img"](
+    bare = engine.pipelines["dev-full"]["txt2img"](
         prompt="a red fox",
         width=512,
         height=512,
@@ -74,7 +75,7 @@ def test_inpaint_keeps_black_latents_exactly_and_repaints_white(engine: Engine, 
     left_white.paste(255, (0, 0, 256, 512))
     left_white.save(tmp_path / "half.png")
     Image.new("L", (512, 512)).save(tmp_path / "none.png")
-    pipe = engine.pipelines["dev"]["inpaint"]
+    pipe = engine.pipelines["dev-full"]["inpaint"]
 
     def final_latents(mask: str, seed: int) -> torch.Tensor:
         request = GenerationRequest.from_inputs(
@@ -107,7 +108,7 @@ def test_a_transformer_the_gpu_cannot_hold_is_refused_as_capacity_not_input(
 ) -> None:
     """A plan for a card too small for anything (every component cpu-only) refuses the request by its
     go_fast setting; the request itself is valid, so the refusal is not an InputError."""
-    engine = make_engine(card=Card(total_bytes=1, reserve_bytes=0))
+    engine = make_engine(budget=GpuBudget(total_bytes=1, reserve_bytes=0))
     with pytest.raises(CapacityError) as raised:
         engine.generate(GenerationRequest.from_inputs(prompt="a fox", go_fast=True))
     assert str(raised.value) == (

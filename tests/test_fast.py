@@ -14,7 +14,7 @@ from torch import nn
 from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
 from flux_day.engine import Engine
-from flux_day.fast import quantized_weight
+from flux_day.fp8 import quantized_weight
 from flux_day.loras.fuse import inner_tensors as _inner
 from flux_day.request import GenerationRequest
 from tests.harness import lora_files as lf
@@ -40,7 +40,7 @@ def pixels(engine: Engine, **inputs: object) -> np.ndarray:
 
 def test_each_model_has_an_fp8_transformer_and_the_masters_stay_full_precision(engine: Engine) -> None:
     for model in ("dev", "schnell"):
-        fp8, master = fp8_model(engine, model), engine.pipelines[model]["txt2img"].transformer
+        fp8, master = fp8_model(engine, model), engine.pipelines[f"{model}-full"]["txt2img"].transformer
         assert fp8 is not master
         fp8_linears = [m for m in fp8.modules() if isinstance(m, nn.Linear)]
         assert fp8_linears and all(type(m.weight).__name__ == "Float8Tensor" for m in fp8_linears)
@@ -50,7 +50,7 @@ def test_each_model_has_an_fp8_transformer_and_the_masters_stay_full_precision(e
         assert dynamic == {isinstance(engine.recipe.fp8, Float8DynamicActivationFloat8WeightConfig)}
         assert all(type(m.weight) is nn.Parameter for m in master.modules() if isinstance(m, nn.Linear))
         inpaint = engine.pipeline(model, "inpaint", fp8=True)
-        assert inpaint.transformer is fp8 and inpaint.vae is engine.pipelines[model]["txt2img"].vae
+        assert inpaint.transformer is fp8 and inpaint.vae is engine.pipelines[f"{model}-full"]["txt2img"].vae
 
 
 @pytest.mark.parametrize("model", ["dev", "schnell"])
@@ -73,9 +73,11 @@ def test_custom_sizes_run_full_precision_even_with_go_fast(
 def test_fp8_with_a_lora_is_quantize_of_the_fused_master_and_restores_bit_exactly(engine: Engine) -> None:
     original = fp8_state(engine)
     pixels(engine, go_fast=True, replicate_weights=LORA, extra_lora=OTHER)
-    master = engine.pipelines["dev"]["txt2img"].transformer
+    master = engine.pipelines["dev-full"]["txt2img"].transformer
     fused = {
-        m.removeprefix("transformer.") for m in engine.loras.fused_modules if m.startswith("transformer.")
+        name
+        for name, module in fp8_model(engine).named_modules()
+        if isinstance(module, nn.Linear) and module.weight in engine.loras.fuser.fused
     }
     assert len(fused) == 13  # six BFL modules (two qkv, one linear1) = 13 linears; OTHER shares one
     now = fp8_state(engine)
@@ -84,7 +86,7 @@ def test_fp8_with_a_lora_is_quantize_of_the_fused_master_and_restores_bit_exactl
     pixels(engine, replicate_weights=LORA, lora_scale=1.5, extra_lora=OTHER, extra_lora_scale=1.5)
     for name, parts in now.items():
         if name in fused:
-            expected = _inner(quantized_weight(master.get_submodule(name).weight, engine.fast.config))
+            expected = _inner(quantized_weight(master.get_submodule(name).weight, engine.recipe.fp8))
             assert all(torch.equal(parts[p], expected[p]) for p in parts), name
             assert not torch.equal(parts["qdata"], original[name]["qdata"]), name
         else:
@@ -105,7 +107,7 @@ def biases(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_fp8_layers_take_bias_updates_with_their_master_and_give_them_back(engine: Engine) -> None:
     """ComfyUI's diff_b changes biases, which the fp8 copy keeps in full precision: they follow the master."""
     comfy, expected = ll.comfyui(TINY, seed=3)
-    fp8, master = fp8_model(engine), engine.fast.masters["dev"]
+    fp8, master = fp8_model(engine), engine.models.transformers["dev"]
     original = biases(fp8)
     pixels(engine, go_fast=True, replicate_weights=lf.data_uri(comfy))
     fused = biases(fp8)
@@ -131,9 +133,9 @@ def test_go_fast_scales_both_loras_by_one_and_a_half(engine: Engine) -> None:
         engine, go_fast=True, replicate_weights=LORA, lora_scale=0.5, extra_lora=OTHER, extra_lora_scale=0.4
     )
     assert np.array_equal(fast, pixels_again)
-    master = engine.pipelines["dev"]["txt2img"].transformer
+    master = engine.pipelines["dev-full"]["txt2img"].transformer
     for name, parts in state.items():
-        expected = _inner(quantized_weight(master.get_submodule(name).weight, engine.fast.config))
+        expected = _inner(quantized_weight(master.get_submodule(name).weight, engine.recipe.fp8))
         assert all(torch.equal(parts[p], expected[p]) for p in parts), name
 
 
@@ -159,10 +161,10 @@ def test_go_fast_runs_in_every_mode_through_the_cog_server(cog_server: CogServer
 
 
 def test_the_layer_by_layer_fp8_copy_is_quantize_of_the_master_and_shares_nothing(engine: Engine) -> None:
-    engine.release_loras()
-    master, fp8 = engine.fast.masters["dev"], fp8_model(engine)
+    engine.loras.release()
+    master, fp8 = engine.models.transformers["dev"], fp8_model(engine)
     reference = copy.deepcopy(master)
-    quantize_(reference, engine.fast.config)  # the whole model at once, as torchao documents it
+    quantize_(reference, engine.recipe.fp8)  # the whole model at once, as torchao documents it
     ours, theirs = fp8.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:

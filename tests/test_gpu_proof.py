@@ -97,7 +97,7 @@ def test_the_preflight_passes_on_this_cpu_in_its_cpu_mode(tmp_path: Path) -> Non
     assert all(" ok " in line for line in lines)
 
 
-@pytest.mark.parametrize("missing", ["torchao", "flux_day.memory_sim"])
+@pytest.mark.parametrize("missing", ["torchao", "scripts.bench.memory_model"])
 def test_the_preflight_fails_naming_a_module_it_cannot_import(
     missing: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -28,7 +28,7 @@ def manager(tmp_path: Path, **env: str) -> LoraManager:
 
 def cached_bytes(loras: LoraManager, ref: LoraRef, input_name: str = "replicate_weights") -> bytes:
     """The cached file of `ref` as read for `input_name` (which the manager's errors name)."""
-    with LoraError.for_input(input_name), loras.cached_file(ref) as path:
+    with LoraError.for_input(input_name), loras.downloads.cached_file(ref) as path:
         return path.read_bytes()
 
 
@@ -137,7 +137,7 @@ def test_a_gzip_encoded_download_is_checked_against_its_wire_length(tmp_path: Pa
         encoded = gzip.compress(LORA)
         url = files.add("/z.safetensors", Route(chunks=(encoded,), headers=(("Content-Encoding", "gzip"),)))
         loras = manager(tmp_path, FLUX_DAY_ALLOW_PRIVATE_URLS="1")
-        with loras.cached_file(parse_ref(url)) as path:
+        with loras.downloads.cached_file(parse_ref(url)) as path:
             assert path.read_bytes() == LORA
         short = files.add(
             "/short.safetensors",
@@ -148,7 +148,7 @@ def test_a_gzip_encoded_download_is_checked_against_its_wire_length(tmp_path: Pa
         with (
             pytest.raises(InputError, match=r"^replicate_weights: the download of .* broke off"),
             LoraError.for_input("replicate_weights"),
-            loras.cached_file(parse_ref(short)),
+            loras.downloads.cached_file(parse_ref(short)),
         ):
             pass
         assert list((tmp_path / "cache").glob(".partial-*")) == []

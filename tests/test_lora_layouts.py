@@ -21,7 +21,7 @@ from flux_day.config import Settings
 from flux_day.errors import InputError
 from flux_day.loras import formats
 from flux_day.loras.flux_layout import ModuleIndex
-from flux_day.loras.manager import LoraManager, LoraTargets
+from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRequest
 from flux_day.weights.layout import DEV_FOLDER
 from scripts.random_weights.tree import write_tiny_weights
@@ -63,9 +63,7 @@ def parameters(components: Components) -> dict[str, torch.Tensor]:
 def activate(deep: tuple[LoraManager, Components], *loras: tuple[str, bytes, float]) -> None:
     manager, components = deep
     requests = [LoraRequest.parse(name, data_uri(data), scale) for name, data, scale in loras]
-    transformer = components["transformer"]
-    targets = LoraTargets("dev-full", transformer, transformer, components["text_encoder"])
-    manager.activate("dev", targets, requests)
+    manager.activate("dev", components, requests)
 
 
 def test_the_hand_written_tables_name_every_linear_of_the_deep_model(
@@ -210,11 +208,11 @@ def test_what_cannot_be_applied_is_refused_by_name_and_changes_nothing(
     manager, components = deep
     good, _ = ll.onetrainer(seed=30)
     activate(deep, ("replicate_weights", good, 1.0))
-    before, state = parameters(components), manager.fuser.state
+    before, state = parameters(components), manager.fuser.fused
     make, message = REFUSED[case]
     with pytest.raises(InputError, match=rf"^extra_lora: .*{message}"):
         activate(deep, ("replicate_weights", good, 1.0), ("extra_lora", make(), 1.0))
-    assert manager.fuser.state == state
+    assert manager.fuser.fused == state
     assert all(torch.equal(before[name], value) for name, value in parameters(components).items())
 
 
@@ -235,7 +233,7 @@ def test_a_fused_weight_past_its_dtypes_range_is_refused_and_everything_restored
         activate(
             deep, ("extra_lora", ll.ai_toolkit(seed=1)[0], 1.0), ("replicate_weights", to_bytes(huge), 1.0)
         )
-    assert manager.fused_modules == frozenset() and manager.fuser.fused_count == 0
+    assert not manager.fuser.fused
     assert all(torch.equal(base[name], value) for name, value in parameters(components).items())
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flux_day.model_specs import MODELS, shared_spec
+from flux_day.models import MODELS, shared_spec
 from flux_day.schema import SCHEMA
 from flux_day.weights.manifest import MANIFEST
 

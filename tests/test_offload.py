@@ -11,14 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from flux_day.engine import Card, Engine
-from flux_day.fast import quantized_weight
+from flux_day.engine import Engine
+from flux_day.fp8 import quantized_weight
 from flux_day.loras.delta_math import inner_tensors
-from flux_day.memory_plan import module_bytes, plan_memory
-from flux_day.memory_sim import card_offloading_schnell
-from flux_day.models import component_sizes
+from flux_day.memory_plan import GpuBudget, module_bytes, plan_memory
+from flux_day.pipelines import component_sizes
 from flux_day.request import GenerationRequest
 from flux_day.residency import PinnedArena, Residency, set_storage
+from scripts.bench.memory_model import card_offloading_schnell
 from tests.harness import lora_files as lf
 from tests.harness.engines import RECIPES, EngineFactory
 
@@ -190,9 +190,9 @@ def assert_offloaded_modules_hold_only_their_home_copies(engine: Engine) -> int:
     tensor subclasses were checked."""
     subclasses = 0
     for name in engine.plan.names("offloaded"):
-        if name == engine.residency.visitor or not engine.residency.built(name):
+        if name == engine.residency.visitor or name not in engine.residency.modules:
             continue
-        for tensor in engine.residency.module(name).parameters():
+        for tensor in engine.residency.modules[name].parameters():
             home = engine.residency.home(tensor)
             assert home is not None, name
             held, homes = inner_tensors(tensor), inner_tensors(home)
@@ -206,8 +206,8 @@ def test_the_80gb_layout_serves_every_lora_combination_as_a_resident_engine_does
     make_engine: EngineFactory, recipe: str
 ) -> None:
     resident = make_engine(FLUX_DAY_FP8_CACHE="0", recipe=recipe)
-    card = Card(card_offloading_schnell(component_sizes(resident.models, resident.safety)), 0)
-    offloading = make_engine(FLUX_DAY_FP8_CACHE="0", recipe=recipe, card=card)
+    card = GpuBudget(card_offloading_schnell(component_sizes(resident.models, resident.safety)), 0)
+    offloading = make_engine(FLUX_DAY_FP8_CACHE="0", recipe=recipe, budget=card)
     assert offloading.plan.names("offloaded") == ("schnell-fp8", "schnell-full")
     fp8_checked = 0
     expected: dict[tuple[str, bool, str], np.ndarray] = {}

@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-import flux_day.fast
-from flux_day.engine import Card, Engine
+import flux_day.fp8
+from flux_day.engine import Engine
 from flux_day.loras import delta_math, fuse
 from flux_day.loras.formats import Delta
-from flux_day.loras.fuse import PristineStore, ScaledDelta, Slot, WeightFuser, inner_tensors
-from flux_day.memory_plan import plan_memory, pristine_site
-from flux_day.memory_sim import card_offloading_schnell
-from flux_day.models import component_sizes
+from flux_day.loras.fuse import ScaledDelta, WeightFuser, inner_tensors
+from flux_day.memory_plan import GpuBudget, plan_memory, pristine_site
+from flux_day.pipelines import component_sizes
 from flux_day.request import GenerationRequest
+from scripts.bench.memory_model import card_offloading_schnell
 from tests.harness import lora_files as lf
 from tests.harness.engines import RECIPES, EngineFactory
 
@@ -46,14 +46,13 @@ def test_a_switch_writes_each_weight_whose_content_changes_once_and_nothing_else
 
     monkeypatch.setattr(fuse, "fused_weight", counted)
     both = {linears[0].weight: [ScaledDelta("a", a, 1.0)], linears[1].weight: [ScaledDelta("b", b, 1.0)]}
-    state = fuser.apply(both)
-    assert len(writes) == 2 and len(state.written) == 2
+    assert len(fuser.apply(both)) == 2 and len(writes) == 2
     # A+B -> A: the weight only B touched is restored by copy, A's is left alone.
-    state = fuser.apply({linears[0].weight: [ScaledDelta("a", a, 1.0)]})
-    assert len(writes) == 2 and len(state.written) == 1 and len(state.content) == 1
+    written = fuser.apply({linears[0].weight: [ScaledDelta("a", a, 1.0)]})
+    assert len(writes) == 2 and written == {linears[1].weight} and len(fuser.fused) == 1
     # A -> A at another scale: written again, once.
-    state = fuser.apply({linears[0].weight: [ScaledDelta("a", a, 0.5)]})
-    assert len(writes) == 3 and len(state.written) == 1
+    written = fuser.apply({linears[0].weight: [ScaledDelta("a", a, 0.5)]})
+    assert len(writes) == 3 and written == {linears[0].weight}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -83,7 +82,7 @@ def test_the_one_pass_fuse_is_the_float32_math_rounded_once_in_chunks_too(
 def test_an_fp8_slot_is_quantize_of_the_master_pristine_plus_the_lora_and_never_writes_the_master(
     recipe: str,
 ) -> None:
-    from flux_day.fast import quantized_weight
+    from flux_day.fp8 import quantized_weight
 
     config, dtype = RECIPES[recipe].fp8, RECIPES[recipe].dtype
     master = nn.Linear(32, 16, dtype=dtype)
@@ -92,15 +91,8 @@ def test_an_fp8_slot_is_quantize_of_the_master_pristine_plus_the_lora_and_never_
     before_master, before_fp8 = master.weight.detach().clone(), inner_tensors(fp8.weight)
     before_fp8 = {k: v.clone() for k, v in before_fp8.items()}
     lora = delta(4, rows=16, columns=32)
-    slot = Slot(
-        "dev-fp8:x",
-        "dev-fp8",
-        fp8.weight,
-        source=master.weight,
-        quantize=lambda w: quantized_weight(w, config),
-    )
-    fuser = WeightFuser()
-    fuser.apply({slot: [ScaledDelta("a", lora, 1.5)]})
+    fuser = WeightFuser(quantize=lambda w: quantized_weight(w, config))
+    fuser.apply({master.weight: [ScaledDelta("a", lora, 1.5)]}, "dev-fp8", {master.weight: fp8.weight})
     assert torch.equal(master.weight, before_master)
     # The same LoRA fused into a copy of the master (checked against independent math elsewhere), then
     # quantized as torchao does: the fp8 layer must be exactly that.
@@ -115,7 +107,7 @@ def test_an_fp8_slot_is_quantize_of_the_master_pristine_plus_the_lora_and_never_
     expected = inner_tensors(quantized_weight(copy.weight.detach(), config))
     now = inner_tensors(fp8.weight)
     assert all(torch.equal(now[part], expected[part]) for part in now)
-    fuser.apply({})
+    fuser.apply({}, "dev-fp8")
     assert all(torch.equal(inner_tensors(fp8.weight)[p], before_fp8[p]) for p in before_fp8)
 
 
@@ -125,9 +117,6 @@ def test_pristine_copies_fill_the_plans_room_on_the_gpu_then_go_to_host_memory()
     assert pristine_site(plan, 0, 15) == "device" and pristine_site(plan, 15, 5) == "device"
     assert pristine_site(plan, 15, 6) == "host"
     assert pristine_site(plan_memory({"clip": 1}, None), 10**12, 10**12) == "device"  # a CPU engine
-    store = PristineStore()
-    weight = torch.ones(4, 4)
-    assert store.adopts(weight) and not store.adopts(weight.t())
 
 
 @pytest.fixture(scope="module")
@@ -152,18 +141,18 @@ def test_fp8_copies_are_made_on_first_use_cached_on_disk_and_read_after_a_restar
 ) -> None:
     lora = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(5))))
     first = cached_engine()
-    assert not first.residency.built("dev-fp8")  # setup made no fp8 copy
+    assert "dev-fp8" not in first.residency.modules  # setup made no fp8 copy
     pixels(first, replicate_weights=lora)  # a LoRA fused into the master before the fp8 copy exists
-    with caplog.at_level(logging.INFO, logger="flux_day.fast"):
+    with caplog.at_level(logging.INFO, logger="flux_day.fp8"):
         fast = pixels(first, go_fast=True)
-        first.fast.wait_for_cache()
-    assert f"dev fp8 transformer ({type(first.fast.config).__name__}) quantized" in caplog.text
+        first.fp8_cache.wait()
+    assert f"dev fp8 transformer ({type(first.recipe.fp8).__name__}) quantized" in caplog.text
     assert (first.settings.fp8_cache / "dev.safetensors").is_file()
     # A restarted server reads the copy instead of quantizing: the quantizer must not run at all.
-    monkeypatch.setattr(flux_day.fast, "quantized_weight", lambda *args: pytest.fail("quantized again"))
+    monkeypatch.setattr(flux_day.fp8, "quantized_weight", lambda *args: pytest.fail("quantized again"))
     second = cached_engine()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="flux_day.fast"):
+    with caplog.at_level(logging.INFO, logger="flux_day.fp8"):
         assert np.array_equal(pixels(second, go_fast=True), fast)  # built from the pristine master
     assert "read from the fp8 cache" in caplog.text
     layers = {
@@ -172,7 +161,7 @@ def test_fp8_copies_are_made_on_first_use_cached_on_disk_and_read_after_a_restar
         if isinstance(module, nn.Linear)
     }
     theirs = first.pipeline("dev", "txt2img", True).transformer
-    first.release_loras()
+    first.loras.release()
     for name, parts in layers.items():
         expected = inner_tensors(theirs.get_submodule(name).weight)
         assert all(torch.equal(parts[p], expected[p]) for p in parts), name
@@ -184,13 +173,13 @@ def test_an_fp8_cache_made_from_other_weights_is_rebuilt(
     engine = cached_engine()
     source = engine.models.sources["schnell"][0]
     engine.pipeline("schnell", "txt2img", True)
-    engine.fast.wait_for_cache()
+    engine.fp8_cache.wait()
     stamp = source.stat()
     import os
 
     os.utime(source, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # the master file changed
     try:
-        with caplog.at_level(logging.INFO, logger="flux_day.fast"):
+        with caplog.at_level(logging.INFO, logger="flux_day.fp8"):
             cached_engine().pipeline("schnell", "txt2img", True)
         assert "made from other weights; rebuilding" in caplog.text and "quantized" in caplog.text
     finally:
@@ -201,8 +190,8 @@ def test_an_offloaded_model_is_fused_on_its_visit_and_comes_back_pristine(make_e
     """A CPU "card" that offloads schnell, as 80 GB does at full size: its LoRA is fused into the visiting
     copy, dropped with it when another model takes the slot, and fused again on the next visit."""
     plain = make_engine(FLUX_DAY_FP8_CACHE="0")
-    card = Card(card_offloading_schnell(component_sizes(plain.models, plain.safety)), 0)
-    engine = make_engine(FLUX_DAY_FP8_CACHE="0", card=card)
+    card = GpuBudget(card_offloading_schnell(component_sizes(plain.models, plain.safety)), 0)
+    engine = make_engine(FLUX_DAY_FP8_CACHE="0", budget=card)
     assert engine.plan["schnell-full"] == "offloaded" and engine.plan["dev-full"] == "resident"
     lora = lf.data_uri(lf.to_bytes(lf.kohya(lf.random_lora(6))))
     schnell = {"model": "schnell"}
@@ -210,7 +199,8 @@ def test_an_offloaded_model_is_fused_on_its_visit_and_comes_back_pristine(make_e
     assert np.array_equal(styled, pixels(plain, **schnell, replicate_weights=lora))
     pixels(engine, model="schnell", go_fast=True)  # schnell-fp8 takes the slot: schnell-full goes home
     assert engine.residency.visitor == "schnell-fp8"
-    assert not any(name.startswith("schnell-full:") for name in engine.loras.fuser.state.content)
+    fuser = engine.loras.fuser
+    assert not any(fuser.records[param].group == "schnell-full" for param in fuser.fused)
     master = engine.models.transformers["schnell"]
     for tensor in master.parameters():
         home = engine.residency.home(tensor)

@@ -25,7 +25,7 @@ import torch
 
 from flux_day.config import Settings
 from flux_day.errors import WeightsError
-from flux_day.models import build_pipelines, load_models
+from flux_day.pipelines import build_pipelines, load_models
 from flux_day.weights.download import SOURCE_RECORD, STAGING, ensure_weights, missing_folders
 from flux_day.weights.layout import (
     DEV_FOLDER,
@@ -153,7 +153,8 @@ def test_a_download_into_an_empty_root_is_the_tree_the_predictor_loads(
     assert len(lines) == len(folders()), lines  # one line per folder, with sizes and time
     assert any(f"{DEV_FOLDER}/ complete" in line and "KB" in line and "s" in line for line in lines)
 
-    pipelines = build_pipelines(load_models(root, torch.float32))
+    models = load_models(root, torch.float32)
+    pipelines = {model: build_pipelines(models, model, t) for model, t in models.transformers.items()}
     assert set(pipelines) == {"dev", "schnell"}
 
 

@@ -1,12 +1,7 @@
-"""The arithmetic of a LoRA fuse: `pristine + Σ scale · delta` written once into a weight.
+"""The arithmetic of a LoRA fuse: `pristine + Σ scale · delta`, summed in float32 and rounded once.
 
-A delta stays in the form its file stores it (low-rank factors, LyCORIS' Kronecker or Hadamard
-factors, a dense `diff`) until the fuse, which expands it on the weight's device `CHUNK_ROWS` rows at a
-time: a parsed LoKr holds its factors, not a second copy of the weights it changes. All low-rank deltas
-of a weight go through one `addmm` over their factors stacked along the rank (no zero buffer, no
-full-size product), the scales on the small `up` factors; every other delta is added after it as
-`scale · rows`, one chunk at a time. Float32 weights are written in place; others go through a float32
-copy of each chunk, so the sum is computed in float32 and rounded once.
+A delta stays in the form its file stores it (low-rank factors, LyCORIS' Kronecker or Hadamard factors,
+a dense `diff`) until the fuse expands it on the weight's device, `CHUNK_ROWS` rows at a time.
 """
 
 from __future__ import annotations
@@ -17,43 +12,31 @@ from typing import Protocol, TypeGuard
 
 import torch
 
-# Rows of a weight fused per step: a non-float32 weight's rows go through a float32 copy, and a
-# factored delta (LoKr, LoHa) is expanded this many rows at a time, so each temporary stays at 4096
-# rows (48 MB at FLUX's widest input, 15360).
+# Rows fused per step (float32 copies of a non-float32 weight's rows, expanded LoKr/LoHa rows): each
+# temporary stays at 4096 rows (48 MB at FLUX's widest input, 15360).
 CHUNK_ROWS = 4096
 
 
 class Update(Protocol):
-    """Any parameter update a LoRA file encodes (`Delta`; LyCORIS' `Kronecker`, `Hadamard`): what
-    parsing, the parsed-LoRA memory and the fuse ask of it."""
+    """Any parameter update a LoRA file encodes (`Delta`; LyCORIS' `Kronecker`, `Hadamard`)."""
 
     scale: float
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the update ((out, in) for a weight, (out,) for a bias), without computing it."""
-        ...
 
     def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
         """`times · scale ·` rows `rows` of the update, in float32 on `device` (not to be written)."""
-        ...
 
     def rows_from(self, first: int, count: int) -> Update:
-        """The update of `count` rows starting at row `first` of this whole-module one, wrapping past
-        its last row (BFL's swapped halves are such a rotation)."""
-        ...
+        """`count` rows of this whole-module update from row `first`, wrapping (BFL's swapped halves)."""
 
     def prepared(self, device: torch.device) -> Update:
         """The same update with what every chunk reads (small factors, their products) on `device`."""
-        ...
-
-    def bound(self) -> float:
-        """An upper bound of the update's largest magnitude, read from the factors alone."""
-        ...
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors it holds (what it costs in memory)."""
-        ...
 
 
 def rotated_rows(tensor: torch.Tensor, first: int, count: int) -> torch.Tensor:
@@ -75,7 +58,6 @@ class Delta:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The shape of the update ((out, in) for a weight, (out,) for a bias), without computing it."""
         return tuple(self.up.shape) if self.down is None else (self.up.shape[0], self.down.shape[1])
 
     def matrix(self, device: torch.device) -> torch.Tensor:
@@ -90,24 +72,12 @@ class Delta:
         return up if self.down is None else up @ self.down.to(device, torch.float32)
 
     def rows_from(self, first: int, count: int) -> Delta:
-        """The update of `count` rows from row `first` on, wrapping past the last row."""
         return Delta(rotated_rows(self.up, first, count), self.down, self.scale)
 
     def prepared(self, device: torch.device) -> Delta:
-        """Itself: a dense update's rows travel chunk by chunk, never whole."""
-        return self
-
-    def bound(self) -> float:
-        """|Σ_k u_ik d_kj| <= rank · max|u| · max|d|, times |scale|."""
-        if not self.up.numel() or (self.down is not None and not self.down.numel()):
-            return 0.0
-        largest = float(self.up.abs().max())
-        if self.down is not None:
-            largest *= float(self.down.abs().max()) * self.down.shape[0]
-        return abs(self.scale) * largest
+        return self  # a dense update's rows travel chunk by chunk, never whole
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """`up`, and `down` when it has one."""
         return (self.up,) if self.down is None else (self.up, self.down)
 
 
@@ -130,14 +100,10 @@ def inner_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def fused_weight(pristine: torch.Tensor, parts: Sequence[ScaledDelta], out: torch.Tensor) -> torch.Tensor:
-    """Write `pristine + Σ part.scale · delta` into `out` (on `out`'s device, in `out`'s dtype): one
-    `addmm` for every low-rank delta at once; every other delta is then expanded and added
-    `CHUNK_ROWS` rows at a time, as `scale · rows` (one product, one sum per element).
-
-    `pristine` may live elsewhere (pinned host memory): it is brought over once. Float32 weights are
-    written in place (copy, then the deltas added); others go `CHUNK_ROWS` rows at a time through a
-    float32 copy of those rows, so the sum is computed in float32 and rounded once.
-    """
+    """Write `pristine + Σ part.scale · delta` into `out` (on its device, in its dtype), LoRAs in a fixed
+    order: one `addmm` over every low-rank delta's factors stacked along the rank (no full-size product),
+    then every other delta added `CHUNK_ROWS` rows at a time. Float32 weights are written in place; others
+    go through a float32 copy of each chunk of rows. `pristine` may be in host memory: read once."""
     device = out.device
     ordered = sorted(parts, key=lambda part: (part.order, part.scale))
     low_rank = [(part.delta, part.scale) for part in ordered if _low_rank(part.delta)]

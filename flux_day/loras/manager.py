@@ -1,10 +1,8 @@
-"""`LoraManager`: a request's LoRA choices → fetched, parsed and exactly fused weights.
+"""`LoraManager`: a request's LoRA choices -> fetched, parsed and exactly fused weights.
 
-Parsed LoRAs are kept in an in-memory LRU keyed by reference and model and bounded by the bytes their
-tensors hold (`FLUX_DAY_PARSED_LORA_BYTES`), so asking again for a LoRA just used costs only the fuse;
-asking for exactly the LoRAs already fused costs nothing.
 Everything that can fail (download, parse, fit) happens before any weight is touched: `prepare` does it
-(many requests' threads at once, one read per LoRA), `activate` fuses (one request at a time).
+(many requests' threads at once), `activate` fuses (one request at a time). Parsed LoRAs are kept in an
+LRU bounded by their bytes (`FLUX_DAY_PARSED_LORA_BYTES`), so asking again costs only the fuse.
 """
 
 from __future__ import annotations
@@ -14,54 +12,30 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flux_day.components import CLIP
 from flux_day.config import Settings
 from flux_day.errors import InputError, LoraError
 from flux_day.loras.archive import unpacked
+from flux_day.loras.delta_math import ScaledDelta
 from flux_day.loras.downloads import LoraDownloads
 from flux_day.loras.flux_layout import ModuleIndex
 from flux_day.loras.formats import LoraWeights, read_lora
-from flux_day.loras.fuse import (
-    FusedState,
-    PristineStore,
-    ScaledDelta,
-    Slot,
-    UnrepresentableWeight,
-    WeightFuser,
-)
+from flux_day.loras.fuse import UnrepresentableWeight, WeightFuser
 from flux_day.loras.refs import LoraRef, LoraRequest, decode_data_uri
 from flux_day.loras.safetensors_file import LoraSource
+from flux_day.models import CLIP, transformer_component
 
 log = logging.getLogger(__name__)
 
 GO_FAST_LORA_MULTIPLIER = 1.5  # the schema's lora_scale description promises it
 LoraBytes = Callable[[LoraRequest], bytes]  # a LoRA file's bytes, handed over by benchmarks to time parsing
 UNVERSIONED_RECHECK_S = 300  # how long `owner/model` (no version) is trusted to mean the same file
-
-
-@dataclass(frozen=True)
-class LoraTargets:
-    """Where a request's LoRAs go: the transformer that runs (`group` is its memory-plan name), its
-    full-precision master (the pristine source of an fp8 copy's fused layers), and CLIP's encoder."""
-
-    group: str
-    transformer: nn.Module
-    master: nn.Module
-    text_encoder: nn.Module
-    quantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # set when `transformer` is fp8
-
-    @property
-    def components(self) -> dict[str, nn.Module]:
-        """The modules LoRA files name, as `ModuleIndex` reads them (the master's names)."""
-        return {"transformer": self.master, "text_encoder": self.text_encoder}
 
 
 LORA_PARTS = ("text_encoder", "transformer")
@@ -71,16 +45,14 @@ class LoraManager:
     """Fetches, parses and fuses LoRAs into the weights of whichever model a request uses."""
 
     def __init__(
-        self, settings: Settings, store: PristineStore | None = None, lora_bytes: LoraBytes | None = None
+        self, settings: Settings, fuser: WeightFuser | None = None, lora_bytes: LoraBytes | None = None
     ) -> None:
         self.settings = settings
-        self.lora_bytes = lora_bytes  # given: each LoRA's file bytes, in place of download or decoding
-        self.fuser = WeightFuser(store)
+        self.lora_bytes = lora_bytes  # given (benchmarks): each LoRA's file bytes, for download or decoding
+        self.fuser = fuser or WeightFuser()
         self.downloads = LoraDownloads(settings)
         self._parsed: OrderedDict[tuple[str, str], tuple[LoraWeights, float]] = OrderedDict()
         self._indexes: dict[str, ModuleIndex] = {}
-        self._slots: dict[str, Slot] = {}
-        self._groups: tuple[str, ...] = ()  # what the last activation wrote into
         # Requests prepare at once in threads: the parsed memory and the indexes change under `_guard`,
         # and one LoRA is read by one thread at a time, so the others find it parsed.
         self._guard = threading.Lock()
@@ -91,71 +63,46 @@ class LoraManager:
     def activate(
         self,
         model: str,
-        targets: LoraTargets,
+        components: dict[str, nn.Module],
         loras: Sequence[LoraRequest],
         go_fast: bool = False,
         parts: Sequence[str] = LORA_PARTS,
         prepared: Sequence[LoraWeights | None] | None = None,
-    ) -> FusedState:
-        """Fuse exactly `loras` (scale 0 ones skipped) into what the request runs on, restoring what
-        else was fused there; other models and precisions keep their state. `parts` limits the
-        write to the text encoder or the transformer (the engine fuses CLIP before encoding and the
-        transformer once it is on the GPU). `go_fast` applies the schema's 1.5x to every scale.
-        `prepared`: what `prepare` read for these `loras`, else they are read here."""
-        index = self._index(model, targets.components)
+        fp8: nn.Module | None = None,
+    ) -> set[torch.Tensor]:
+        """Fuse exactly `loras` (scale 0 ones skipped) into `model`'s `parts` of `components` (what LoRA
+        files name), or with `fp8` (its fp8 transformer) into that copy's layers; other
+        models and precisions keep theirs. `go_fast` applies the schema's 1.5x to every scale.
+        `prepared`: what `prepare` read for these `loras`. Returns the weights written."""
+        index = self._index(model, components)
         multiplier = GO_FAST_LORA_MULTIPLIER if go_fast else 1.0
         if prepared is None:
-            prepared = self.prepare(model, targets.components, loras)
+            prepared = self.prepare(model, components, loras)
         chosen = [
             (lora, weights, lora.scale * multiplier)
             for lora, weights in zip(loras, prepared, strict=True)
             if weights is not None and lora.scale != 0
         ]
-        plan: dict[Slot, list[ScaledDelta]] = defaultdict(list)
-        for _, weights, scale in chosen:
-            for kind, deltas in (("weight", weights.deltas), ("bias", weights.biases)):
-                for module, delta in deltas.items():
-                    if module.split(".", 1)[0] in parts:
-                        slot = self._slot(module, kind, targets, index)
-                        plan[slot].append(ScaledDelta(weights.digest, delta, scale))
-        groups = [CLIP] * ("text_encoder" in parts) + [targets.group] * ("transformer" in parts)
-        started = time.perf_counter()
-        self._groups = (CLIP, targets.group)
+        plans = _plans(chosen, index)
+        group = transformer_component(model, fp8 is not None)
+        started, written = time.perf_counter(), set()
         try:
-            state = self.fuser.apply(plan, groups)
+            if "text_encoder" in parts:
+                written |= self.fuser.apply(plans["text_encoder"], CLIP)
+            if "transformer" in parts:
+                into = None if fp8 is None else _same_names(components["transformer"], fp8)
+                written |= self.fuser.apply(plans["transformer"], group, into)
         except UnrepresentableWeight as error:  # apply restored every weight before raising
             raise _overflow_error(error, chosen, index, model) from None
-        if state.written:
+        if written:
             log.info(
                 "LoRAs now %s on %s: %d weights written in %.3fs",
                 [f"{w.digest}x{s:g}" for _, w, s in chosen] or "none",
-                targets.group,
-                len(state.written),
+                group,
+                len(written),
                 time.perf_counter() - started,
             )
-        return state
-
-    def _slot(self, module: str, kind: str, targets: LoraTargets, index: ModuleIndex) -> Slot:
-        """The one `Slot` of `module`'s weight or bias ("transformer.x"/"text_encoder.y") in what the
-        request runs on: the master's own, or the fp8 copy's, made from the master's pristine value."""
-        component, bare = module.split(".", 1)
-        group = targets.group if component == "transformer" else CLIP
-        name = f"{group}:{module}.{kind}"
-        if name not in self._slots:
-            master = (index.weights if kind == "weight" else index.biases)[module]
-            if component == "transformer" and targets.transformer is not targets.master:
-                runs = getattr(targets.transformer.get_submodule(bare), kind)
-                quantize = targets.quantize if kind == "weight" else None
-                self._slots[name] = Slot(name, group, runs, master, quantize, module)
-            else:
-                self._slots[name] = Slot(name, group, master, module=module)
-        return self._slots[name]
-
-    @property
-    def fused_modules(self) -> frozenset[str]:
-        """The modules ("transformer.x"/"text_encoder.y") holding a LoRA in what the last request ran
-        on, read from the fuser's one record."""
-        return frozenset(slot.module for slot in self.fuser.fused_slots(self._groups))
+        return written
 
     def release(self) -> None:
         """Unfuse everything: every touched weight back to its pristine bytes."""
@@ -231,10 +178,6 @@ class LoraManager:
         with self._guard:
             return sum(weights.held_bytes for weights, _ in self._parsed.values())
 
-    def cached_file(self, ref: LoraRef) -> AbstractContextManager[Path]:
-        """The ready .safetensors for `ref` in the disk cache, downloaded when absent (`LoraDownloads`)."""
-        return self.downloads.cached_file(ref)
-
     def forget_parsed(self) -> None:
         """Forget every parsed LoRA: each is read and parsed again on its next use (a cold switch)."""
         with self._guard:
@@ -266,6 +209,19 @@ class LoraManager:
             raise
 
 
+def _plans(
+    chosen: Sequence[tuple[LoraRequest, LoraWeights, float]], index: ModuleIndex
+) -> dict[str, dict[torch.Tensor, list[ScaledDelta]]]:
+    """Each part's {parameter: its scaled deltas}, the parameters straight from `index`."""
+    plans: dict[str, dict[torch.Tensor, list[ScaledDelta]]] = {part: defaultdict(list) for part in LORA_PARTS}
+    for _, weights, scale in chosen:
+        for updates, params in ((weights.deltas, index.weights), (weights.biases, index.biases)):
+            for module, delta in updates.items():
+                part = module.split(".", 1)[0]
+                plans[part][params[module]].append(ScaledDelta(weights.digest, delta, scale))
+    return plans
+
+
 def _overflow_error(
     error: UnrepresentableWeight,
     chosen: Sequence[tuple[LoraRequest, LoraWeights, float]],
@@ -287,6 +243,12 @@ def _overflow_error(
 
 
 SCALE_INPUTS = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
+
+
+def _same_names(master: nn.Module, copy: nn.Module) -> Mapping[torch.Tensor, torch.Tensor]:
+    """Each parameter of `master` -> the one of the same name in `copy` (its fp8 copy)."""
+    named = dict(copy.named_parameters())
+    return {param: named[name] for name, param in master.named_parameters()}
 
 
 def _unversioned(ref: LoraRef) -> bool:

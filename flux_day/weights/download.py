@@ -25,7 +25,7 @@ from huggingface_hub.hf_api import RepoSibling
 from flux_day import filelocks
 from flux_day.config import Settings, credentials
 from flux_day.errors import WeightsError
-from flux_day.model_specs import MODELS
+from flux_day.models import MODELS
 from flux_day.weights.hub_errors import RUN_AGAIN, hub_errors
 from flux_day.weights.layout import DEV_FOLDER, NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER, SCHNELL_FOLDER
 from flux_day.weights.manifest import MANIFEST, Source, folders

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flux_day.model_specs import MODELS, shared_spec
+from flux_day.models import MODELS, shared_spec
 
 DEV_FOLDER = MODELS["dev"].folder
 SCHNELL_FOLDER = MODELS["schnell"].folder

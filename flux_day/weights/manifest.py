@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Final
 
-from flux_day.model_specs import MODELS, SHARED_COMPONENTS, ModelSpec
+from flux_day.models import MODELS, SHARED_COMPONENTS, ModelSpec
 from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
 
 NEVER_FETCHED: Final = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")

@@ -132,10 +132,10 @@ def deep_setup(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, in
         seed_sizes,
         warm_up_sizes,
     )
-    from flux_day.model_specs import MODELS
+    from flux_day.models import MODELS
 
     engine = engine_on(args.deep)
-    pipe, text_tokens = engine.pipelines["dev"]["txt2img"], MODELS["dev"].max_sequence_length
+    pipe, text_tokens = engine.pipelines["dev-full"]["txt2img"], MODELS["dev"].max_sequence_length
     pipe.set_progress_bar_config(disable=True)
     embeds = encode_nothing(pipe, engine.device, text_tokens)
     regional = CompiledTransformers("inductor", seed_sizes(), None)
@@ -171,10 +171,10 @@ def wide_images(args: argparse.Namespace) -> dict[str, list[float]]:
     import torch
 
     from flux_day.compile import CompiledTransformers, encode_nothing, repeated_blocks
-    from flux_day.model_specs import MODELS
+    from flux_day.models import MODELS
 
     engine = engine_on(args.wide)
-    pipe, text_tokens = engine.pipelines["schnell"]["txt2img"], MODELS["schnell"].max_sequence_length
+    pipe, text_tokens = engine.pipelines["schnell-full"]["txt2img"], MODELS["schnell"].max_sequence_length
     pipe.set_progress_bar_config(disable=True)
     embeds = encode_nothing(pipe, engine.device, text_tokens)
     side = args.wide_side

@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from typing import Any
 
-from flux_day.model_specs import MODELS
+from flux_day.models import MODELS
 from scripts.bench.fast_timing import fast_model
 from scripts.bench.timing import progress
 
@@ -102,10 +102,10 @@ def time_engine(args: argparse.Namespace, engine: Any, weights: str, real_size: 
     with the engine's residency putting what each run needs on the device first."""
     import torch
 
-    from flux_day.components import transformer_component
+    from flux_day.models import transformer_component
 
     for model in models(args):
-        full, fp8 = engine.pipelines[model]["txt2img"], engine.pipeline(model, "txt2img", fp8=True)
+        full, fp8 = engine.pipelines[f"{model}-full"]["txt2img"], engine.pipeline(model, "txt2img", fp8=True)
         transformers = {
             "full": transformer_component(model, fp8=False),
             "fp8": transformer_component(model, fp8=True),
@@ -125,7 +125,7 @@ def time_engine(args: argparse.Namespace, engine: Any, weights: str, real_size: 
                 device=engine.device,
                 max_sequence_length=MODELS[model].max_sequence_length,
             )
-        fp8_config = type(engine.fast.config).__name__
+        fp8_config = type(engine.recipe.fp8).__name__
         embeds = (prompt_embeds, pooled_prompt_embeds)
         fast_model(args, model, full, fp8, embeds, engine.device, fp8_config, weights, real_size, place)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flux_day.model_specs import MODELS
+from flux_day.models import MODELS
 from scripts.bench.timing import describe_device, print_table, progress, timed
 
 DEFAULT_STEPS = {name: spec.default_steps for name, spec in MODELS.items()}
@@ -79,7 +79,7 @@ def variant_pipelines(pipes: dict[str, Any], compile_too: bool) -> tuple[dict[st
 
     needs = dict(zip(pipes, ("full", "fp8"), strict=True))
     if compile_too:
-        # The options flux_day.fast.compile_transformers uses (inductor, static shapes); the other
+        # The options flux_day.fp8.compile_transformers uses (inductor, static shapes); the other
         # defaults (mode default, fullgraph=False) as they are.
         for name, pipe in list(pipes.items()):
             compiled = torch.compile(pipe.transformer, backend="inductor", dynamic=False)

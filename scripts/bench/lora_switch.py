@@ -6,7 +6,7 @@ flux-day as safetensors bytes and to diffusers as a state dict. Variants, interl
 
 - flux-day warm switch A <-> B in full precision, both LoRAs already parsed;
 - flux-day cold switch (parsed again from bytes in memory; the download is excluded): the engine's LoRA
-  manager is given the files' bytes (`LoraManager(lora_bytes=...)`, `Engine.use_lora_manager`) and
+  manager is given the files' bytes (`LoraManager(lora_bytes=...)` sharing the engine's fuser) and
   forgets what it parsed before each cold switch (`forget_parsed`), untimed;
 - diffusers `unfuse_lora` + `unload_lora_weights` + `load_lora_weights` + `fuse_lora` on its own
   pipeline (same transformer weights);
@@ -69,10 +69,25 @@ def use_in_memory_loras(engine: Any, state_dicts: dict, reads: dict | None = Non
         counts["cold"] += 1
         return by_source[lora.ref.location]
 
-    engine.use_lora_manager(LoraManager(engine.settings, engine.loras.fuser.store, lora_bytes=lora_bytes))
+    engine.loras.release()
+    engine.loras = LoraManager(engine.settings, engine.loras.fuser, lora_bytes=lora_bytes)
     return {
         label: [LoraRequest.parse("replicate_weights", data_uri(blob), 1.0)] for label, blob in blobs.items()
     }
+
+
+def pristine_bytes(engine: Any, group: str) -> int:
+    """Bytes of the pristine copies the fuser keeps for `group`'s weights (an offloaded module's home
+    copy is not counted: it exists anyway)."""
+    from flux_day.memory_plan import tensor_bytes
+
+    fuser = engine.loras.fuser
+    return sum(
+        tensor_bytes(tensor)
+        for param, record in fuser.records.items()
+        if record.group == group and engine.residency.home(param) is None
+        for tensor in record.pristine.values()
+    )
 
 
 def switch_table(title: str, rows: dict[str, list[float]], memory: dict[str, str], baseline: str) -> None:
@@ -111,7 +126,7 @@ def lora_switch(args: argparse.Namespace) -> None:
         }
     )
     engine = Engine(settings)
-    transformer = engine.lora_targets("dev").master
+    transformer = engine.models.transformers["dev"]
     pristine = {k: v.clone() for k, v in transformer.state_dict().items()}
     diffusers_pipe = FluxPipeline.from_pretrained(
         args.weights / DEV_FOLDER, dtype=engine.dtype, text_encoder_2=None, vae=None
@@ -137,9 +152,9 @@ class Switches:
         import torch
 
         self.engine, self.diffusers_pipe, self.model = engine, diffusers_pipe, "dev"
-        self.full = engine.lora_targets(self.model, fp8=False)
-        self.fast = engine.lora_targets(self.model, fp8=True)
-        self.transformer = self.full.master
+        self.components = engine.lora_components(self.model)
+        self.fp8 = engine.pipeline(self.model, "txt2img", fp8=True).transformer
+        self.transformer = self.components["transformer"]
         self.linears = {n: m for n, m in self.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
         self.sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
         self.state_dicts = {
@@ -153,23 +168,23 @@ class Switches:
     def variants(self) -> dict[str, Variant]:
         """Every variant by its row name, in table order."""
         return {
-            WARM: Variant(self.flux_day(self.full, "full"), self.parse_both),
-            COLD: Variant(self.flux_day(self.full, "full"), self.engine.loras.forget_parsed),
+            WARM: Variant(self.flux_day(None, "full"), self.parse_both),
+            COLD: Variant(self.flux_day(None, "full"), self.engine.loras.forget_parsed),
             DIFFUSERS: Variant(self.diffusers_switch),
-            GO_FAST: Variant(self.flux_day(self.fast, "fast"), self.parse_both),
+            GO_FAST: Variant(self.flux_day(self.fp8, "fast"), self.parse_both),
             QUANTIZE: Variant(self.whole_quantize, self.fresh_copy),
         }
 
-    def flux_day(self, targets: Any, which: str) -> Callable[[], None]:
-        """flux-day's switch to the other LoRA on `targets` ("full" or "fast" precision)."""
+    def flux_day(self, fp8: Any, which: str) -> Callable[[], None]:
+        """flux-day's switch to the other LoRA, in full precision or (with `fp8`) go_fast."""
 
         def switch() -> None:
             label = other(self.fused[which])
-            state = self.engine.loras.activate(
-                self.model, targets, self.requests[label], go_fast=which == "fast"
+            written = self.engine.loras.activate(
+                self.model, self.components, self.requests[label], go_fast=which == "fast", fp8=fp8
             )
             self.sync()
-            assert len(state.written) == len(self.linears), "not a full switch"
+            assert len(written) == len(self.linears), "not a full switch"
             self.fused[which] = label
 
         return switch
@@ -177,7 +192,7 @@ class Switches:
     def parse_both(self) -> None:
         """Both LoRAs parsed, as the warm variants expect them (a cold switch leaves only one)."""
         for request in self.requests.values():
-            self.engine.loras.weights(request[0], self.model, self.full.components)
+            self.engine.loras.weights(request[0], self.model, self.components)
 
     def diffusers_switch(self) -> None:
         label = other(self.fused["diffusers"])
@@ -194,7 +209,7 @@ class Switches:
     def whole_quantize(self) -> None:
         from torchao.quantization import quantize_
 
-        quantize_(self.fresh.pop(), self.engine.fast.config)
+        quantize_(self.fresh.pop(), self.engine.recipe.fp8)
         self.sync()
 
 
@@ -237,14 +252,13 @@ def one_rank(args: argparse.Namespace, engine: Any, diffusers_pipe: Any, rank: i
     switches = Switches(engine, diffusers_pipe, rank)
     results = time_variants(switches, args.repeats)
     check_against_diffusers(switches)
-    engine.release_loras()
+    engine.loras.release()
     for key, value in switches.transformer.state_dict().items():
         assert torch.equal(value, pristine[key]), f"{key} not restored bit-exactly"
-    fuser = engine.loras.fuser
     memory = {
-        WARM: f"{fuser.pristine_bytes('dev-full') / 1e9:.2f}",
-        COLD: f"{fuser.pristine_bytes('dev-full') / 1e9:.2f}",
-        GO_FAST: f"{fuser.pristine_bytes('dev-fp8') / 1e9:.2f}",
+        WARM: f"{pristine_bytes(engine, 'dev-full') / 1e9:.2f}",
+        COLD: f"{pristine_bytes(engine, 'dev-full') / 1e9:.2f}",
+        GO_FAST: f"{pristine_bytes(engine, 'dev-fp8') / 1e9:.2f}",
         DIFFUSERS: "0 (lossy)",
         QUANTIZE: "-",
     }

@@ -42,7 +42,7 @@ def overhead(args: argparse.Namespace) -> None:
         "megapixels": args.megapixels,
     }
     width, height = {"1": (1024, 1024), "0.25": (512, 512)}[args.megapixels]
-    bare = bare_call(predictor.engine.pipelines["dev"]["txt2img"], inputs, width, height)
+    bare = bare_call(predictor.engine.pipelines["dev-full"]["txt2img"], inputs, width, height)
     scratch = Path(tempfile.mkdtemp(prefix="flux-day-bench-"))
     loop = asyncio.new_event_loop()  # `run` is async (concurrent predictions); one loop, as coglet's
 

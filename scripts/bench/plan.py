@@ -1,6 +1,6 @@
 """`benchmark.py plan`: the memory plan of FLUX.1 at its real size for 24, 48, 80 and 141 GB cards, and
 what each request of a mix moves between host and GPU and where its LoRA arithmetic runs
-(`flux_day.memory_sim`). Nothing is allocated: component sizes come from models on the meta device."""
+(`scripts.bench.memory_model`). Nothing is allocated: component sizes come from models on the meta device."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def full_size_components() -> dict[str, int]:
     measured on models built on the meta device from the full-size profile: nothing allocated."""
     import torch
 
-    from flux_day.models import component_sizes
+    from flux_day.pipelines import component_sizes
     from scripts.random_weights.models import PROFILES, build_models
 
     return component_sizes(*build_models(PROFILES["full"], torch.device("meta"), torch.bfloat16))
@@ -21,7 +21,7 @@ def full_size_components() -> dict[str, int]:
 def plan(args: argparse.Namespace) -> None:
     """The memory plan and, per request of a mix, bytes moved and where the arithmetic runs."""
     from flux_day.memory_plan import format_plan, plan_memory
-    from flux_day.memory_sim import CARDS, DEFAULT_MIX, format_simulation, simulate
+    from scripts.bench.memory_model import CARDS, DEFAULT_MIX, format_simulation, simulate
 
     sizes = full_size_components()
     print("plan: FLUX.1 at its real size (bf16; fp8 copies made on first use), 10 GiB activation reserve")

@@ -58,7 +58,7 @@ if mode in ("setup", "restart"):
     begun = time.perf_counter()
     engine.pipeline("dev", "txt2img", fp8=True)
     result["first_fast"] = time.perf_counter() - begun
-    engine.fast.wait_for_cache()
+    engine.fp8_cache.wait()
 print(json.dumps(result))
 """
 

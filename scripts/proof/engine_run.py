@@ -140,7 +140,7 @@ class Run:
             Settings.from_env(self.settings_env(compile)),
             models=self.models,
             safety=self.safety,
-            card=card,
+            budget=card,
             progress=lambda message: self.proof.row(phase, "engine", message),
         )
         self.sync()
@@ -159,7 +159,7 @@ class Run:
         import torch
 
         if self.engine is not None:
-            self.engine.release_loras()
+            self.engine.loras.release()
         self.engine = None
         self.compiled = False
         gc.collect()
@@ -176,7 +176,7 @@ class Run:
 
     def report(self, model: str, what: str, variant: str, seconds: list[float], precision: str) -> None:
         """One speed row: median seconds per image, its share of the physical limit, the target."""
-        from flux_day.model_specs import MODELS
+        from flux_day.models import MODELS
 
         steps, side = self.scale.steps[model], self.scale.side
         flops = flops_per_step((side // 16) ** 2, MODELS[model].max_sequence_length) * steps

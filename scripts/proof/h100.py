@@ -1,9 +1,9 @@
 """The 80 GB card: the H100's layout (encoders, VAE and dev resident; schnell's two transformers swap
 through one slot), and the request sequence that once leaked a LoRA into the next user's image.
 
-On CUDA the process is capped to the H100's total memory (`memory_sim.CARDS`, 79.2 GiB as torch
+On CUDA the process is capped to the H100's total memory (`memory_model.CARDS`, 79.2 GiB as torch
 reports it) before the engine's setup, and the plan is made for that card. On a CPU the card is
-`memory_sim.card_offloading_schnell` of the tiny models: the same plan, the same moves. Sequence:
+`memory_model.card_offloading_schnell` of the tiny models: the same plan, the same moves. Sequence:
 schnell go_fast before any LoRA (the reference), `schnell go_fast + LoRA A`, `schnell, go_fast=false`
 (the fp8 copy goes home with LoRA A fused), `schnell go_fast, no LoRA`: that image must be the
 reference's, and the fp8 copy sent home must hold nothing on the device (every inner tensor of its
@@ -22,15 +22,15 @@ SEQUENCE_RANK = 4  # enough to change every image; a small data: URI at full siz
 
 
 def capped_card(run: Run) -> Any:
-    """The H100's Card; on CUDA the process capped to its memory from now on."""
+    """The H100 as a GpuBudget; on CUDA the process capped to its memory from now on."""
     import torch
 
-    from flux_day.engine import Card
-    from flux_day.memory_sim import CARDS, card_offloading_schnell
-    from flux_day.models import component_sizes
+    from flux_day.memory_plan import GpuBudget
+    from flux_day.pipelines import component_sizes
+    from scripts.bench.memory_model import CARDS, card_offloading_schnell
 
     if not run.cuda:
-        return Card(card_offloading_schnell(component_sizes(run.models, run.safety)), 0)
+        return GpuBudget(card_offloading_schnell(component_sizes(run.models, run.safety)), 0)
     total = CARDS["80 GB (H100)"]
     fraction = min(1.0, total / torch.cuda.get_device_properties(0).total_memory)
     torch.cuda.set_per_process_memory_fraction(fraction)
@@ -41,7 +41,7 @@ def capped_card(run: Run) -> Any:
         f"{total / 2**30:.1f} GiB",
         f"{fraction:.3f} of this card; {held:.1f} GiB held",
     )
-    return Card(total)
+    return GpuBudget(total)
 
 
 def lora_uri(run: Run, model: str, seed: int) -> str:
@@ -96,7 +96,7 @@ def leak_sequence(run: Run) -> None:
         "yes" if not np.array_equal(styled, reference) else "NO",
         "else the leak check below proves nothing",
     )
-    fp8 = engine.residency.module("schnell-fp8")
+    fp8 = engine.residency.modules["schnell-fp8"]
     left = watch_leaving(run)
     image("2. schnell, go_fast=false (fp8 copy sent home)", False)
     report_sent_home(run, fp8, left)

@@ -33,7 +33,7 @@ PROOF_MODULES = (
     "scripts.proof.h100",
     "flux_day.engine",
     "scripts.random_weights.models",
-    "flux_day.memory_sim",
+    "scripts.bench.memory_model",
     "flux_day.loras.delta_math",
     "scripts.bench.lora_switch",
     "tests.harness.lora_files",
@@ -157,7 +157,7 @@ def fp8_check() -> str:
     """An sm89+ device, where the engine picks the production recipe (bf16, dynamic fp8)."""
     torch = _cuda()
 
-    from flux_day.fast import FP8_TENSOR_CORES, PRODUCTION, Recipe
+    from flux_day.fp8 import FP8_TENSOR_CORES, PRODUCTION, Recipe
 
     capability = torch.cuda.get_device_capability(0)
     if capability < FP8_TENSOR_CORES or Recipe.for_device(torch.device("cuda")) is not PRODUCTION:

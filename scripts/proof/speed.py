@@ -39,7 +39,7 @@ def comparisons(run: Run, model: str) -> None:
     import torch
     from diffusers import FluxPipeline
 
-    from flux_day.model_specs import MODELS
+    from flux_day.models import MODELS
 
     scale, engine = run.scale, run.engine
 
@@ -55,7 +55,7 @@ def comparisons(run: Run, model: str) -> None:
     if run.compiled:
         with torch.compiler.set_stance("force_eager"):
             measure("go_fast (fp8 eager)", "go_fast eager", generate(True), "fp8")
-    bare = FluxPipeline(**engine.pipelines[model]["txt2img"].components)
+    bare = FluxPipeline(**engine.pipelines[f"{model}-full"]["txt2img"].components)
     bare.set_progress_bar_config(disable=True)
 
     def bare_call() -> object:
@@ -111,7 +111,7 @@ def lora_switch(run: Run) -> None:
     from scripts.bench.lora_switch import lora_state_dict, use_in_memory_loras
 
     engine, scale = run.engine, run.scale
-    master = engine.lora_targets("dev").master
+    master = engine.models.transformers["dev"]
     linears = {n: m for n, m in master.named_modules() if isinstance(m, torch.nn.Linear)}
     states = {name: lora_state_dict(linears, scale.rank, seed) for seed, name in ((1, "A"), (2, "B"))}
     requests = use_in_memory_loras(engine, states)
@@ -128,21 +128,22 @@ def lora_switch(run: Run) -> None:
                 f"{median:.3f} s",
                 verdict,
             )
-    engine.release_loras()
+    engine.loras.release()
 
 
 def _switch_seconds(run: Run, requests: dict, fast: bool, cold: bool) -> float:
     """Median seconds of switching between the two LoRAs (both parsed, or parsed again when cold)."""
     engine = run.engine
-    targets = engine.lora_targets("dev", fp8=fast)
+    components = engine.lora_components("dev")
+    fp8 = engine.pipeline("dev", "txt2img", fp8=True).transformer if fast else None
     current = ["A"]
-    engine.loras.activate("dev", targets, requests["A"], go_fast=fast)
+    engine.loras.activate("dev", components, requests["A"], go_fast=fast, fp8=fp8)
 
     def switch() -> None:
         current[0] = "B" if current[0] == "A" else "A"
         if cold:
             engine.loras.forget_parsed()
-        engine.loras.activate("dev", targets, requests[current[0]], go_fast=fast)
+        engine.loras.activate("dev", components, requests[current[0]], go_fast=fast, fp8=fp8)
 
     switch()  # warm-up
     return statistics.median(timed(switch, max(2, run.scale.repeats), run.sync))

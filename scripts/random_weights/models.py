@@ -22,12 +22,12 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from flux_day.model_specs import MODELS
+from flux_day.models import MODELS
 from scripts.random_weights.safety import safety_models
 from scripts.random_weights.tokenizers import clip_tokenizer, t5_tokenizer
 
 if TYPE_CHECKING:
-    from flux_day.models import LoadedModels
+    from flux_day.pipelines import FluxModels
     from flux_day.safety import SafetyFilter
 
 
@@ -163,11 +163,11 @@ def text_encoders(
 
 def build_models(
     profile: TreeProfile, device: torch.device, dtype: torch.dtype, seed: int = 0
-) -> tuple[LoadedModels, SafetyFilter]:
+) -> tuple[FluxModels, SafetyFilter]:
     """Every model the engine runs, with random weights of `profile`, made directly on `device` in
     `dtype` (a full-size transformer made in float32 first would need 48 GB): no disk, no download.
     The engine takes them through the same setup path as weights read from a tree."""
-    from flux_day.models import LoadedModels
+    from flux_day.pipelines import FluxModels
     from flux_day.safety import SafetyFilter
 
     torch.manual_seed(seed)
@@ -195,4 +195,4 @@ def build_models(
         torch.set_default_dtype(previous)
     schedulers = {name: FlowMatchEulerDiscreteScheduler(**spec.scheduler) for name, spec in MODELS.items()}
     safety = SafetyFilter.from_modules(checker, checker_processor, classifier.eval(), classifier_processor)
-    return LoadedModels(transformers, schedulers, shared), safety
+    return FluxModels(transformers, schedulers, shared), safety

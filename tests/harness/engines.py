@@ -13,8 +13,9 @@ import pytest
 import torchao.quantization.quant_api as torchao_quant_api
 
 from flux_day.config import Settings
-from flux_day.engine import Card, Engine
-from flux_day.fast import PRODUCTION, WEIGHT_ONLY, Recipe
+from flux_day.engine import Engine
+from flux_day.fp8 import PRODUCTION, WEIGHT_ONLY, Recipe
+from flux_day.memory_plan import GpuBudget
 
 EngineFactory = Callable[..., Engine]
 
@@ -34,7 +35,7 @@ def cuda_recipe_on_cpu() -> Iterator[None]:
 def cpu_engine(
     weights: Path,
     *,
-    card: Card | None = None,
+    budget: GpuBudget | None = None,
     default_lora: str | None = None,
     recipe: str = "weight-only",
     **settings: str,
@@ -42,4 +43,4 @@ def cpu_engine(
     """A new Engine on `weights` on the CPU in `recipe` (a key of `RECIPES`); `settings`
     (`FLUX_DAY_X="..."`) go over the defaults."""
     env = {"FLUX_DAY_WEIGHTS": str(weights), "FLUX_DAY_DEVICE": "cpu", **settings}
-    return Engine(Settings.from_env(env), default_lora=default_lora, card=card, recipe=RECIPES[recipe])
+    return Engine(Settings.from_env(env), default_lora=default_lora, budget=budget, recipe=RECIPES[recipe])

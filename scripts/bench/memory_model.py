@@ -1,11 +1,11 @@
-"""What a memory plan costs per request: bytes moved between host and GPU, and where arithmetic runs.
+"""A model (not the engine) of what a memory plan costs per request: bytes moved, where arithmetic runs.
 
-A pure model of the engine's policies on byte counts, for any card, with no GPU: it follows
-`memory_plan.visit` (which visitor leaves), the plan's room for pristine copies (where a LoRA's
-pristine copies go: the room fills, the rest is host memory) and the engine's order (encoders, then
-VAE and transformer, then the LoRAs fused into what runs, then safety). LoRAs are modelled as
-covering every linear of the transformer (the worst case, and what ai-toolkit trains by default); a
-switch restores the old LoRA's weights from their pristine copies and writes the new one's.
+A pure model of the engine's policies on byte counts, for any card, with no GPU: one visitor, which
+leaves when another offloaded component comes; the plan's room for pristine copies (the room fills,
+the rest is host memory); the engine's order (encoders, then VAE and transformer, then the LoRAs fused
+into what runs, then safety). LoRAs are modelled as covering every linear of the transformer (the
+worst case, and what ai-toolkit trains by default); a switch restores the old LoRA's weights from their
+pristine copies and writes the new one's.
 
     python scripts/benchmark.py plan        # the table for 24, 48, 80 and 141 GB cards
 """
@@ -16,11 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from flux_day.components import CLIP, SAFETY, T5, VAE, transformer_component
-from flux_day.memory_plan import (
-    MemoryPlan,
-    visit,
-)
+from flux_day.memory_plan import MemoryPlan
+from flux_day.models import CLIP, SAFETY, T5, VAE, transformer_component
 
 GIB: Final = 2**30
 # Total memory as torch reports it for common cards of each size.
@@ -106,7 +103,7 @@ def _one(plan: MemoryPlan, sizes: Mapping[str, int], state: _State, request: Sim
                 to_gpu += 0 if on_gpu(master) else sizes[master]
                 state.built.add(name)
             return
-        leaving = visit(plan, state.visitor, name)
+        leaving = state.visitor
         if leaving is not None:
             state.fused.pop(leaving, None)  # its GPU copy is dropped; the home copy is pristine
         state.visitor = None
