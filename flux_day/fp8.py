@@ -8,12 +8,10 @@ version, recipe and dtype, else it quantizes again. LoRAs reach an fp8 layer as
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,10 +34,11 @@ from torchao.quantization import (
     quantize_,
 )
 
+from flux_day import filelocks
+
 log = logging.getLogger(__name__)
 
 FP8_TENSOR_CORES = (8, 9)  # Ada and Hopper (L4, L40S, H100, H200) have fp8 matmuls
-STALE_PARTIAL_S = 3600  # a cache file still being written after this long was abandoned by its writer
 
 
 @dataclass(frozen=True)
@@ -108,14 +107,21 @@ def fingerprint(files: Sequence[Path], config: object, dtype: torch.dtype) -> st
 class Fp8Cache:
     """fp8 copies on disk, one safetensors file per model in torchao's flattened format.
 
-    Written under a unique temporary name and renamed into place: a reader sees a whole file or none,
-    and replicas sharing the folder may write the same copy at once. A folder that cannot be written
-    is only read.
+    Published as the LoRA cache and the weights are (`filelocks.publish`): a reader sees a whole file or
+    none, and of replicas sharing the folder one writes it. A folder that cannot be written is only read.
     """
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
         self.writers: list[threading.Thread] = []
+
+    @staticmethod
+    def _stamp(path: Path) -> str | None:
+        try:
+            with safetensors.safe_open(path, framework="pt") as handle:
+                return (handle.metadata() or {}).get("flux_day_fingerprint")
+        except Exception:  # absent, damaged or foreign: to be written again
+            return None
 
     def load(self, model: str, stamp: str) -> dict[str, torch.Tensor] | None:
         """The cached linear weights of `model`, or None when absent or made from something else."""
@@ -159,14 +165,16 @@ class Fp8Cache:
         def write() -> None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                for partial in path.parent.glob(".*.partial"):  # abandoned by their writers
-                    with contextlib.suppress(OSError):
-                        if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:
-                            partial.unlink()
-                partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-                safetensors.torch.save_file(tensors, partial, metadata=metadata)
-                os.replace(partial, path)
-                log.info("go_fast: fp8 copy of %s cached at %s", model, path)
+                filelocks.remove_abandoned(path.parent)
+                # Another replica writing the same copy is left to it (wait=False).
+                wrote = filelocks.publish(
+                    path,
+                    lambda partial: safetensors.torch.save_file(tensors, partial, metadata=metadata),
+                    missing=lambda: self._stamp(path) != stamp,
+                    wait=False,
+                )
+                if wrote:
+                    log.info("go_fast: fp8 copy of %s cached at %s", model, path)
             except OSError as error:
                 log.warning("go_fast: the fp8 copy of %s is not cached (%s)", model, error.strerror)
 
