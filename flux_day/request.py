@@ -67,8 +67,8 @@ class GenerationRequest:
         return [self.seed + i for i in range(self.num_outputs)]
 
     def with_default_lora(self, source: str | None) -> GenerationRequest:
-        """The operator's default LoRA (`COG_WEIGHTS`) first, at `lora_scale`, when `replicate_weights`
-        is empty; not an input, so not part of `from_inputs`."""
+        """The operator's default LoRA (`COG_WEIGHTS`, not an input) first, at `lora_scale`, when
+        `replicate_weights` is empty."""
         names = {lora.input_name for lora in self.loras}
         if not source or names & {"replicate_weights", DEFAULT_LORA_INPUT}:
             return self

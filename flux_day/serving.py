@@ -82,6 +82,6 @@ def client_file(name: str, value: Any) -> Path | None:
 
 
 def running_predictions_file() -> Path:
-    """Where the server counts running predictions, for `scripts/health_probe.py idle` (which computes the
-    same path: /tmp, not TMPDIR, which a client's files share, and the server's port)."""
+    """Where the server counts running predictions, as `scripts/health_probe.py idle` computes it: /tmp,
+    not TMPDIR (a client's files share that), and the server's port."""
     return Path("/tmp") / f"flux-day-running-{os.environ.get('PORT') or 5000}"
