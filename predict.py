@@ -1,9 +1,8 @@
-"""The Cog surface of flux-day: the published inputs, and delegation to `GenerationRequest` (checks),
-`GpuScheduler` (runs requests on the one `Engine`; blocking work in threads, so requests overlap) and
-`OutputStore` (the files Cog returns).
+"""The Cog surface of flux-day: the published inputs, delegated to `GenerationRequest` (checks),
+`GpuScheduler` (the one `Engine`; blocking work in threads, so requests overlap) and `OutputStore`.
 
 `cog build` reads these declarations without running this file, so every `Input(...)` argument is a
-literal and each description one string literal; `flux_day.schema` is the same table for the code.
+literal; `flux_day.schema` is the same table for the code.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ from flux_day.outputs import OutputStore
 from flux_day.request import GenerationRequest
 from flux_day.scheduler import GpuScheduler
 from flux_day.server_log import keep_internals_out_of_predictions
-from flux_day.serving import declared_inputs_only, running_predictions_file, user_facing_errors
-from flux_day.uploads import client_file
+from flux_day.serving import client_file, declared_inputs_only, running_predictions_file, user_facing_errors
 
 
 class Predictor(BaseRunner):

@@ -2,6 +2,5 @@
 
 from flux_day.library_noise import quiet_known_library_warnings
 
-# Before any entry point (predict.py, the CLI, scripts) imports torch, torchao, diffusers or
-# transformers, whose import-time warnings would otherwise open every log looking like a broken install.
+# Before any entry point imports the libraries whose import-time warnings look like a broken install.
 quiet_known_library_warnings()

@@ -1,7 +1,5 @@
 """`python -m flux_day`: see `flux_day.cli`."""
 
-import sys
-
 from flux_day.cli import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -13,11 +13,10 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flux_day.cli_loras import command_line_loras
+from flux_day.cli_loras import request_with_loras
 from flux_day.config import Settings
 from flux_day.errors import FluxDayError, InputError, WeightsError
 from flux_day.outputs import save_image
@@ -86,20 +85,12 @@ def parser() -> argparse.ArgumentParser:
     )
     schema = gen.add_argument_group("inputs (the model's published schema)")
     for field in INPUTS:
-        if field.required:
-            schema.add_argument(field.name, help=_schema_help(field))
-        elif field.kind == "boolean":
-            schema.add_argument(
-                f"--{field.name.replace('_', '-')}", action="store_true", help=_schema_help(field)
-            )
-        else:
-            schema.add_argument(
-                f"--{field.name.replace('_', '-')}",
-                type=_value_type(field),
-                choices=field.choices or None,
-                metavar=field.name.upper(),
-                help=_schema_help(field) + (LOCAL_LORA_HELP if field.name in LORA_INPUTS else ""),
-            )
+        flag = field.name if field.required else f"--{field.name.replace('_', '-')}"
+        options: dict[str, Any] = {"action": "store_true"} if field.kind == "boolean" else {}
+        if not field.required and field.kind != "boolean":
+            options = dict(type=_value_type(field), choices=field.choices or None, metavar=field.name.upper())
+        local_lora = LOCAL_LORA_HELP if field.name in LORA_INPUTS else ""
+        schema.add_argument(flag, help=_schema_help(field) + local_lora, **options)
     own = gen.add_argument_group("this machine")
     own.add_argument("--weights", type=Path, help="weights root (default: FLUX_DAY_WEIGHTS, else ./weights)")
     own.add_argument(
@@ -120,14 +111,6 @@ def parser() -> argparse.ArgumentParser:
         "give it as often as you like",
     )
     return gen
-
-
-def _top_parser() -> argparse.ArgumentParser:
-    """`python -m flux_day`: one command for now; its own --help lists it."""
-    top = argparse.ArgumentParser(prog="python -m flux_day", description=__doc__)
-    commands = top.add_subparsers(dest="command", required=True, metavar="generate")
-    commands.add_parser("generate", help=f"generate images and write them to --out (see {PROG} --help)")
-    return top
 
 
 def ignored_inputs(inputs: dict[str, Any]) -> list[str]:
@@ -152,8 +135,7 @@ def writable_folder(out: Path) -> Path:
     """`--out`, created and proven writable before any work: a long run never ends in a failed write."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
         raise InputError(
             f"--out: {str(out)!r} cannot be written ({error.strerror or error}); give a folder you can write."
@@ -162,16 +144,11 @@ def writable_folder(out: Path) -> Path:
 
 
 def request_from(args: argparse.Namespace) -> GenerationRequest:
-    """The checked request: the schema's checks, with local and any number of LoRAs added (CLI only).
-    Inputs not given take the schema's default."""
-    inputs = {
-        field.name: getattr(args, field.name) for field in INPUTS if getattr(args, field.name) is not None
-    }
+    """The checked request, with local and any number of LoRAs added (CLI only)."""
+    inputs = {field.name: value for field in INPUTS if (value := getattr(args, field.name)) is not None}
     for note in ignored_inputs(inputs):
         log.warning("%s", note)
-    completed, inputs = command_line_loras(inputs, args.lora)
-    request = GenerationRequest.from_inputs(**inputs)
-    return replace(request, loras=completed(request.loras))
+    return request_with_loras(inputs, args.lora)
 
 
 def ready_settings(args: argparse.Namespace) -> Settings:
@@ -192,8 +169,8 @@ def ready_settings(args: argparse.Namespace) -> Settings:
 
 
 def output_path(out: Path, request: GenerationRequest, seed: int) -> Path:
-    """A new file for one image, named for what made it (model, mode, go_fast, seed), never an existing
-    one: two runs that differ in anything else get `-2`, `-3`, ..."""
+    """A new file for one image, named for what made it (model, mode, go_fast, seed); never an existing
+    one: runs that differ in anything else get `-2`, `-3`, ..."""
     fast = "-fast" if request.fp8 else ""
     stem = f"{request.model}-{request.mode}{fast}-{seed}"
     for attempt in range(1, 10_000):
@@ -229,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes print one sentence and exit 2, Ctrl-C one line and 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "generate":
-        _top_parser().parse_args(argv)  # prints help or the usage error, and exits
+    if not argv or argv[0] != "generate":  # `python -m flux_day` alone: one command for now
+        top = argparse.ArgumentParser(prog="python -m flux_day", description=__doc__)
+        commands = top.add_subparsers(dest="command", required=True, metavar="generate")
+        commands.add_parser("generate", help=f"generate images and write them to --out (see {PROG} --help)")
+        top.parse_args(argv)  # prints help or the usage error, and exits
     args = parser().parse_args(argv[1:])
     try:
         for path in generate(args):

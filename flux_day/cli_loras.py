@@ -1,20 +1,21 @@
 """LoRAs as the command line takes them: local files and folders, and any number with `--lora`.
 
-The server refuses paths (a request must never read the server's disk); a person on their own machine
-means their own files. Local LoRAs are read as the operator's default LoRA is (`LoraRef` kind `local`:
-a .safetensors or .tar file, or a folder holding one).
+The server refuses paths (a request must never read the server's disk); on their own machine a person
+means their own files, read as the operator's default LoRA is (`LoraRef` kind `local`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from flux_day.errors import InputError, LoraError
 from flux_day.loras.refs import LoraRef, LoraRequest
+from flux_day.request import GenerationRequest
 from flux_day.schema import DEFAULTS, LORA_INPUTS, SCHEMA
 
 LORA_OPTION = "--lora"
@@ -22,8 +23,8 @@ PATH_STARTS = ("/", "./", "../", "~", "file://")
 
 
 def local_path(name: str, text: str) -> Path | None:
-    """The local file or folder `text` names, None when it is a reference for `parse_ref` instead. An
-    existing path wins over a Replicate name spelt the same (`owner/model` beside the command)."""
+    """The local file or folder `text` names, or None for a reference; an existing path wins over a
+    Replicate name spelt the same."""
     if text.startswith("file://"):
         path = Path(urllib.parse.unquote(urllib.parse.urlsplit(text).path))
     else:
@@ -39,8 +40,7 @@ def local_path(name: str, text: str) -> Path | None:
 
 
 def lora_option(text: str) -> LoraRequest:
-    """One `--lora REF[:SCALE]`: SCALE is what follows the last colon when it is a number (a URL's
-    own colons are left alone), 1 when absent."""
+    """One `--lora REF[:SCALE]`: SCALE follows the last colon when it is a number; 1 when absent."""
     ref, colon, tail = text.rpartition(":")
     scale = 1.0
     if colon and ref:
@@ -63,23 +63,16 @@ def lora_request(name: str, text: str, scale: float) -> LoraRequest:
         return LoraRequest(name, LoraRef("local", str(path)), scale)
 
 
-def command_line_loras(
-    inputs: dict[str, Any], options: Sequence[str]
-) -> tuple[Callable[[Sequence[LoraRequest]], tuple[LoraRequest, ...]], dict[str, Any]]:
-    """`inputs` without the local LoRA paths the schema's checks would refuse, and the function that
-    completes the checked request's LoRAs: the schema's two in their order, then every `--lora`."""
+def request_with_loras(inputs: dict[str, Any], options: Sequence[str]) -> GenerationRequest:
+    """The checked request with its LoRAs: the schema's two in their order (local paths too, which the
+    schema's checks would refuse), then every `--lora`."""
     local = {}
     for name, scale_name in LORA_INPUTS.items():
         text = inputs.get(name)
         if text and local_path(name, text.strip()) is not None:
-            local[name] = lora_request(
-                name, text, SCHEMA[scale_name].check(inputs.get(scale_name, DEFAULTS[scale_name]))
-            )
-            inputs = {**inputs, name: None}
+            scale = SCHEMA[scale_name].check(inputs.get(scale_name, DEFAULTS[scale_name]))
+            local[name] = lora_request(name, text, scale)
     extra = tuple(lora_option(option) for option in options)
-
-    def completed(checked: Sequence[LoraRequest]) -> tuple[LoraRequest, ...]:
-        named = {lora.input_name: lora for lora in (*checked, *local.values())}
-        return (*(named[name] for name in LORA_INPUTS if name in named), *extra)
-
-    return completed, inputs
+    request = GenerationRequest.from_inputs(**inputs | dict.fromkeys(local))
+    named = {lora.input_name: lora for lora in (*request.loras, *local.values())}
+    return replace(request, loras=(*(named[name] for name in LORA_INPUTS if name in named), *extra))

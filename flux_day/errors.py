@@ -18,9 +18,7 @@ class LoraError(InputError):
     """A LoRA cannot be used: its reference, download or file is wrong, and the message says the fix.
     Raised without the input's name, which `for_input` adds once, so the message starts `<input>: `."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.input_name: str | None = None
+    input_name: str | None = None
 
     @staticmethod
     @contextmanager

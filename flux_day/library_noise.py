@@ -1,11 +1,12 @@
 """Known-harmless warnings that libraries log at import, kept out of the CLI's and the server's logs.
 
-Each is matched by its logger and its words, so a different warning from the same library still shows.
-Logger filters act where a record is made, so they hold before the library is even imported.
+Each is matched by its logger and its words, so a different warning from the same library still shows;
+logger filters act where a record is made, so they hold before the library is even imported.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Final
@@ -25,15 +26,9 @@ KNOWN_HARMLESS: Final[tuple[tuple[str, str], ...]] = (
 )
 
 
-_filtered: set[tuple[str, str]] = set()  # the filters added already
-
-
+@functools.cache  # once, however often it is called
 def quiet_known_library_warnings() -> None:
-    """Filter each known-harmless warning at its logger (once, however often this is called)."""
+    """Filter each known-harmless warning at its logger."""
     for name, pattern in KNOWN_HARMLESS:
-        if (name, pattern) not in _filtered:
-            _filtered.add((name, pattern))
-            matches = re.compile(pattern).search
-            logging.getLogger(name).addFilter(
-                lambda record, matches=matches: not matches(record.getMessage())
-            )
+        matches = re.compile(pattern).search
+        logging.getLogger(name).addFilter(lambda record, matches=matches: not matches(record.getMessage()))

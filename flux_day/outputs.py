@@ -12,38 +12,36 @@ from typing import Final
 from PIL import Image
 
 OUTPUT_FORMATS: Final[dict[str, str]] = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
-# With other predictions running, a directory saved this recently may still be being read by coglet.
-READ_GRACE_S: Final = 60.0
+READ_GRACE_S: Final = 60.0  # while others run, coglet may still be reading a directory this recent
+PREFIX: Final = "flux-day-out-"
 
 
 def save_image(image: Image.Image, path: Path, output_format: str, quality: int) -> Path:
-    """Encode `image` at `path`: `quality` applies to webp and jpg; png is lossless and ignores it."""
+    """Encode `image` at `path`; png is lossless and ignores `quality`."""
     options = {} if output_format == "png" else {"quality": quality}
     image.save(path, format=OUTPUT_FORMATS[output_format], **options)
     return path
 
 
 class OutputStore:
-    """Writes each prediction's images into its own directory and deletes earlier ones at a later save:
-    Cog reads the files after `run()` returns, so a save while others run leaves the recent ones."""
+    """Each prediction's images in a directory of their own, removed at a later save: Cog reads the files
+    after `run()` returns, so a save while others run leaves the recent ones."""
 
-    def __init__(self, parent: Path | None = None, prefix: str = "flux-day-out-") -> None:
+    def __init__(self, parent: Path | None = None) -> None:
         self._parent = parent
-        self._prefix = prefix
         self._saved: list[tuple[Path, float]] = []  # directories still on disk, and when each was made
         self._guard = threading.Lock()  # predictions save in threads of their own
 
     def save(
         self, images: list[Image.Image], output_format: str, quality: int, others_running: bool = False
     ) -> list[Path]:
-        """Encode `images` as `out-<token>-<i>.<format>` in a fresh directory; return their paths. The
-        directory's random token in each name keeps a plain upload server (`--upload-url`, which PUTs to
-        the URL plus the name) from overwriting an output."""
+        """`images` as `out-<token>-<i>.<format>` in a fresh directory; the random token keeps a plain upload
+        server (`--upload-url` PUTs to the URL plus the name) from overwriting an output."""
         self._remove_read(others_running)
         if self._parent is not None:
             self._parent.mkdir(parents=True, exist_ok=True)
-        current = Path(tempfile.mkdtemp(prefix=self._prefix, dir=self._parent))
-        token = current.name.removeprefix(self._prefix)
+        current = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self._parent))
+        token = current.name.removeprefix(PREFIX)
         try:
             saved = [
                 save_image(image, current / f"out-{token}-{i}.{output_format}", output_format, quality)
@@ -67,5 +65,4 @@ class OutputStore:
             shutil.rmtree(directory, ignore_errors=True)
 
     def clear(self) -> None:
-        """Remove every directory saved so far."""
         self._remove_read(others_running=False)

@@ -1,8 +1,6 @@
-"""The safety filter: CompVis' checker on every output, Falconsai's classifier as the second opinion.
-
-An image CompVis flags (generously) is dropped unless the Falconsai ViT classifier calls it `normal`
-(the reference predictor's rule, which cuts CompVis's false positives). It fails closed: models that do
-not load fail setup, and an error while checking fails the prediction rather than pass an image.
+"""The safety filter: an image CompVis' checker flags is dropped unless Falconsai's classifier calls it
+`normal` (the reference predictor's rule, cutting CompVis' false positives). It fails closed: models
+that do not load fail setup, and an error while checking fails the prediction rather than pass an image.
 """
 
 from __future__ import annotations
@@ -64,16 +62,13 @@ class SafetyFilter(nn.Module):
         safety.classifier, safety.classifier_processor = classifier.eval(), classifier_processor
         return safety
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.checker.parameters()).device
-
     @torch.inference_mode()
     def filter(self, images: list[Image.Image]) -> list[Image.Image]:
         """The images both models let through, in order; `ContentError` when none is left."""
         started = time.perf_counter()
-        dtype = next(self.checker.parameters()).dtype
-        clip_input = self.checker_processor(images, return_tensors="pt").pixel_values.to(self.device, dtype)
+        weight = next(self.checker.parameters())
+        device, dtype = weight.device, weight.dtype
+        clip_input = self.checker_processor(images, return_tensors="pt").pixel_values.to(device, dtype)
         placeholders = [np.zeros((1, 1, 3)) for _ in images]  # the checker blacks these out; we drop instead
         _, flagged = self.checker(clip_input=clip_input, images=placeholders)
         suspects = [i for i, is_flagged in enumerate(flagged) if is_flagged]
@@ -82,11 +77,10 @@ class SafetyFilter(nn.Module):
             pixels = self.classifier_processor(
                 [images[i] for i in suspects], return_tensors="pt"
             ).pixel_values
-            logits = self.classifier(pixel_values=pixels.to(self.device, dtype)).logits
+            logits = self.classifier(pixel_values=pixels.to(device, dtype)).logits
             labels = [self.classifier.config.id2label[int(k)] for k in logits.argmax(-1)]
             dropped = {i for i, label in zip(suspects, labels, strict=True) if label != SAFE_LABEL}
-        seconds = time.perf_counter() - started
-        counts = (len(suspects), len(images), len(dropped), seconds)
+        counts = (len(suspects), len(images), len(dropped), time.perf_counter() - started)
         log.info("safety: %d of %d images flagged, %d confirmed and dropped, in %.2fs", *counts)
         if len(dropped) == len(images):
             raise ContentError(ALL_FLAGGED)

@@ -1,7 +1,6 @@
-"""The published input schema as one table (names, order, kinds, defaults, bounds, choices, descriptions),
-and the check of a value against its row; the request, its defaults and the CLI read it. Torch-free, so
-the CLI can refuse a bad value before loading anything. `predict.py` restates it as literals because
-`cog build` reads that file without running it; tests hold both equal to the published seed.
+"""The published input schema as one table, and the check of a value against its row; the request and
+the CLI read it. Torch-free, so the CLI refuses a bad value before loading anything. `predict.py` restates
+it as literals (`cog build` reads that file without running it); tests hold both equal to the seed.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ Kind = Literal["text", "file", "integer", "number", "boolean"]
 MAX_SEED: Final = 2**63 - 1  # seed + i must stay a valid torch seed
 
 _LORA = (
-    "Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/"
-    "<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the "
-    "format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For "
-    "example, 'fofr/flux-pixar-cars'"
+    "Load LoRA weights. Supports Replicate models in the format <owner>/<username> or "
+    "<owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, "
+    "CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from "
+    "the Internet. For example, 'fofr/flux-pixar-cars'"
 )
 _LORA_SCALE = (
     "Determines how strongly the {} LoRA should be applied. Sane results between 0 and 1 for base inference. "
@@ -72,7 +71,7 @@ _DESCRIPTIONS: Final = {
 
 @dataclass(frozen=True)
 class SchemaInput:
-    """One published input. `default` None with `required` False means "may be left empty"."""
+    """One published input; `default` None and not `required`: it may be left empty."""
 
     name: str
     kind: Kind
@@ -86,8 +85,7 @@ class SchemaInput:
         return _DESCRIPTIONS[self.name]
 
     def check(self, value: Any) -> Any:
-        """`value` as it is used, or an `InputError` naming the input, the value and what is allowed.
-        Files pass as they are: the request reads them once it knows which it needs."""
+        """`value` as it is used, or an `InputError`; files pass as they are, for the request to read."""
         name = self.name
         if value is None and self.default is None:
             if self.required:  # the prompt
@@ -156,10 +154,7 @@ INPUTS: Final[tuple[SchemaInput, ...]] = (
 )
 SCHEMA: Final = MappingProxyType({field.name: field for field in INPUTS})
 DEFAULTS: Final = MappingProxyType({field.name: field.default for field in INPUTS})
-LORA_INPUTS: Final = {
-    "replicate_weights": "lora_scale",
-    "extra_lora": "extra_lora_scale",
-}  # LoRA -> its scale
+LORA_INPUTS: Final = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}  # LoRA -> scale
 
 
 def refuse_unknown(given: Iterable[str], accepted: Sequence[str] = tuple(SCHEMA)) -> None:

@@ -1,8 +1,7 @@
-"""The operator's log: what a hosted user must not read goes here, never into a prediction's logs.
+"""The operator's log: what a hosted user must not read (tracebacks, library names, server paths).
 
-coglet files what the worker writes to `sys.stderr` under the running prediction (its `logs`, which its
-sender reads), and what reaches file descriptor 2 directly under the server's own log. Library class
-names, tracebacks and Python warnings (which name server paths) are for the operator.
+coglet files what the worker writes to `sys.stderr` under the running prediction, which its sender
+reads, and what reaches file descriptor 2 directly under the server's own log.
 """
 
 from __future__ import annotations

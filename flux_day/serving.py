@@ -1,11 +1,13 @@
-"""What a user sees of a prediction: our own error messages as they are, nothing internal, and only the
-inputs the predictor declares."""
+"""The Cog server's edges: only declared inputs in, only files Cog made from the client's upload read,
+and only our own error messages out (anything internal goes to the operator's log)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import os
+import stat
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any, TypeVar
 
 from cog.input import FieldInfo
 
-from flux_day.errors import FluxDayError
+from flux_day.errors import FluxDayError, InputError
 from flux_day.schema import refuse_unknown
 from flux_day.server_log import log as server_log
 
@@ -27,11 +29,9 @@ class InternalError(Exception):
 
 @contextmanager
 def user_facing_errors() -> Iterator[None]:
-    """Pass our own errors through (their messages are written for users); hide anything else.
+    """Pass our own errors through (written for users); hide anything else, which goes to the server log.
 
-    Library exceptions carry tracebacks, temp paths and class names: they go to the server's own log,
-    and the user gets a plain sentence. Cog shows an error as `<class name>: <message>`, so our classes
-    (`InputError`, ...) are named for what they tell the user.
+    Cog shows an error as `<class name>: <message>`, so our classes are named for what they tell the user.
     """
     try:
         yield
@@ -43,13 +43,9 @@ def user_facing_errors() -> Iterator[None]:
 
 
 def declared_inputs_only(run: Callable[..., Awaitable[Result]]) -> Callable[..., Awaitable[Result]]:
-    """`run` (a bound, async predictor method) refusing any input it does not declare, by name.
-
-    Without `.cog/openapi_schema.json` coglet 0.23 passes every key of the request to `run`, and an
-    unknown one fails as Python's "TypeError: Predictor.run() got an unexpected keyword argument",
-    a class and internal names. Omitted inputs get their `Input(default=...)` value, as coglet gives
-    them with the schema. The wrapper stays a coroutine function: coglet runs only those concurrently.
-    """
+    """`run` (a bound, async predictor method) refusing undeclared inputs by name and filling in defaults,
+    as coglet 0.23 does only with `.cog/openapi_schema.json`. Stays a coroutine function: coglet runs only
+    those concurrently."""
     parameters = inspect.signature(run).parameters
     defaults = {n: p.default.default for n, p in parameters.items() if isinstance(p.default, FieldInfo)}
 
@@ -61,7 +57,31 @@ def declared_inputs_only(run: Callable[..., Awaitable[Result]]) -> Callable[...,
     return checked
 
 
+def client_file(name: str, value: Any) -> Path | None:
+    """The file Cog made for input `name` from the client's upload (None when not given), or a refusal.
+
+    coglet 0.23 turns a URL or data: URI into a `cog.Path` to its own `tmp...` file directly in the temp
+    directory, and passes any other string through as `str`: a file on the server's disk (weights, /etc).
+    """
+    if value is None:
+        return None
+    refusal = InputError(
+        f"{name}: give the image as an http(s) URL or a data: URI; a path on the server is not accepted."
+    )
+    if isinstance(value, str) or not isinstance(value, os.PathLike):
+        raise refusal
+    path = Path(value)
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        raise refusal from None
+    temp = Path(tempfile.gettempdir()).resolve()
+    if not (stat.S_ISREG(mode) and path.name.startswith("tmp") and path.parent.resolve() == temp):
+        raise refusal
+    return path
+
+
 def running_predictions_file() -> Path:
-    """Where the server keeps how many predictions run, for `scripts/health_probe.py idle` (which
-    computes the same path: /tmp, not TMPDIR, which a client's files share, and the server's port)."""
+    """Where the server counts running predictions, as `scripts/health_probe.py idle` computes it: /tmp,
+    not TMPDIR (a client's files share that), and the server's port."""
     return Path("/tmp") / f"flux-day-running-{os.environ.get('PORT') or 5000}"

@@ -14,8 +14,7 @@ from cog import Input
 from cog.types import Path as CogPath
 
 from flux_day.errors import InputError
-from flux_day.serving import declared_inputs_only
-from flux_day.uploads import client_file
+from flux_day.serving import client_file, declared_inputs_only
 
 
 @pytest.fixture

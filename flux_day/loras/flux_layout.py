@@ -1,10 +1,8 @@
 """Where each module of the original (BFL) FLUX layout lives in diffusers' `FluxTransformer2DModel`.
 
-BFL checkpoints and kohya LoRAs name modules as BFL does (`double_blocks.0.img_attn.qkv`,
-`single_blocks.3.linear1`), where q, k, v (and, in single blocks, the MLP input) are one fused linear;
-diffusers has a separate linear for each. diffusers 0.42.1's converters cover kohya and fal names only
-for full-size FLUX (widths 3072/12288 are hard-coded) and BFL `diffusion_model.*.lora_A/B` names not at
-all, so this table, built from the loaded model's own shapes, is the one place that splits fused rows.
+BFL fuses q, k, v (and in single blocks the MLP input) into one linear; diffusers splits them. diffusers
+0.42.1's converters hard-code full-size widths and skip BFL `diffusion_model.*.lora_A/B` names, so this
+table, built from the loaded model's own shapes, is the one place that splits fused rows.
 """
 
 from __future__ import annotations
@@ -87,14 +85,8 @@ def bfl_table(transformer: nn.Module) -> dict[str, tuple[Target, ...]]:
 
 
 class ModuleIndex:
-    """Every spelling of a module name that FLUX LoRA files use, mapped to the linears of this model.
-
-    Spellings: diffusers (`transformer.x.y`, or bare), BFL (`diffusion_model.double_blocks.0.…`, or bare
-    as fal's trainers write it), kohya (`lora_unet_…`, `lora_te1_…`), OneTrainer and LyCORIS
-    (`lora_transformer_…`, `lycoris_…`) and ComfyUI's text encoder (`text_encoders.clip_l.transformer.…`);
-    any of them behind PEFT's `base_model.model.`. Every spelling is built from the loaded model's own
-    shapes, so no width is assumed.
-    """
+    """Every spelling of a module name that FLUX LoRA files use (diffusers, BFL, fal, kohya, OneTrainer,
+    LyCORIS, ComfyUI; any behind PEFT's `base_model.model.`), mapped to the linears of this model."""
 
     def __init__(self, components: dict[str, nn.Module]) -> None:
         self.aliases: dict[str, tuple[Target, ...]] = {}
@@ -104,25 +96,20 @@ class ModuleIndex:
             for name, module in model.named_modules():
                 if not isinstance(module, nn.Linear):
                     continue
-                self.weights[f"{component}.{name}"] = module.weight
+                key, flat = f"{component}.{name}", name.replace(".", "_")
+                self.weights[key] = module.weight
                 if module.bias is not None:
-                    self.biases[f"{component}.{name}"] = module.bias
-                whole = (Target(f"{component}.{name}", 0, module.out_features),)
-                flat = name.replace(".", "_")
-                spellings = [f"{component}.{name}"]
+                    self.biases[key] = module.bias
+                spellings = [key]
                 if component == "transformer":
                     spellings += [name, f"lycoris_{flat}", f"lora_transformer_{flat}"]
                 elif component == "text_encoder":
                     # transformers 5 dropped CLIPTextModel's `text_model.` level; LoRA files still use it.
-                    for clip_name in {name, f"text_model.{name.removeprefix('text_model.')}"}:
-                        clip_flat = clip_name.replace(".", "_")
-                        spellings += [
-                            f"text_encoder.{clip_name}",
-                            f"lora_te_{clip_flat}",
-                            f"lora_te1_{clip_flat}",
-                            f"text_encoders.clip_l.transformer.{clip_name}",
-                        ]
-                self.aliases.update(dict.fromkeys(spellings, whole))
+                    for clip in {name, f"text_model.{name.removeprefix('text_model.')}"}:
+                        clip_flat = clip.replace(".", "_")
+                        spellings += [f"text_encoder.{clip}", f"lora_te_{clip_flat}", f"lora_te1_{clip_flat}"]
+                        spellings.append(f"text_encoders.clip_l.transformer.{clip}")
+                self.aliases.update(dict.fromkeys(spellings, (Target(key, 0, module.out_features),)))
         if "transformer" in components:
             for bfl_name, targets in bfl_table(components["transformer"]).items():
                 flat = bfl_name.replace(".", "_")

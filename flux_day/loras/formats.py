@@ -1,10 +1,8 @@
 """Any FLUX LoRA file → one update per target linear weight (and bias), checked against the loaded model.
 
-Every layout trainers write (diffusers/PEFT, ai-toolkit, SimpleTuner, kohya, OneTrainer, BFL/ComfyUI,
-fal, LyCORIS) is split by `ModuleIndex`, which is built from the loaded model's shapes: diffusers'
-converters hard-code FLUX.1's real widths and drop kohya `final_layer` alphas. Only XLabs' own names go
-through diffusers' converter, which maps them onto diffusers' names first. A module that matches
-nothing is a refusal, never a LoRA silently applied in part.
+Every layout is split by `ModuleIndex`, built from the loaded model's shapes (diffusers' converters
+hard-code FLUX.1's widths and drop kohya `final_layer` alphas); only XLabs' names go through diffusers'.
+A module that matches nothing is a refusal, never a LoRA silently applied in part.
 """
 
 from __future__ import annotations
@@ -27,22 +25,18 @@ from flux_day.loras.lycoris import LYCORIS_ROLES, lycoris_delta
 from flux_day.loras.refusals import refuse_unsupported
 from flux_day.loras.safetensors_file import LoraSource, load_lora_file, lora_file_identity
 
-LOW_RANK_ROLES = {
-    ".lora_down.weight": "down",
-    ".lora_A.weight": "down",
-    ".down.weight": "down",
-}  # .down: XLabs
-LOW_RANK_ROLES |= {".lora_up.weight": "up", ".lora_B.weight": "up", ".up.weight": "up", ".alpha": "alpha"}
-ROLES = LOW_RANK_ROLES | {f".{role}": role for role in LYCORIS_ROLES}
+ROLES = {".lora_down.weight": "down", ".lora_A.weight": "down", ".down.weight": "down"}  # .down: XLabs
+ROLES |= {".lora_up.weight": "up", ".lora_B.weight": "up", ".up.weight": "up", ".alpha": "alpha"}
+ROLES |= {f".{role}": role for role in LYCORIS_ROLES}
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_")
 # ComfyUI's full updates, applied as `W + strength · diff` (".diff_b" first: ".diff" is its prefix).
 FULL_UPDATES = {".diff_b": "bias", ".diff": "weight"}
+Groups = dict[str, dict[str, torch.Tensor]]  # module -> role (or "weight"/"bias") -> tensor
 
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """A parsed LoRA: weight and bias updates keyed by target linear ("transformer.…"/"text_encoder.…"),
-    and its identity."""
+    """A parsed LoRA: weight and bias updates keyed by target linear, and its identity."""
 
     deltas: dict[str, Update]
     biases: dict[str, Update]
@@ -52,13 +46,11 @@ class LoraWeights:
 
     @property
     def modules(self) -> frozenset[str]:
-        """Every linear whose weight or bias this LoRA changes."""
         return frozenset(self.deltas) | frozenset(self.biases)
 
     @cached_property
     def held_bytes(self) -> int:
-        """Bytes its tensors hold, each storage once (targets split from one module share its factors):
-        what keeping it parsed costs."""
+        """What keeping it parsed costs: each storage once (targets split from one module share it)."""
         storages = {
             tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
             for delta in (*self.deltas.values(), *self.biases.values())
@@ -68,8 +60,7 @@ class LoraWeights:
 
 
 def read_lora(source: LoraSource, index: ModuleIndex, model_label: str) -> LoraWeights:
-    """Parse a safetensors LoRA (bytes or a file) into updates for the model `index` describes, or
-    refuse it saying why."""
+    """A safetensors LoRA's updates for the model `index` describes, or a refusal saying why."""
     state_dict, metadata = load_lora_file(source)
     state_dict = refuse_unsupported(state_dict, index)
     groups, full = _group(state_dict)
@@ -104,8 +95,7 @@ def read_lora(source: LoraSource, index: ModuleIndex, model_label: str) -> LoraW
     return LoraWeights(deltas, biases, digest, layout, nbytes)
 
 
-def _layout(groups: dict[str, dict[str, torch.Tensor]]) -> str:
-    """The trainer family, for the log."""
+def _layout(groups: Groups) -> str:  # the trainer family, for the log
     if any(role in LYCORIS_ROLES for roles in groups.values() for role in roles):
         return "LyCORIS"
     if any(".processor." in module for module in groups):
@@ -113,12 +103,10 @@ def _layout(groups: dict[str, dict[str, torch.Tensor]]) -> str:
     return "kohya" if any(module.startswith(KOHYA_PREFIXES) for module in groups) else "by module name"
 
 
-def _group(
-    state_dict: dict[str, torch.Tensor],
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+def _group(state_dict: dict[str, torch.Tensor]) -> tuple[Groups, Groups]:
     """({module: {role: factor}}, {module: {"weight" | "bias": full update}}), by key suffix."""
-    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    full: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    groups: Groups = defaultdict(dict)
+    full: Groups = defaultdict(dict)
     for key, value in state_dict.items():
         if suffix := next((s for s in FULL_UPDATES if key.endswith(s)), None):
             full[key.removesuffix(suffix)][FULL_UPDATES[suffix]] = value
@@ -144,9 +132,7 @@ def _refuse_unmatched(modules: list[str], index: ModuleIndex, model_label: str) 
 
 def _xlabs(state_dict: dict[str, torch.Tensor], index: ModuleIndex, model_label: str) -> dict[str, Update]:
     """XLabs' `processor.qkv_lora1`-style names, mapped onto diffusers' names by diffusers' converter."""
-    low_rank = {
-        key: value.clone() for key, value in state_dict.items() if not key.endswith(tuple(FULL_UPDATES))
-    }
+    low_rank = {k: v.clone() for k, v in state_dict.items() if not k.endswith(tuple(FULL_UPDATES))}
     try:  # on copies: diffusers' converters scale some factors in place
         converted, alphas = FluxLoraLoaderMixin.lora_state_dict(low_rank, return_alphas=True)
     except Exception:  # the library's message names its internals; ours names the layout
@@ -159,9 +145,7 @@ def _xlabs(state_dict: dict[str, torch.Tensor], index: ModuleIndex, model_label:
     return _split_all(groups, index, {})
 
 
-def _split_all(
-    groups: dict[str, dict[str, torch.Tensor]], index: ModuleIndex, adapter: dict[str, Any]
-) -> dict[str, Update]:
+def _split_all(groups: Groups, index: ModuleIndex, adapter: dict[str, Any]) -> dict[str, Update]:
     """Each module's update, split over the linears `ModuleIndex` maps it to."""
     deltas: dict[str, Update] = {}
     for module, roles in groups.items():
@@ -181,8 +165,8 @@ def _split_all(
 
 
 def _peft_scale(target: str, rank: int, adapter: dict[str, Any]) -> float:
-    """alpha/rank as PEFT computes it from the adapter metadata diffusers saves (`<component>.lora_alpha`,
-    `alpha_pattern`, `use_rslora`); 1 without metadata, as every tool loads such files."""
+    """alpha/rank as PEFT computes it from the adapter metadata diffusers saves; 1 without metadata, as
+    every tool loads such files."""
     component, bare = target.split(".", 1)
     config = {
         key.removeprefix(f"{component}."): value

@@ -1,9 +1,7 @@
 """LyCORIS LoKr and LoHa updates, kept in their factors until the fuse expands them row by row.
 
-Written here because diffusers 0.42.1 reads LoKr only for FLUX.2 and LoHa not at all, and PEFT 0.21
-computes them only whole (one full-size `torch.kron`): expanded whole, a full-coverage LoKr is a second
-transformer in memory. The formulas are LyCORIS' own: LoKr `kron(w1, w2)`, LoHa `(w1_a @ w1_b) *
-(w2_a @ w2_b)`, each times alpha/rank where LyCORIS applies it.
+diffusers 0.42.1 reads LoKr only for FLUX.2 and LoHa not at all; PEFT 0.21 expands them whole, and a
+full-coverage LoKr expanded whole is a second transformer in memory. The formulas are LyCORIS' own.
 """
 
 from __future__ import annotations
@@ -30,6 +28,11 @@ class Product:
         fits = self.b is None or (self.b.ndim == 2 and self.a.shape[1] == self.b.shape[0])
         if self.a.ndim != 2 or not fits:
             raise ValueError("the factors are not matrices that multiply")
+
+    @classmethod
+    def stored(cls, roles: dict[str, torch.Tensor], name: str) -> Product:
+        """Factor `name` as the file stores it: whole, or as `<name>_a @ <name>_b`."""
+        return cls(roles[name]) if name in roles else cls(roles[f"{name}_a"], roles[f"{name}_b"])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -71,8 +74,7 @@ class Kronecker:
         return (self.count, self.w1.shape[1] * self.w2.shape[1])
 
     def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
-        """`times · scale ·` rows `rows`: row r of kron(w1, w2) is w1[r // h2] ⊗ w2[r % h2] (h2: w2's rows),
-        each entry one product, as `torch.kron` computes it."""
+        """`times · scale ·` rows: row r of kron(w1, w2) is w1[r // h2] ⊗ w2[r % h2], as `torch.kron`."""
         start, stop, _ = rows.indices(self.count)
         index = (self.first_row + torch.arange(start, stop, device=device)) % self.height
         w1 = self.w1.rows(index // self.w2.shape[0], device)
@@ -111,16 +113,16 @@ class Hadamard:
         return self.first.shape
 
     def rows(self, rows: slice, device: torch.device, times: float = 1.0) -> torch.Tensor:
-        """`times · scale · (a1[rows] @ b1) * (a2[rows] @ b2)`. CPU BLAS computes a row of a product alike
-        in the whole matrix and in any block of a multiple of 8 rows (`CHUNK_ROWS` is one), so chunks give
-        the whole product's bytes; a ragged tail block of a tiny weight may differ in the last bit."""
+        """`times · scale · (a1[rows] @ b1) * (a2[rows] @ b2)`. CPU BLAS computes a row alike in blocks of a
+        multiple of 8 rows (`CHUNK_ROWS`), so chunks give the whole product's bytes (bar a ragged tail)."""
         block = self.first.rows(rows, device).mul_(self.second.rows(rows, device))
         factor = times * self.scale
         return block.mul_(factor) if factor != 1 else block
 
     def rows_from(self, first: int, count: int) -> Hadamard:
         """`count` rows from row `first` on: those rows of each product's left factor."""
-        return Hadamard(_rotated(self.first, first, count), _rotated(self.second, first, count), self.scale)
+        one, two = (Product(rotated_rows(p.a, first, count), p.b) for p in (self.first, self.second))
+        return Hadamard(one, two, self.scale)
 
     def prepared(self, device: torch.device) -> Hadamard:
         """The four factors in float32 on `device`, moved once for every chunk."""
@@ -134,12 +136,9 @@ class Hadamard:
         return tuple(t for p in (self.first, self.second) for t in (p.a, p.b) if t is not None)
 
 
-def _rotated(product: Product, first: int, count: int) -> Product:
-    return Product(rotated_rows(product.a, first, count), product.b)
-
-
 def lycoris_delta(module: str, roles: dict[str, torch.Tensor]) -> Kronecker | Hadamard:
-    """The update `roles` (a LoKr or LoHa module's tensors, plus `alpha`) encodes, still factored."""
+    """The update `roles` (a LoKr or LoHa module's tensors, plus `alpha`) encodes, still factored. LoKr
+    applies alpha/rank only where a factor is stored as a low-rank product, LoHa always."""
     if any(role in roles for role in ("lokr_t2", "hada_t1", "hada_t2")):
         raise LoraError(
             f"module {module[:80]!r} uses Tucker-decomposed LyCORIS factors, which FLUX's "
@@ -147,32 +146,19 @@ def lycoris_delta(module: str, roles: dict[str, torch.Tensor]) -> Kronecker | Ha
         )
     try:
         if any(role.startswith("lokr_") for role in roles):
-            return _lokr(roles)
-        return _loha(roles)
+            w1, w2 = Product.stored(roles, "lokr_w1"), Product.stored(roles, "lokr_w2")
+            rank_factor = roles.get("lokr_w2_b", roles.get("lokr_w1_b"))
+            scale = 1.0
+            if rank_factor is not None and "alpha" in roles:
+                scale = roles["alpha"].item() / rank_factor.shape[0]
+            return Kronecker(w1, w2, scale, 0, w1.shape[0] * w2.shape[0])
+        first, second = Product.stored(roles, "hada_w1"), Product.stored(roles, "hada_w2")
+        if first.shape != second.shape:
+            raise ValueError("the two products differ in shape")
+        rank = roles["hada_w1_b"].shape[0]
+        return Hadamard(first, second, (roles["alpha"].item() if "alpha" in roles else rank) / rank)
     except (KeyError, ValueError):
         raise LoraError(
             f"the LyCORIS factors of module {module[:80]!r} are incomplete or do not fit "
             "together; the file is damaged or not for FLUX.1."
         ) from None
-
-
-def _lokr(roles: dict[str, torch.Tensor]) -> Kronecker:
-    """LoKr: kron(w1, w2); alpha/rank applies only when a factor is stored as a low-rank product."""
-    w1 = Product(roles["lokr_w1"]) if "lokr_w1" in roles else Product(roles["lokr_w1_a"], roles["lokr_w1_b"])
-    w2 = Product(roles["lokr_w2"]) if "lokr_w2" in roles else Product(roles["lokr_w2_a"], roles["lokr_w2_b"])
-    rank_factor = roles.get("lokr_w2_b", roles.get("lokr_w1_b"))
-    scale = 1.0
-    if rank_factor is not None and "alpha" in roles:
-        scale = roles["alpha"].item() / rank_factor.shape[0]
-    return Kronecker(w1, w2, scale, 0, w1.shape[0] * w2.shape[0])
-
-
-def _loha(roles: dict[str, torch.Tensor]) -> Hadamard:
-    """LoHa: the elementwise product of two low-rank products, times alpha/rank."""
-    first = Product(roles["hada_w1_a"], roles["hada_w1_b"])
-    second = Product(roles["hada_w2_a"], roles["hada_w2_b"])
-    if first.shape != second.shape:
-        raise ValueError("the two products differ in shape")
-    rank = roles["hada_w1_b"].shape[0]
-    alpha = roles["alpha"].item() if "alpha" in roles else rank
-    return Hadamard(first, second, alpha / rank)

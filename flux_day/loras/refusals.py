@@ -1,8 +1,7 @@
 """What a LoRA file may hold that flux-day does not apply, refused by the name a user knows it by.
 
-Checked on the raw keys, so the refusal says what the file is (a T5 LoRA, a DoRA, a Control LoRA);
-diffusers drops several silently, which would give another image than the LoRA's author saw.
-"""
+Checked on the raw keys, so the refusal says what the file is (a T5 LoRA, a DoRA, a Control LoRA):
+diffusers drops several silently, which would give another image than the LoRA's author saw."""
 
 from __future__ import annotations
 
@@ -66,7 +65,7 @@ def _refuse_control_lora(state_dict: dict[str, torch.Tensor], index: ModuleIndex
 
 
 def _is_input_projection_factor(key: str, value: torch.Tensor) -> bool:
-    """Whether `key` is the input-side factor (or full update) of FLUX's input projection, in any naming."""
+    """Whether `key` is the input-side factor (or full update) of FLUX's input projection."""
     module = key
     for prefix in MODULE_PREFIXES:
         module = module.removeprefix(prefix)
