@@ -46,13 +46,6 @@ class Product:
         b = None if self.b is None else self.b.to(device, torch.float32)
         return Product(self.a.to(device, torch.float32), b)
 
-    def bound(self) -> float:
-        """max|a| (whole), or rank · max|a| · max|b| (a product)."""
-        if not self.a.numel() or (self.b is not None and not self.b.numel()):
-            return 0.0
-        largest = float(self.a.abs().max())
-        return largest if self.b is None else largest * float(self.b.abs().max()) * self.b.shape[0]
-
 
 @dataclass(frozen=True)
 class Kronecker:
@@ -92,10 +85,6 @@ class Kronecker:
         whole = [Product(w.rows(slice(None), device)) for w in (self.w1, self.w2)]
         return Kronecker(whole[0], whole[1], self.scale, self.first_row, self.count)
 
-    def bound(self) -> float:
-        """max|kron(w1, w2)| = max|w1| · max|w2|, each bounded by its factors."""
-        return abs(self.scale) * self.w1.bound() * self.w2.bound()
-
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for w in (self.w1, self.w2) for t in (w.a, w.b) if t is not None)
 
@@ -127,10 +116,6 @@ class Hadamard:
     def prepared(self, device: torch.device) -> Hadamard:
         """The four factors in float32 on `device`, moved once for every chunk."""
         return Hadamard(self.first.moved(device), self.second.moved(device), self.scale)
-
-    def bound(self) -> float:
-        """max|p1 * p2| <= max|p1| · max|p2|, each bounded by its factors."""
-        return abs(self.scale) * self.first.bound() * self.second.bound()
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for p in (self.first, self.second) for t in (p.a, p.b) if t is not None)
