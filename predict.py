@@ -2,7 +2,7 @@
 `GpuScheduler` (the one `Engine`; blocking work in threads, so requests overlap) and `OutputStore`.
 
 `cog build` reads these declarations without running this file, so every `Input(...)` argument is a
-literal; `flux_day.schema` is the same table for the code.
+literal. They are the one table of the published inputs: `flux_day.schema` reads them from here.
 """
 
 from __future__ import annotations

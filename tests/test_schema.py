@@ -55,7 +55,7 @@ def test_output_is_a_list_of_files(predictor_info: Any) -> None:
 
 
 def test_the_schema_table_is_the_published_schema() -> None:
-    """`flux_day.schema` is the one statement of the inputs that predict.py, the checks and the CLI read."""
+    """`flux_day.schema`, read from predict.py's literals, is what the checks and the CLI use."""
     kinds = {"string": {"text", "file"}, "enum(string)": {"text"}, "integer": {"integer"}}
     kinds |= {"number": {"number"}, "boolean": {"boolean"}}
     seed = seed_schema()["inputs"]
@@ -67,6 +67,19 @@ def test_the_schema_table_is_the_published_schema() -> None:
         assert ours.default == field.get("default") and ours.required == field.get("required", False)
         assert list(ours.choices) == field.get("choices", []), ours.name
         assert ours.bounds == (None if "minimum" not in field else (field["minimum"], field["maximum"]))
+
+
+def test_the_published_choices_are_the_products_own_tables() -> None:
+    """Each choice the schema offers is one the product knows how to run, and each it runs is offered."""
+    from flux_day.models import MODELS
+    from flux_day.outputs import OUTPUT_FORMATS
+    from flux_day.schema import SCHEMA
+    from flux_day.sizes import ASPECT_RATIOS, CUSTOM, MEGAPIXEL_SIDE_SCALE
+
+    assert SCHEMA["aspect_ratio"].choices == (*ASPECT_RATIOS, CUSTOM)
+    assert SCHEMA["model"].choices == tuple(MODELS)
+    assert SCHEMA["output_format"].choices == tuple(OUTPUT_FORMATS)
+    assert SCHEMA["megapixels"].choices == tuple(MEGAPIXEL_SIDE_SCALE)
 
 
 def _as_cog_reads_it(text: str) -> Any:
