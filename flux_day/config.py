@@ -1,4 +1,4 @@
-"""Settings read once from the environment (DESIGN.md's contract), each `FLUX_DAY_*` value parsed here
+"""Settings read once from the environment (README → Settings), each `FLUX_DAY_*` value parsed here
 only, a bad one failing setup with one sentence; credentials are read per request (`credentials()`)."""
 
 from __future__ import annotations

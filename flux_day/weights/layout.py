@@ -1,4 +1,4 @@
-"""The weights layout of DESIGN.md: folder names under the weights root, kept in one place."""
+"""The weights layout (weights/README.md): folder names under the weights root, kept in one place."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from typing import Any
 from scripts.proof.table import Proof
 
 PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100/H200 SXM dense, from the datasheet
-PARAMETERS_PER_TOKEN = 6.45e9  # FLUX.1's transformer without its per-image modulation (ANCHORS.md)
+PARAMETERS_PER_TOKEN = 6.45e9  # FLUX.1's transformer without its per-image modulation
 TARGETS = {"dev": 1.5, "schnell": 0.35, "switch": 0.3}  # seconds: go_fast image, warm LoRA switch
 COMPILED_MODELS = "dev-fp8,schnell-fp8"  # the production path: go_fast, compiled at setup
 
