@@ -1,4 +1,4 @@
-"""Print the product code's size: each module's lines (as `wc -l` counts them) and first docstring line,
+"""Print the product code's size: each module's lines (as `wc -l` counts them) and docstring's first sentence,
 the total, and what breaks the size rules (a module over 300 lines, a function over 50 but the schema's).
 
 Run from the project root: `python scripts/code_size.py [--markdown]`. Exits 1 when a rule is broken, so
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -42,9 +43,9 @@ def main() -> int:
         lines = len(source.splitlines())
         total += lines
         tree = ast.parse(source)
-        doc = (ast.get_docstring(tree) or "").strip().splitlines()
+        paragraph = " ".join((ast.get_docstring(tree) or "(no docstring)").split("\n\n")[0].split())
         rel = str(path.relative_to(ROOT))
-        rows.append((rel, lines, doc[0] if doc else "(no docstring)"))
+        rows.append((rel, lines, re.split(r"(?<=[.!?])\s", paragraph)[0]))
         if lines > MODULE_LINES:
             problems.append(f"{rel} is {lines} lines (most {MODULE_LINES})")
         problems += long_functions(path, tree)
