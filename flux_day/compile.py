@@ -35,10 +35,8 @@ ONE_TOKEN: Final = (16, 16)  # the smallest img2img size (`sizes.image_size`): o
 
 def compile_backend(setting: str, device: torch.device) -> str | None:
     """`Settings.compile` ("auto", "off" or a backend) as a torch.compile backend, or None for none."""
-    if setting == "auto":
-        return "inductor" if device.type == "cuda" else None
-    if setting == "off":
-        return None
+    if setting in {"auto", "off"}:
+        return "inductor" if setting == "auto" and device.type == "cuda" else None
     known = {"inductor", *torch.compiler.list_backends(exclude_tags=())}
     if setting not in known:
         raise SettingsError(

@@ -134,10 +134,8 @@ class Engine:
 
     def lora_components(self, model: str) -> dict[str, nn.Module]:
         """The modules LoRA files name: this model's full-precision transformer and CLIP's encoder."""
-        return {
-            "transformer": self.models.transformers[model],
-            "text_encoder": self.models.shared["text_encoder"],
-        }
+        models = self.models
+        return {"transformer": models.transformers[model], "text_encoder": models.shared["text_encoder"]}
 
     def generate(self, request: GenerationRequest) -> Generation:
         """Run `request`: its images in output order, and what it took (timings, counts)."""

@@ -60,7 +60,7 @@ class Recipe:
 
 
 # `set_inductor_config=False`: torchao would otherwise set inductor's global options on every
-# `quantize_`; `flux_day.compile` sets them, once.
+# `quantize_`; `flux_day.compile` passes its own per compile.
 PRODUCTION: Final = Recipe(
     torch.bfloat16,
     # Per-token dynamic fp8 activations; per-row weight scales keep FLUX's outlier-heavy rows accurate.

@@ -84,25 +84,18 @@ def load_models(root: Path, dtype: torch.dtype) -> FluxModels:
             "`python scripts/make_tiny_weights.py DIR`."
         )
     started = time.perf_counter()
-    folders = {name: root / spec.folder for name, spec in MODELS.items()}
     shared_folder = root / shared_spec().folder
     loaded = {name: _load(shared_folder, name, model_class, dtype) for name, model_class in WEIGHTED.items()}
     # The pipeline adds the tokenizers; the transformer is each model's own.
     shared = FluxPipeline.from_pretrained(shared_folder, dtype=dtype, transformer=None, **loaded)
     models = FluxModels(
-        transformers={
-            name: _load(folder, "transformer", FluxTransformer2DModel, dtype)
-            for name, folder in folders.items()
-        },
-        schedulers={
-            name: FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-            for name, folder in folders.items()
-        },
-        shared={key: value for key, value in shared.components.items() if key in SHARED_COMPONENTS},
-        sources={
-            name: sorted((folder / "transformer").glob("*.safetensors")) for name, folder in folders.items()
-        },
+        {}, {}, {key: value for key, value in shared.components.items() if key in SHARED_COMPONENTS}
     )
+    for name, spec in MODELS.items():
+        folder = root / spec.folder
+        models.transformers[name] = _load(folder, "transformer", FluxTransformer2DModel, dtype)
+        models.schedulers[name] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+        models.sources[name] = sorted((folder / "transformer").glob("*.safetensors"))
     took = time.perf_counter() - started
     log.info("loaded %s from %s (%s) in %.1fs", " and ".join(MODELS), root, str(dtype)[6:], took)
     return models

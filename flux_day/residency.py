@@ -96,11 +96,11 @@ class PinnedArena:
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of one plain tensor, in the first chunk with room."""
         size = -(-tensor_bytes(tensor) // self.align) * self.align
-        index = next((i for i, (chunk, used) in enumerate(self._open) if used + size <= chunk.numel()), None)
-        if index is None:
+        room = (i for i, (chunk, used) in enumerate(self._open) if used + size <= chunk.numel())
+        index = next(room, len(self._open))
+        if index == len(self._open):
             alone = pinned_layout([size], self.chunk_bytes, self.align).pinned_bytes  # a bigger tensor's own
             self._open.append((self._chunk(max(self.chunk_bytes, alone)), 0))
-            index = len(self._open) - 1
         chunk, used = self._open[index]
         self._open[index] = (chunk, used + size)
         return self._copy_into(chunk, used, tensor.detach())

@@ -47,16 +47,16 @@ class GpuScheduler:
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
         """A prediction's whole `run`, counted in `running` (its files are read by Cog only after it)."""
-        self.running += 1
-        self._publish()
+        self._publish(+1)
         try:
             yield
         finally:
-            self.running -= 1
-            self._publish()
+            self._publish(-1)
 
-    def _publish(self) -> None:
-        """Write `running` for the preStop hook: coglet says READY while a slot is free."""
+    def _publish(self, change: int = 0) -> None:
+        """Count `change` into `running` and write it for the preStop hook (coglet says READY while a slot
+        is free)."""
+        self.running += change
         if self.running_file is None:
             return
         partial = self.running_file.with_name(f"{self.running_file.name}.{os.getpid()}")
