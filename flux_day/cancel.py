@@ -33,7 +33,7 @@ def cancellable(flag: threading.Event) -> Iterator[None]:
 
 
 def stop_if_cancelled() -> None:
-    """Raise `Cancelled` if the request this thread works for was cancelled; else nothing."""
+    """Raise `Cancelled` if the request this thread works for was cancelled."""
     flag = _current.get()
     if flag is not None and flag.is_set():
         raise Cancelled

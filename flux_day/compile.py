@@ -1,11 +1,8 @@
-"""go_fast's other half, torch.compile, regional: the transformers' repeated blocks, token count dynamic.
+"""go_fast's other half, regional torch.compile: the transformers' repeated blocks, token count dynamic.
 
-Dynamo keys graphs on code and guards on shapes, not on the block instance, so every block of a class
-runs one graph, at every image size (`dynamic=True`). Setup runs one step at each seed token count, an
-odd size and one token, so whatever dynamo specialises happens at setup. LoRA fuses write the same
-tensors in place and dynamo never guards on values: a switch never recompiles. Artifacts persist in
-`FLUX_DAY_COMPILE_CACHE`; inductor's options are passed per compile (`INDUCTOR_OPTIONS`), never set
-globally (hence torchao's `set_inductor_config=False` in `flux_day.fp8`).
+Every block of a class runs one graph at every size; setup runs one step at each seed token count, an
+odd size and one token, so dynamo specialises at setup. LoRA fuses write tensors in place and dynamo
+never guards on values: a switch never recompiles. Inductor's options go per compile, never globally.
 """
 
 from __future__ import annotations
@@ -38,10 +35,8 @@ ONE_TOKEN: Final = (16, 16)  # the smallest img2img size (`sizes.image_size`): o
 
 def compile_backend(setting: str, device: torch.device) -> str | None:
     """`Settings.compile` ("auto", "off" or a backend) as a torch.compile backend, or None for none."""
-    if setting == "auto":
-        return "inductor" if device.type == "cuda" else None
-    if setting == "off":
-        return None
+    if setting in {"auto", "off"}:
+        return "inductor" if setting == "auto" and device.type == "cuda" else None
     known = {"inductor", *torch.compiler.list_backends(exclude_tags=())}
     if setting not in known:
         raise SettingsError(
@@ -52,12 +47,12 @@ def compile_backend(setting: str, device: torch.device) -> str | None:
 
 
 def seed_sizes() -> list[tuple[int, int]]:
-    """The 22 sizes the schema's aspect ratios and megapixel choices give, as (width, height)."""
+    """The 22 (width, height) sizes the schema's aspect ratios and megapixel choices give."""
     return [aspect_ratio_size(ratio, mp) for mp in MEGAPIXEL_SIDE_SCALE for ratio in ASPECT_RATIOS]
 
 
 def image_tokens(width: int, height: int) -> int:
-    """How many latent tokens FLUX's transformer sees for an image (2x2 patches of an 8x VAE)."""
+    """Latent tokens FLUX's transformer sees for an image (2x2 patches of an 8x VAE)."""
     return (width // SIZE_STEP) * (height // SIZE_STEP)
 
 
@@ -68,8 +63,7 @@ def warm_up_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def use_compile_cache(cache_dir: Path) -> None:
-    """Point inductor's caches at `cache_dir`; one that cannot be written is a warning (inductor then
-    keeps its own temporary folder)."""
+    """Point inductor's caches at `cache_dir`; an unwritable one is a warning (inductor keeps its own)."""
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(cache_dir, os.W_OK):
@@ -86,7 +80,6 @@ def use_compile_cache(cache_dir: Path) -> None:
 
 
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
-    """The blocks whose class the model names in `_repeated_blocks`."""
     names = set(getattr(transformer, "_repeated_blocks", ()))
     return [module for module in transformer.modules() if type(module).__name__ in names]
 
@@ -103,7 +96,7 @@ class CompiledTransformers:
         self.transformers: list[nn.Module] = []
 
     def install(self, transformers: Iterable[nn.Module]) -> None:
-        """Compile these transformers' repeated blocks (each on its first call)."""
+        """Compile these transformers' repeated blocks (each on its first call), once."""
         for transformer in transformers:
             if any(block._compiled_call_impl is not None for block in repeated_blocks(transformer)):
                 continue
@@ -117,28 +110,24 @@ class CompiledTransformers:
             torch._dynamo.config.accumulated_recompile_limit, 2 * limit
         )
 
-    def warm_up(self, pipe: Any, embeds: tuple[torch.Tensor, torch.Tensor], text_tokens: int) -> None:
-        """One denoising step at every warm-up size, through the pipeline, as requests run it."""
+    def warm_up(self, pipe: Any, embeds: dict[str, torch.Tensor], text_tokens: int) -> None:
         for size in self.sizes:
             denoise_latents(pipe, embeds, size, 1, text_tokens)
 
 
 def denoise_latents(
     pipe: Any,
-    embeds: tuple[torch.Tensor, torch.Tensor],
+    embeds: dict[str, torch.Tensor],
     size: tuple[int, int],
     steps: int,
     text_tokens: int,
     generator: torch.Generator | None = None,
 ) -> Any:
-    """`steps` denoising steps of one image at `size` (width, height), latents out: the transformer's
-    work alone (what compiling warms and benchmarks time)."""
-    prompt_embeds, pooled = embeds
+    """`steps` denoising steps of one image at `size` (width, height), latents out: the transformer alone."""
     width, height = size
     with torch.inference_mode():
         return pipe(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled,
+            **embeds,
             width=width,
             height=height,
             num_inference_steps=steps,
@@ -148,10 +137,8 @@ def denoise_latents(
         )
 
 
-def encode_nothing(pipe: Any, device: torch.device, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An empty prompt's embeddings: what compiling at setup feeds the transformer."""
+def encode_prompt(pipe: Any, prompt: str, device: torch.device, text_tokens: int) -> dict[str, torch.Tensor]:
+    """`prompt` encoded once, as the pipeline call's keyword arguments."""
     with torch.inference_mode():
-        embeds, pooled, _ = pipe.encode_prompt(
-            prompt="", prompt_2=None, device=device, max_sequence_length=text_tokens
-        )
-    return embeds, pooled
+        embeds, pooled, _ = pipe.encode_prompt(prompt, None, device, max_sequence_length=text_tokens)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}

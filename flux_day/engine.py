@@ -1,20 +1,13 @@
 """`Engine`: owns everything loaded and turns a checked request into images.
 
-`generate` reads as the algorithm: read the request's LoRAs (`prepare`: no GPU, many requests at once),
-then, one request at a time (`run_prepared`), bring what it runs on to the GPU, fuse its LoRAs (CLIP's
-before the prompt is encoded, the transformer's once it is on the GPU), encode the prompt once, and run
-one pipeline call per output seeded `seed + i` (each image is what a single-output request gives).
-
-Offload, LoRAs and fp8 keep three invariants together. A home copy (`residency`) is never written: a
-visitor's LoRAs leave with its GPU copy, and the fuser is told (`on_leave`). Every fused weight is
-written from one pristine copy (the home copy when it has one) and restored by copying it back. An
-fp8 layer holds quantize(master pristine + LoRA): neither the fuse nor the fp8 copy, built on first need
-from the master's pristine values, writes the master. Hence the order below: plan, host memory,
-fuser, residency (which tells the fuser), LoRA manager; fp8 copies join the residency when first built.
+Build order is the invariant: plan, host memory, fuser, residency (tells the fuser when a visitor's
+GPU copy, LoRAs and all, is dropped), LoRA manager; fp8 copies join the residency when first built.
+Home copies and the master are never written: fused weights come from pristine copies.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from flux_day.cancel import stop_if_cancelled
-from flux_day.compile import CompiledTransformers, compile_backend, encode_nothing, seed_sizes
+from flux_day.compile import CompiledTransformers, compile_backend, encode_prompt, seed_sizes
 from flux_day.config import Settings
 from flux_day.errors import CapacityError, InputError, WeightsError
 from flux_day.fp8 import Fp8Cache, Recipe, fp8_transformer
@@ -53,12 +46,8 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """dev and schnell, each in txt2img, img2img and inpaint, loaded once and shared.
-
-    `models` and `safety` inject components built in memory (the GPU proof); `budget` plans memory for
-    another GPU than the one present; `recipe` replaces the device's dtype and fp8 recipe (tests run the
-    CUDA recipe on the CPU).
-    """
+    """dev and schnell in every mode, loaded once. `models`/`safety` inject in-memory components, `budget`
+    plans for another GPU, `recipe` replaces the device's (tests run the CUDA recipe on the CPU)."""
 
     def __init__(
         self,
@@ -85,7 +74,7 @@ class Engine:
         self.residency = Residency(modules, self.plan, self.device, host, on_leave=fuser.forget)
         self.loras = LoraManager(settings, fuser)
         self.fp8_cache = Fp8Cache(settings.fp8_cache)
-        self.pipelines = {  # by transformer component; go_fast's are added on first need
+        self.pipelines = {  # by transformer component
             transformer_component(model, fp8=False): build_pipelines(models, model, transformer)
             for model, transformer in models.transformers.items()
         }
@@ -100,22 +89,16 @@ class Engine:
                 raise WeightsError(str(error)) from None
 
     def _plan(self, budget: GpuBudget | None) -> MemoryPlan:
-        """Measure every component (fp8 copies by the size they will have), decide what stays on the GPU,
-        and log the plan as one table."""
+        """Decide what stays on the GPU (fp8 copies by the size they will have); log it as one table."""
         if budget is None and self.device.type == "cuda":
             budget = GpuBudget(torch.cuda.get_device_properties(self.device).total_memory)
-        sizes = component_sizes(self.models, self.safety)
-        plan = (
-            plan_memory(sizes, budget.total_bytes, budget.reserve_bytes)
-            if budget
-            else plan_memory(sizes, None)
-        )
+        total, reserve = (budget.total_bytes, budget.reserve_bytes) if budget else (None, 0)
+        plan = plan_memory(component_sizes(self.models, self.safety), total, reserve)
         log.info("memory plan:\n%s", format_plan(plan))
         return plan
 
     def _compile(self, progress: Callable[[str], None]) -> CompiledTransformers | None:
-        """With compilation on, the chosen transformers' repeated blocks compiled now and run at every
-        warm-up size, so no request compiles."""
+        """Compile the chosen transformers' blocks and run them at every warm-up size: no request compiles."""
         backend = compile_backend(self.settings.compile, self.device)
         if backend is None:
             return None
@@ -129,7 +112,7 @@ class Engine:
             pipe = self.pipeline(model, "txt2img", precision == "fp8")
             compiled.install([pipe.transformer])
             self.residency.need([CLIP, T5])
-            embeds = encode_nothing(pipe, self.device, text_tokens)
+            embeds = encode_prompt(pipe, "", self.device, text_tokens)
             self.residency.need([name])
             compiled.warm_up(pipe, embeds, text_tokens)
             took = time.perf_counter() - started
@@ -137,8 +120,7 @@ class Engine:
         return compiled
 
     def pipeline(self, model: str, mode: str, fp8: bool) -> Any:
-        """The pipeline for `model` in `mode`; go_fast's are built on first need around the fp8 copy (read
-        from the disk cache, or quantized from the master's pristine values), which joins the residency."""
+        """The pipeline for `model` in `mode`; go_fast's are built on first need around the fp8 copy."""
         name = transformer_component(model, fp8)
         if name not in self.pipelines:
             master, files = self.models.transformers[model], self.models.sources.get(model, ())
@@ -152,18 +134,16 @@ class Engine:
 
     def lora_components(self, model: str) -> dict[str, nn.Module]:
         """The modules LoRA files name: this model's full-precision transformer and CLIP's encoder."""
-        return {
-            "transformer": self.models.transformers[model],
-            "text_encoder": self.models.shared["text_encoder"],
-        }
+        models = self.models
+        return {"transformer": models.transformers[model], "text_encoder": models.shared["text_encoder"]}
 
     def generate(self, request: GenerationRequest) -> Generation:
         """Run `request`: its images in output order, and what it took (timings, counts)."""
         return self.run_prepared(self.prepare(request))
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        """Everything of `request` before the GPU: whether it fits, its LoRAs downloaded and parsed.
-        Touches no weight: many requests' threads may prepare while one runs (`run_prepared`)."""
+        """Everything before the GPU (fit, LoRAs downloaded and parsed); touches no weight, so many
+        requests' threads may prepare while one runs."""
         if self.plan[request.transformer] == "cpu-only":
             raise CapacityError(
                 f"go_fast: {request.transformer} does not fit this GPU (see the memory plan in the setup "
@@ -175,9 +155,8 @@ class Engine:
         return PreparedRequest(request, loras, timings)
 
     def run_prepared(self, prepared: PreparedRequest) -> Generation:
-        """The GPU part of a prepared request, one at a time (the caller's to keep). A failure or a cancel
-        (cog raises CancelationException into this thread, anywhere; `flux_day.cancel` at each step)
-        restores every LoRA, so nothing of this request reaches the next one."""
+        """The GPU part, one request at a time (the caller's to keep). A failure or cancel (raised anywhere
+        in this thread) restores every LoRA, so nothing of this request reaches the next."""
         request, timings = prepared.request, prepared.timings
         self.steps_done = 0
         try:
@@ -194,40 +173,24 @@ class Engine:
         return Generation.logged(request, images, timings)
 
     def _run(self, prepared: PreparedRequest, timings: dict[str, float]) -> list[Image.Image]:
-        """The algorithm: LoRAs, prompt, denoising, safety."""
-        request, loras = prepared.request, prepared.loras
+        """The algorithm: LoRAs, prompt, denoising (one call per output, seeded `seed + i`), safety."""
+        request = prepared.request
         if request.go_fast and not request.fp8:
             log.info("go_fast: aspect_ratio=custom runs in full precision, as the schema promises")
         pipe = self.pipeline(request.model, request.mode, request.fp8)
-        components = self.lora_components(request.model)
         fp8 = pipe.transformer if request.fp8 else None
-        # CLIP's part is fused before the prompt is encoded, the transformer's once it is on the GPU
-        # (T5 may share its slot on small cards).
+        args = (request.model, self.lora_components(request.model), request.loras, request.fp8)
+        # CLIP's LoRAs before the prompt is encoded, the transformer's once it is on the GPU.
         with timed(timings, "loras"):
-            self.loras.activate(
-                request.model, components, request.loras, request.fp8, ["text_encoder"], loras, fp8
-            )
+            self.loras.activate(*args, ["text_encoder"], prepared.loras, fp8)
         self.residency.need([CLIP, T5])
-        with torch.inference_mode():
-            text_tokens = MODELS[request.model].max_sequence_length
-            embeds, pooled, _ = pipe.encode_prompt(
-                request.prompt, None, self.device, max_sequence_length=text_tokens
-            )
+        embeds = encode_prompt(pipe, request.prompt, self.device, MODELS[request.model].max_sequence_length)
         self.residency.need([VAE, request.transformer])
         with timed(timings, "loras"):
-            self.loras.activate(
-                request.model, components, request.loras, request.fp8, prepared=loras, fp8=fp8
-            )
+            self.loras.activate(*args, prepared=prepared.loras, fp8=fp8)
         with timed(timings, "generate"), torch.inference_mode():
-            images = [  # one call per output, with its own seed, on the prompt encoded once
-                pipe(
-                    **call_arguments(request, seed),
-                    prompt_embeds=embeds,
-                    pooled_prompt_embeds=pooled,
-                    callback_on_step_end=self._count_step,
-                ).images[0]
-                for seed in request.seeds
-            ]
+            call = functools.partial(pipe, **embeds, callback_on_step_end=self._count_step)
+            images = [call(**call_arguments(request, seed)).images[0] for seed in request.seeds]
         if not request.disable_safety_checker:
             with timed(timings, "safety"):
                 self.residency.need([SAFETY])
@@ -235,8 +198,7 @@ class Engine:
         return images
 
     def _count_step(self, pipe: object, step: int, timestep: object, tensors: dict) -> dict:
-        """diffusers' per-step hook: counts steps (a cancel's log line says where it stopped) and stops a
-        cancelled request (an async cancel does not reach this thread by itself)."""
+        """diffusers' per-step hook: counts steps for the cancel log line, and stops a cancelled request."""
         self.steps_done += 1
         stop_if_cancelled()
         return tensors

@@ -1,9 +1,7 @@
 """go_fast's fp8 transformers (torchao): quantized on first use, layer by layer, kept in a disk cache.
 
-A server whose users never ask for go_fast never quantizes; a restarted one reads the copy from
-`FLUX_DAY_FP8_CACHE` (half the master's bytes) when the file records the same master files, torchao
-version, recipe and dtype, else it quantizes again. LoRAs reach an fp8 layer as
-`quantize(master pristine + LoRA)` (`flux_day.loras.fuse`); the master is never written for go_fast.
+A restarted server reads the copy from `FLUX_DAY_FP8_CACHE` when the file records the same master files,
+torchao version, recipe and dtype. LoRAs reach an fp8 layer as `quantize(master pristine + LoRA)`.
 """
 
 from __future__ import annotations
@@ -43,16 +41,14 @@ FP8_TENSOR_CORES = (8, 9)  # Ada and Hopper (L4, L40S, H100, H200) have fp8 matm
 
 @dataclass(frozen=True)
 class Recipe:
-    """What a device computes in: every model's dtype, and go_fast's torchao config (tests hand the
-    engine `PRODUCTION` on the CPU, so the suite runs the numerics an H100 runs)."""
+    """A device's model dtype and go_fast's torchao config (tests run `PRODUCTION` on the CPU)."""
 
     dtype: torch.dtype
     fp8: Float8DynamicActivationFloat8WeightConfig | Float8WeightOnlyConfig
 
     @classmethod
     def for_device(cls, device: torch.device) -> Recipe:
-        """bf16 and fp8 matmuls on fp8 tensor cores; bf16 and fp8 storage on older GPUs; float32 and fp8
-        storage on the CPU (bf16 matmuls are slow there)."""
+        """fp8 matmuls on fp8 tensor cores, else fp8 storage; float32 on the CPU (bf16 matmuls are slow)."""
         if device.type != "cuda":
             return WEIGHT_ONLY
         if torch.cuda.get_device_capability(device) >= FP8_TENSOR_CORES:
@@ -60,12 +56,11 @@ class Recipe:
         return Recipe(torch.bfloat16, WEIGHT_ONLY.fp8)
 
     def quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        """A full-precision weight as an fp8 layer of this recipe holds it."""
         return quantized_weight(weight, self.fp8)
 
 
 # `set_inductor_config=False`: torchao would otherwise set inductor's global options on every
-# `quantize_`; `flux_day.compile` sets them, once.
+# `quantize_`; `flux_day.compile` passes its own per compile.
 PRODUCTION: Final = Recipe(
     torch.bfloat16,
     # Per-token dynamic fp8 activations; per-row weight scales keep FLUX's outlier-heavy rows accurate.
@@ -76,8 +71,7 @@ WEIGHT_ONLY: Final = Recipe(torch.float32, Float8WeightOnlyConfig(set_inductor_c
 
 
 def quantized_weight(weight: torch.Tensor, config: object) -> torch.Tensor:
-    """`weight` quantized exactly as `quantize_` quantizes a linear holding it (unchanged where torchao
-    skips a shape)."""
+    """`weight` quantized exactly as `quantize_` quantizes a linear holding it."""
     slot = nn.Module()  # holds just this tensor, as a linear holds its weight: no layer built around it
     slot.weight = nn.Parameter(weight.detach(), requires_grad=False)
     quantize_(slot, config, filter_fn=lambda module, fqn: True)
@@ -85,31 +79,24 @@ def quantized_weight(weight: torch.Tensor, config: object) -> torch.Tensor:
 
 
 def fp8_bytes(master: nn.Module) -> int:
-    """What the fp8 copy of `master` will hold, before it exists: one byte per linear weight element
-    plus a float32 scale per row; everything else as in `master`."""
-    total = 0
-    for module in master.modules():
-        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            linear = isinstance(module, nn.Linear) and key == "weight"
-            total += (
-                tensor.numel() + tensor.shape[0] * 4 if linear else tensor.numel() * tensor.element_size()
-            )
-    return total
+    """Bytes of `master`'s fp8 copy before it exists: linear weights one byte each plus a float32 scale
+    per row; the rest as in `master`."""
+    linear = {id(m.weight) for m in master.modules() if isinstance(m, nn.Linear)}
+    tensors = [*master.parameters(), *master.buffers()]
+    return sum(
+        t.numel() + t.shape[0] * 4 if id(t) in linear else t.numel() * t.element_size() for t in tensors
+    )
 
 
 def fingerprint(files: Sequence[Path], config: object, dtype: torch.dtype) -> str:
-    """What an fp8 copy depends on: the master's weight files, torchao, the recipe and the dtype."""
     facts = [f"torchao={torchao.__version__}", f"config={config!r}", f"dtype={dtype}"]
     facts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(files)]
     return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:32]
 
 
 class Fp8Cache:
-    """fp8 copies on disk, one safetensors file per model in torchao's flattened format.
-
-    Published as the LoRA cache and the weights are (`filelocks.publish`): a reader sees a whole file or
-    none, and of replicas sharing the folder one writes it. A folder that cannot be written is only read.
-    """
+    """fp8 copies on disk, one safetensors file per model in torchao's flattened format, published as
+    the other caches are (`filelocks.publish`); a folder that cannot be written is only read."""
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
@@ -124,7 +111,6 @@ class Fp8Cache:
             return None
 
     def load(self, model: str, stamp: str) -> dict[str, torch.Tensor] | None:
-        """The cached linear weights of `model`, or None when absent or made from something else."""
         path = None if self.root is None else self.root / f"{model}.safetensors"
         if path is None or not path.is_file():
             return None
@@ -144,8 +130,7 @@ class Fp8Cache:
         return weights if not leftover else None
 
     def save(self, model: str, fp8: nn.Module, stamp: str) -> None:
-        """Write `fp8`'s linear weights in the background, copied first (later LoRA fuses into `fp8`
-        cannot reach the file)."""
+        """Write `fp8`'s linear weights in the background, copied first (later LoRA fuses stay out)."""
         if self.root is None:
             return
         path = self.root / f"{model}.safetensors"
@@ -182,7 +167,6 @@ class Fp8Cache:
         self.writers[-1].start()
 
     def wait(self) -> None:
-        """Block until every cache file under way is written (tests and benchmarks)."""
         while self.writers:
             self.writers.pop().join()
 
@@ -196,10 +180,8 @@ def fp8_transformer(
     files: Sequence[Path] = (),
     weight_of: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.detach,
 ) -> nn.Module:
-    """`model`'s fp8 transformer on `device`, one layer at a time (peak: the fp8 model plus one layer):
-    linear weights read from `cache` when it holds a copy made from these `files`, else quantized from
-    the master's pristine values (`weight_of`: a LoRA may be fused into the master now) and then cached.
-    The deepcopy leaves the master's compiled blocks behind (torch drops them on copy)."""
+    """`model`'s fp8 transformer on `device`, layer by layer (peak: fp8 model plus one layer), from `cache`
+    or quantized from the master's pristine values (`weight_of`: a LoRA may be fused into it now)."""
     started = time.perf_counter()
     stamp = fingerprint(files, recipe.fp8, next(master.parameters()).dtype) if files else None
     cached = cache.load(model, stamp) if stamp else None

@@ -1,5 +1,4 @@
-"""What a request produces, and the pure pieces of producing it: the diffusers call for one output, its
-metrics, and the one summary line a request logs (LoRA sources shown without secrets)."""
+"""What a request produces: the diffusers call for one output, its metrics, its one summary log line."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ log = logging.getLogger("flux_day.engine")  # the request's summary line belongs
 
 @dataclass
 class PreparedRequest:
-    """A request with its LoRAs read (None for scale 0 ones), and the seconds each part took so far."""
+    """A request with its LoRAs read (None for scale 0), and the seconds each part took so far."""
 
     request: GenerationRequest
     loras: list[LoraWeights | None]
@@ -31,8 +30,6 @@ class PreparedRequest:
 
 @dataclass(frozen=True)
 class Generation:
-    """What a request produced: its images in output order, and its metrics (timings, counts)."""
-
     images: list[Image.Image]
     metrics: dict[str, float]
 
@@ -40,7 +37,7 @@ class Generation:
     def logged(
         cls, request: GenerationRequest, images: list[Image.Image], timings: dict[str, float]
     ) -> Generation:
-        """The generation of `request`, its one summary line logged: what ran, with what, how long."""
+        """The generation of `request`, its one summary line logged (LoRA sources shown without secrets)."""
         steps, pixels = request.num_inference_steps * request.num_outputs, request.width * request.height
         counts = {"images": len(images), "steps": steps, "megapixels": round(pixels * len(images) / 1e6, 4)}
         loras = [

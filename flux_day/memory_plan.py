@@ -1,23 +1,17 @@
 """Which components live on the GPU and which wait in host memory: a pure decision on bytes, for any card.
 
-The GPU budget is `device_bytes - reserve_bytes`. Offloaded components share one swap slot, as big as
-the largest of them, so peak use is resident + slot + reserve <= device. Rule 1, servability first: a
-component goes resident only if the largest other runnable non-resident one still fits beside it (a
-full-precision transformer kept swappable is what lets go_fast=False mean the original weights). Rule 2:
-then by how much each byte saves, in `DEFAULT_PRIORITY` order. The room left is for LoRAs' pristine
-copies (`pristine_site`); the rest of those go to pinned host memory, packed by `pinned_layout`.
+Offloaded components share one swap slot, so peak = resident + slot + reserve <= device. Servability
+first: a component goes resident only if the largest other runnable one still fits beside it; then in
+`DEFAULT_PRIORITY` order. The room left holds LoRAs' pristine copies, the rest go to pinned host memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 from flux_day.models import CLIP, SAFETY, T5, VAE
-
-if TYPE_CHECKING:
-    import torch
 
 Placement = Literal["resident", "offloaded", "cpu-only"]
 Site = Literal["device", "host"]
@@ -32,25 +26,8 @@ DEFAULT_RESERVE: Final = 10 * GIB  # activations of a 1440x1440 denoise and the 
 DEFAULT_PRIORITY: Final = (CLIP, VAE, SAFETY, T5, "dev-full", "dev-fp8", "schnell-fp8", "schnell-full")
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor really holds: a subclass (torchao fp8) is the sum of its inner tensors, since
-    its own `element_size()` reports the dtype it stands in for (an fp8 weight would count 2-4x)."""
-    flatten = getattr(tensor, "__tensor_flatten__", None)
-    if flatten is None:
-        return tensor.numel() * tensor.element_size()
-    names, _ = flatten()
-    return sum(tensor_bytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
-
-
-def module_bytes(module: torch.nn.Module) -> int:
-    """Parameters plus buffers, each shared tensor counted once (`parameters()` deduplicates)."""
-    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
-
-
 @dataclass(frozen=True)
 class GpuBudget:
-    """A GPU to plan for: its total memory and the room kept for activations."""
-
     total_bytes: int
     reserve_bytes: int = DEFAULT_RESERVE
 
@@ -81,13 +58,11 @@ class MemoryPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """The most GPU memory the plan ever asks for: resident set, one swapped-in component, reserve,
-        and the room it leaves to LoRAs' pristine copies."""
+        """The most GPU memory the plan asks for, LoRAs' pristine copies' room included."""
         return self.total("resident") + self.swap_bytes + self.reserve_bytes + self.pristine_bytes
 
     @property
     def pristine_bytes(self) -> int:
-        """GPU room left for LoRAs' pristine copies (the rest go to pinned host memory)."""
         if self.device_bytes is None:
             return 0
         budget = self.device_bytes - self.reserve_bytes
@@ -95,16 +70,14 @@ class MemoryPlan:
 
 
 def pristine_site(plan: MemoryPlan, used_device_bytes: int, nbytes: int) -> Site:
-    """Where a LoRA's pristine copy of a GPU weight goes: the plan's room on the device while it lasts,
-    else pinned host memory (read over PCIe when restoring)."""
+    """Where a LoRA's pristine copy of a GPU weight goes: the plan's room while it lasts, else host."""
     if plan.device_bytes is None or used_device_bytes + nbytes <= plan.pristine_bytes:
         return "device"
     return "host"
 
 
 class PinnedLayout(NamedTuple):
-    """Where tensors go in pinned host memory: the chunk sizes (each a power of two) and, per tensor in
-    the order given, its (chunk index, byte offset)."""
+    """Chunk sizes (powers of two) and, per tensor in the order given, its (chunk index, byte offset)."""
 
     chunks: tuple[int, ...]
     places: tuple[tuple[int, int], ...]
@@ -117,11 +90,8 @@ class PinnedLayout(NamedTuple):
 def pinned_layout(
     sizes: Sequence[int], chunk_bytes: int = PINNED_CHUNK, align: int = PINNED_ALIGN
 ) -> PinnedLayout:
-    """Pack tensors of `sizes` bytes into chunks whose sizes are powers of two, which the pinned allocator
-    (it rounds each allocation up to one) takes as they are: first fit, largest first, into `chunk_bytes`
-    chunks, each then shrunk to the power of two its contents need. FLUX.1 dev's bf16 transformer takes
-    +1.6% this way; pinned tensor by tensor it would take 1.56x.
-    """
+    """Pack tensors first fit, largest first, into chunks shrunk to powers of two, which the pinned
+    allocator (it rounds up to one) takes as they are: dev's transformer takes +1.6%, not 1.56x."""
     if chunk_bytes & (chunk_bytes - 1) or align & (align - 1):
         raise ValueError(f"chunk_bytes ({chunk_bytes}) and align ({align}) must be powers of two")
     fills: list[int] = []
@@ -148,8 +118,8 @@ def plan_memory(
     reserve_bytes: int = DEFAULT_RESERVE,
     priorities: Sequence[str] = DEFAULT_PRIORITY,
 ) -> MemoryPlan:
-    """Place each component `resident` (on the GPU), `offloaded` (host memory, visiting the GPU when a
-    request needs it) or `cpu-only` (bigger than the GPU can take beside the reserve), by the rules above."""
+    """Place each component `resident`, `offloaded` (visits the GPU when needed) or `cpu-only` (too big
+    for the GPU beside the reserve), by the rules above."""
     if any(size < 0 for size in components.values()):
         raise ValueError(f"component sizes must be >= 0: {dict(components)}")
     order = [n for n in dict.fromkeys(priorities) if n in components]
@@ -165,17 +135,10 @@ def plan_memory(
         if used + components[name] + max(others, default=0) <= budget:
             resident.add(name)
             used += components[name]
-    offloaded = [n for n in runnable if n not in resident]
-
-    def placement(name: str) -> Placement:
-        return "resident" if name in resident else "offloaded" if name in offloaded else "cpu-only"
-
-    return MemoryPlan(
-        tuple(Component(n, components[n], placement(n)) for n in order),
-        device_bytes,
-        reserve_bytes,
-        max((components[n] for n in offloaded), default=0),
-    )
+    placed: dict[str, Placement] = {n: "resident" if n in resident else "offloaded" for n in runnable}
+    swap = max((components[n] for n in runnable if n not in resident), default=0)
+    placements = tuple(Component(n, components[n], placed.get(n, "cpu-only")) for n in order)
+    return MemoryPlan(placements, device_bytes, reserve_bytes, swap)
 
 
 def format_plan(plan: MemoryPlan) -> str:

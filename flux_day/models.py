@@ -1,9 +1,7 @@
 """The FLUX.1 variants and the names of what the engine loads, as torch-free data every part reads.
 
-dev and schnell differ in their transformer (dev is guidance-distilled), scheduler, T5 sequence length
-and steps; the text encoders, tokenizers and VAE ship with dev and are shared. A transformer is named
-for its model and precision: `dev-full` as loaded (bf16 on a GPU, float32 on a CPU), `dev-fp8` its
-go_fast copy; plans, settings (`FLUX_DAY_COMPILE_MODELS`) and logs use these names.
+The text encoders, tokenizers and VAE ship with dev and are shared. A transformer is named for its
+model and precision (`dev-full` as loaded, `dev-fp8` its go_fast copy) in plans, settings and logs.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from typing import Final
 
 # The components of a diffusers FLUX pipeline folder that both models share.
 SHARED_COMPONENTS: Final = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-# FLUX.1's timestep shift range (dev interpolates its shift between these with the image size).
+# FLUX.1's timestep shift range (dev interpolates between these with the image size).
 _SHIFT_RANGE: Final = {
     "base_shift": 0.5,
     "max_shift": 1.15,
@@ -68,12 +66,10 @@ MODELS: Final[Mapping[str, ModelSpec]] = MappingProxyType(
 
 
 def shared_spec() -> ModelSpec:
-    """The variant whose folder holds the shared components (dev)."""
     return next(spec for spec in MODELS.values() if spec.ships_shared)
 
 
-# Components every request uses, whatever its model; "safety" is the CompVis checker and the Falconsai
-# classifier, placed together.
+# Components every request uses; "safety" is the CompVis checker and the Falconsai classifier together.
 CLIP: Final = "clip"
 T5: Final = "t5"
 VAE: Final = "vae"

@@ -26,7 +26,6 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from flux_day.errors import WeightsError
 from flux_day.fp8 import fp8_bytes
-from flux_day.memory_plan import module_bytes
 from flux_day.models import (
     CLIP,
     MODELS,
@@ -37,6 +36,7 @@ from flux_day.models import (
     shared_spec,
     transformer_component,
 )
+from flux_day.residency import module_bytes
 from flux_day.weights.layout import has_base_models
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ WEIGHTED: Final = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "text_en
 
 
 def pick_device(setting: str) -> torch.device:
-    """`auto` takes CUDA when present, else the CPU."""
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise WeightsError("FLUX_DAY_DEVICE=cuda but no CUDA device is visible; use auto or cpu.")
@@ -60,8 +59,7 @@ def pick_device(setting: str) -> torch.device:
 
 @dataclass
 class FluxModels:
-    """The modules dev and schnell run, read from a weights root (`load_models`) or built in memory (the
-    GPU proof's random full-size FLUX); every step after this is the same."""
+    """The modules dev and schnell run, loaded (`load_models`) or built in memory (the GPU proof)."""
 
     transformers: dict[str, FluxTransformer2DModel]  # by model name: "dev", "schnell"
     schedulers: dict[str, FlowMatchEulerDiscreteScheduler]
@@ -86,25 +84,18 @@ def load_models(root: Path, dtype: torch.dtype) -> FluxModels:
             "`python scripts/make_tiny_weights.py DIR`."
         )
     started = time.perf_counter()
-    folders = {name: root / spec.folder for name, spec in MODELS.items()}
     shared_folder = root / shared_spec().folder
     loaded = {name: _load(shared_folder, name, model_class, dtype) for name, model_class in WEIGHTED.items()}
     # The pipeline adds the tokenizers; the transformer is each model's own.
     shared = FluxPipeline.from_pretrained(shared_folder, dtype=dtype, transformer=None, **loaded)
     models = FluxModels(
-        transformers={
-            name: _load(folder, "transformer", FluxTransformer2DModel, dtype)
-            for name, folder in folders.items()
-        },
-        schedulers={
-            name: FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-            for name, folder in folders.items()
-        },
-        shared={key: value for key, value in shared.components.items() if key in SHARED_COMPONENTS},
-        sources={
-            name: sorted((folder / "transformer").glob("*.safetensors")) for name, folder in folders.items()
-        },
+        {}, {}, {key: value for key, value in shared.components.items() if key in SHARED_COMPONENTS}
     )
+    for name, spec in MODELS.items():
+        folder = root / spec.folder
+        models.transformers[name] = _load(folder, "transformer", FluxTransformer2DModel, dtype)
+        models.schedulers[name] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+        models.sources[name] = sorted((folder / "transformer").glob("*.safetensors"))
     took = time.perf_counter() - started
     log.info("loaded %s from %s (%s) in %.1fs", " and ".join(MODELS), root, str(dtype)[6:], took)
     return models
@@ -113,8 +104,7 @@ def load_models(root: Path, dtype: torch.dtype) -> FluxModels:
 def build_pipelines(
     models: FluxModels, model: str, transformer: torch.nn.Module
 ) -> dict[str, DiffusionPipeline]:
-    """{mode: pipeline} of `model` around `transformer` (its master or go_fast's fp8 copy), every one
-    sharing `models`' other modules."""
+    """{mode: pipeline} of `model` around `transformer` (master or fp8 copy), sharing the other modules."""
     scheduler = models.schedulers[model]
     return {
         mode: cls(**models.shared, transformer=transformer, scheduler=scheduler)

@@ -1,10 +1,8 @@
 """Applying the memory plan: resident modules live on the GPU, offloaded ones visit it one at a time.
 
-An offloaded module lives in pinned host memory (its **home** copy), which is never written: a visit
-copies it to the GPU, where LoRAs may be fused into it, and leaving just drops the GPU copy, so the
-home copy doubles as the pristine copy LoRA restores read. A `cpu-only` module runs where it is. Every
-move goes through `set_storage`, which keeps each `Parameter` the same Python object (what the LoRA
-fuser and compiled graphs hold) and carries a tensor subclass's inner tensors with it.
+An offloaded module's pinned **home** copy is never written (a visit's LoRAs leave with its GPU copy),
+so it doubles as the pristine copy. Every move keeps each `Parameter` the same Python object
+(`set_storage`): the LoRA fuser and compiled graphs hold them.
 """
 
 from __future__ import annotations
@@ -16,15 +14,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from flux_day.memory_plan import PINNED_ALIGN, PINNED_CHUNK, MemoryPlan, pinned_layout, tensor_bytes
+from flux_day.memory_plan import PINNED_ALIGN, PINNED_CHUNK, MemoryPlan, pinned_layout
 
 log = logging.getLogger(__name__)
 
 
 def set_storage(tensor: torch.Tensor, value: torch.Tensor) -> None:
-    """Make `tensor` hold `value`'s storage and stay the same Python object. A wrapper subclass (torchao's
-    fp8 weight) keeps its storage in inner tensors that `.data =` would leave behind, so it is swapped
-    whole with `torch.utils.swap_tensors`, as `nn.Module._apply` does."""
+    """Make `tensor` hold `value`'s storage, same object. A subclass (torchao fp8) keeps storage in inner
+    tensors that `.data =` would leave behind (a leak), so it is swapped whole, as `nn.Module._apply` does."""
     if not hasattr(tensor, "__tensor_flatten__") and not hasattr(value, "__tensor_flatten__"):
         tensor.data = value
         return
@@ -34,33 +31,50 @@ def set_storage(tensor: torch.Tensor, value: torch.Tensor) -> None:
     )
 
 
+def inner_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A tensor subclass's plain inner tensors (torchao fp8: `qdata`, `scale`), or {"": weight}."""
+    if hasattr(weight, "__tensor_flatten__"):
+        names, _ = weight.__tensor_flatten__()
+        return {name: getattr(weight, name) for name in names}
+    return {"": weight}
+
+
 def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors that hold `tensor`'s storage: itself, or a subclass's inner tensors."""
     if not hasattr(tensor, "__tensor_flatten__"):
         return [tensor.detach()]
-    names, _ = tensor.__tensor_flatten__()
-    return [leaf for name in names for leaf in _leaves(getattr(tensor, name))]
+    return [leaf for inner in inner_tensors(tensor).values() for leaf in _leaves(inner)]
 
 
 def _rebuilt(tensor: torch.Tensor, leaves: Iterator[torch.Tensor]) -> torch.Tensor:
-    """`tensor` made of `leaves` (in `_leaves` order) instead of its own storage."""
     if not hasattr(tensor, "__tensor_flatten__"):
         return next(leaves)
-    names, meta = tensor.__tensor_flatten__()
-    inner = {name: _rebuilt(getattr(tensor, name), leaves) for name in names}
+    _, meta = tensor.__tensor_flatten__()
+    inner = {name: _rebuilt(value, leaves) for name, value in inner_tensors(tensor).items()}
     return type(tensor).__tensor_unflatten__(inner, meta, tensor.size(), tensor.stride())
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really holds: a subclass's (torchao fp8) are its leaves', as its own `element_size()`
+    reports the dtype it stands in for."""
+    return sum(leaf.numel() * leaf.element_size() for leaf in _leaves(tensor))
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return list({id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(tensor_bytes(tensor) for tensor in _tensors(module))
+
+
 def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy of `tensor` on `device`, leaf by leaf: torchao's `.to(copy=True)` may return its inner
-    tensors uncopied on the same device, and a visit must never write the home copy."""
+    """A copy on `device`, leaf by leaf: torchao's `.to(copy=True)` may return inner tensors uncopied."""
     return _rebuilt(tensor, iter([leaf.to(device, non_blocking=True, copy=True) for leaf in _leaves(tensor)]))
 
 
 class PinnedArena:
-    """Host copies kept for the server's life (offloaded modules' home copies, by tensor, and LoRAs'
-    pristine copies): views into page-locked chunks whose sizes are powers of two (`pinned_layout`).
-    `pinned_bytes` is what the chunks take, `tensor_bytes` what the copies need."""
+    """Host copies kept for the server's life (home copies by tensor id, LoRAs' pristine copies): views
+    into page-locked chunks sized in powers of two (`pinned_layout`)."""
 
     def __init__(self, pin: bool, chunk_bytes: int = PINNED_CHUNK, align: int = PINNED_ALIGN) -> None:
         self.pin, self.chunk_bytes, self.align = pin, chunk_bytes, align
@@ -69,7 +83,7 @@ class PinnedArena:
         self._open: list[tuple[torch.Tensor, int]] = []  # chunks for `copy`, and how much of each is used
 
     def copies(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Host copies of `tensors` (a subclass around copies of its inner tensors), packed in new chunks."""
+        """Host copies of `tensors`, packed in new chunks."""
         leaves = [leaf for tensor in tensors for leaf in _leaves(tensor)]
         layout = pinned_layout([tensor_bytes(leaf) for leaf in leaves], self.chunk_bytes, self.align)
         chunks = [self._chunk(size) for size in layout.chunks]
@@ -80,13 +94,13 @@ class PinnedArena:
         return [_rebuilt(tensor, copies) for tensor in tensors]
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy of one plain tensor in the first chunk with room: for copies made one at a time."""
+        """A host copy of one plain tensor, in the first chunk with room."""
         size = -(-tensor_bytes(tensor) // self.align) * self.align
-        index = next((i for i, (chunk, used) in enumerate(self._open) if used + size <= chunk.numel()), None)
-        if index is None:
+        room = (i for i, (chunk, used) in enumerate(self._open) if used + size <= chunk.numel())
+        index = next(room, len(self._open))
+        if index == len(self._open):
             alone = pinned_layout([size], self.chunk_bytes, self.align).pinned_bytes  # a bigger tensor's own
             self._open.append((self._chunk(max(self.chunk_bytes, alone)), 0))
-            index = len(self._open) - 1
         chunk, used = self._open[index]
         self._open[index] = (chunk, used + size)
         return self._copy_into(chunk, used, tensor.detach())
@@ -101,14 +115,8 @@ class PinnedArena:
         return chunk[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
 
 
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer of `module`, each once."""
-    return list({id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
-
-
 class Residency:
-    """Where each planned module is, and the moves that keep the GPU within its plan; `on_leave(name)`
-    is told when a visitor's GPU copy (LoRAs and all) is dropped."""
+    """Where each planned module is; `on_leave(name)` is told when a visitor's GPU copy is dropped."""
 
     def __init__(
         self,
@@ -120,17 +128,15 @@ class Residency:
     ) -> None:
         self.plan, self.device, self.on_leave = plan, device, on_leave
         self.host = host or PinnedArena(pin=device.type == "cuda")
-        self.modules: dict[str, nn.Module] = {}
+        self.modules: dict[str, nn.Module] = dict(modules)
         self.visitor: str | None = None
         for name, module in modules.items():
-            self.modules[name] = module
             if plan[name] == "offloaded":
                 self._make_home(name, keep_on=False)
             else:
                 module.to(device if plan[name] == "resident" else "cpu")
 
     def home(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The pristine host copy of `tensor` when it belongs to an offloaded module, else None."""
         return self.host.homes.get(id(tensor))
 
     def need(self, names: Iterable[str]) -> None:
@@ -140,12 +146,17 @@ class Residency:
                 self._visit(name, lambda name=name: self._bring(name))
 
     def add(self, name: str, build: Callable[[torch.device], nn.Module]) -> nn.Module:
-        """A module made on first need (an fp8 copy), built where it runs: offloaded, on the GPU as the
-        visitor once the slot is free, then given its home copy."""
+        """A module made on first need (an fp8 copy), built where it runs (an offloaded one on the GPU,
+        once the slot is free, then given its home copy)."""
         if self.plan[name] != "offloaded":
             self.modules[name] = build(self.device if self.plan[name] == "resident" else torch.device("cpu"))
         else:
-            self._visit(name, lambda: self._arrive_built(name, build(self.device)))
+
+            def arrive() -> None:
+                self.modules[name] = build(self.device)
+                self._make_home(name, keep_on=True)
+
+            self._visit(name, arrive)
         return self.modules[name]
 
     def _visit(self, name: str, arrive: Callable[[], None]) -> None:
@@ -163,13 +174,8 @@ class Residency:
         took = time.perf_counter() - started
         log.info("memory plan: %s on the GPU (%s left) in %.2fs", name, leaving or "nothing", took)
 
-    def _arrive_built(self, name: str, module: nn.Module) -> None:
-        self.modules[name] = module
-        self._make_home(name, keep_on=True)
-
     def _make_home(self, name: str, keep_on: bool) -> None:
-        """Give every tensor of `name` a home copy; the module then sits there, or with `keep_on` stays
-        where it is (a visitor just built on the GPU)."""
+        """Give every tensor of `name` a home copy, and move it there unless `keep_on`."""
         tensors, before = _tensors(self.modules[name]), self.host.tensor_bytes
         for tensor, home in zip(tensors, self.host.copies(tensors), strict=True):
             self.host.homes[id(tensor)] = home

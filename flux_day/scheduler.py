@@ -1,10 +1,8 @@
 """`GpuScheduler`: many requests at once on one GPU, for Cog's async `run` with `concurrency.max`.
 
-Preparing (inputs, downloads, parsing: `Engine.prepare`) runs concurrently in threads; the GPU part
-(`Engine.run_prepared`) runs one request at a time in the order requests become ready (`asyncio.Lock`
-is first come, first served), so a slow download holds up no one. Parsed LoRAs of requests waiting for
-the GPU count against `FLUX_DAY_PARSED_LORA_BYTES`; a new request waits to read its own while they fill
-it. A cancelled running request gives up its turn only once its thread has stopped and restored its LoRAs.
+Preparing runs concurrently in threads; the GPU part runs one request at a time in order of readiness
+(`asyncio.Lock` is FIFO), so a slow download holds up no one. Parsed LoRAs waiting for the GPU count
+against `FLUX_DAY_PARSED_LORA_BYTES`. A cancelled request yields its turn once its LoRAs are restored.
 """
 
 from __future__ import annotations
@@ -34,8 +32,7 @@ THREADS = 64
 
 
 class GpuScheduler:
-    """Prepares requests concurrently and runs them on the engine's GPU one at a time, in order of
-    readiness; each request's `timing.queue` is how long it waited for its turn."""
+    """Prepares requests concurrently, runs them on the GPU one at a time; `timing.queue` is the wait."""
 
     def __init__(self, engine: Engine, running_file: Path | None = None) -> None:
         self.engine = engine
@@ -50,17 +47,16 @@ class GpuScheduler:
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
         """A prediction's whole `run`, counted in `running` (its files are read by Cog only after it)."""
-        self.running += 1
-        self._publish()
+        self._publish(+1)
         try:
             yield
         finally:
-            self.running -= 1
-            self._publish()
+            self._publish(-1)
 
-    def _publish(self) -> None:
-        """Write `running` to `running_file`: coglet says READY while a slot is free, so only this tells
-        the preStop hook whether a prediction still runs."""
+    def _publish(self, change: int = 0) -> None:
+        """Count `change` into `running` and write it for the preStop hook (coglet says READY while a slot
+        is free)."""
+        self.running += change
         if self.running_file is None:
             return
         partial = self.running_file.with_name(f"{self.running_file.name}.{os.getpid()}")
@@ -71,16 +67,15 @@ class GpuScheduler:
             server_log.warning("cannot write %s: %s", self.running_file, error)
 
     async def in_thread(self, work: Callable[..., Result], *args: object, **kwargs: object) -> Result:
-        """`work(*args, **kwargs)` in a thread, under the caller's context (Cog's log routing and metrics
-        scope, this request's cancel flag), as `asyncio.to_thread` runs it."""
+        """`work` in a thread under the caller's context (Cog's log routing, metrics, cancel flag)."""
         call = functools.partial(contextvars.copy_context().run, work, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._threads, call)
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        """`request`'s images and metrics, as `Engine.generate` gives them, plus `timing.queue`."""
         flag = threading.Event()  # set by a cancel: `flux_day.cancel`
         with cancellable(flag):  # `in_thread` carries it into this request's threads
-            await self._room_to_parse()
+            while self.held_bytes and self.held_bytes >= self.engine.settings.parsed_lora_bytes:
+                await self._freed.wait()  # parsed LoRAs fill the budget; with none held, any request goes
             prepared = await self._until_done(flag, self.engine.prepare, request)
             held = sum({id(w): w.held_bytes for w in prepared.loras if w is not None}.values())
             self.held_bytes += held
@@ -94,13 +89,7 @@ class GpuScheduler:
                 self._freed.set()
                 self._freed = asyncio.Event()
 
-    async def _room_to_parse(self) -> None:
-        """Wait while held LoRAs fill the parsed-LoRA budget; with none held, any request goes."""
-        while self.held_bytes and self.held_bytes >= self.engine.settings.parsed_lora_bytes:
-            await self._freed.wait()
-
     async def _on_the_gpu(self, flag: threading.Event, prepared: PreparedRequest) -> Generation:
-        """The GPU part of `prepared`; a cancel stops it, and the operator's log says where."""
         try:
             return await self._until_done(flag, self.engine.run_prepared, prepared)
         except asyncio.CancelledError:
@@ -114,8 +103,8 @@ class GpuScheduler:
             raise
 
     async def _until_done(self, flag: threading.Event, work: Callable[..., Result], *args: object) -> Result:
-        """`work(*args)` in a thread; cancelled, the thread is told (`flag`) and awaited to its end first,
-        so what it holds (the GPU, fused LoRAs, a lock) is let go before the cancel goes on."""
+        """`work(*args)` in a thread; cancelled, the thread is told (`flag`) and awaited first, so what it
+        holds (the GPU, fused LoRAs, a lock) is let go before the cancel goes on."""
         thread = asyncio.ensure_future(self.in_thread(work, *args))
         try:
             return await asyncio.shield(thread)

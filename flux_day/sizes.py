@@ -1,7 +1,4 @@
-"""Output sizes: the aspect-ratio table, megapixels, custom rounding and sizes that follow an image.
-
-Pure functions on integers, so every rule is tested without a model.
-"""
+"""Output sizes: the aspect-ratio table, megapixels, custom rounding and sizes that follow an image."""
 
 from __future__ import annotations
 
@@ -35,7 +32,6 @@ def round_to_step(value: float, step: int = SIZE_STEP) -> int:
 
 
 def aspect_ratio_size(aspect_ratio: str, megapixels: str) -> tuple[int, int]:
-    """(width, height) of a table entry at a megapixels choice."""
     width, height = ASPECT_RATIOS[aspect_ratio]
     scale = MEGAPIXEL_SIDE_SCALE[megapixels]
     return round_to_step(width * scale), round_to_step(height * scale)
@@ -47,14 +43,9 @@ def custom_size(width: int, height: int) -> tuple[int, int]:
 
 
 def image_size(width: int, height: int, max_side: int = MAX_IMAGE_SIDE) -> tuple[int, int]:
-    """The generation size for an input image: aspect kept, longer side at most `max_side`.
-
-    Never scaled up; each side is then the nearest multiple of 16, at least 16 and at most `max_side`.
-    """
+    """An input image's generation size: aspect kept, never scaled up, sides multiples of 16 in
+    [16, `max_side`]."""
     scale = min(1.0, max_side / max(width, height))
     top = max_side - max_side % SIZE_STEP
-
-    def side(value: int) -> int:
-        return min(top, max(SIZE_STEP, round_to_step(value * scale)))
-
-    return side(width), side(height)
+    width, height = (min(top, max(SIZE_STEP, round_to_step(side * scale))) for side in (width, height))
+    return width, height

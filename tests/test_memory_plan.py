@@ -8,7 +8,8 @@ import itertools
 import pytest
 import torch
 
-from flux_day.memory_plan import DEFAULT_RESERVE, format_plan, module_bytes, pinned_layout, plan_memory
+from flux_day.memory_plan import DEFAULT_RESERVE, format_plan, pinned_layout, plan_memory
+from flux_day.residency import module_bytes
 from scripts.bench.memory_model import CARDS, DEFAULT_MIX, SimRequest, simulate
 from tests.harness.engines import EngineFactory
 

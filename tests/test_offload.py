@@ -13,11 +13,10 @@ from torch import nn
 
 from flux_day.engine import Engine
 from flux_day.fp8 import quantized_weight
-from flux_day.loras.delta_math import inner_tensors
-from flux_day.memory_plan import GpuBudget, module_bytes, plan_memory
+from flux_day.memory_plan import GpuBudget, plan_memory
 from flux_day.pipelines import component_sizes
 from flux_day.request import GenerationRequest
-from flux_day.residency import PinnedArena, Residency, set_storage
+from flux_day.residency import PinnedArena, Residency, inner_tensors, module_bytes, set_storage
 from scripts.bench.memory_model import card_offloading_schnell
 from tests.harness import lora_files as lf
 from tests.harness.engines import RECIPES, EngineFactory

@@ -1,24 +1,20 @@
 """Exact fuse and restore of LoRA deltas: one record per weight written, keyed by the parameter itself.
 
-The first time a weight is written its pristine copy is kept (an offloaded module's home copy when it
-has one; else on the GPU while the plan's room lasts, then in pinned host memory; on the CPU the
-weight's own memory becomes the copy and the weight gets fresh memory). Every fuse writes the weight
-once from that copy (`delta_math.fused_weight`) and every restore copies it back, so any sequence of
-switches ends bit-identical. An fp8 weight is `quantize(master pristine + LoRA)`, computed in a
-layer-sized scratch tensor on its device and copied into it in place: the master is never written.
+A weight's pristine copy is kept the first time it is written (its home copy, else GPU room, else
+pinned host memory); every fuse writes from it and every restore copies it back, so any switch sequence
+ends bit-identical. An fp8 weight gets `quantize(master pristine + LoRA)`; the master is never written.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from flux_day.loras.delta_math import ScaledDelta, fused_weight, inner_tensors
-from flux_day.memory_plan import MemoryPlan, pristine_site, tensor_bytes
-from flux_day.residency import PinnedArena, set_storage
+from flux_day.loras.delta_math import ScaledDelta, fused_weight
+from flux_day.memory_plan import MemoryPlan, pristine_site
+from flux_day.residency import PinnedArena, inner_tensors, set_storage, tensor_bytes
 
 Content = tuple[tuple[str, float], ...]  # (LoRA digest, scale) pairs fused into a weight, sorted
 DIRTY: Content = (("<being written>", float("nan")),)  # a write under way: restored on any failure
@@ -36,8 +32,7 @@ class UnrepresentableWeight(ArithmeticError):
 
 @dataclass
 class Fused:
-    """A weight LoRAs have written: its group (a transformer's plan name, or CLIP), its pristine inner
-    tensors, the master it is computed from when it is an fp8 copy's, and what it holds now."""
+    """A weight LoRAs have written: its group (plan name), pristine inner tensors, master (fp8 copies)."""
 
     group: str
     pristine: dict[str, torch.Tensor]
@@ -46,8 +41,7 @@ class Fused:
 
 
 class WeightFuser:
-    """Which deltas are fused into which weights, and the pristine copies that undo them; `quantize`
-    makes an fp8 layer's value (the recipe's)."""
+    """Which deltas are fused into which weights, and the pristine copies that undo them."""
 
     def __init__(
         self,
@@ -63,7 +57,6 @@ class WeightFuser:
 
     @property
     def fused(self) -> dict[torch.Tensor, Content]:
-        """Every weight that differs from pristine now, and the LoRAs it holds."""
         return {param: record.content for param, record in self.records.items() if record.content}
 
     def apply(
@@ -72,10 +65,8 @@ class WeightFuser:
         group: str = "",
         into: Mapping[torch.Tensor, torch.Tensor] | None = None,
     ) -> set[torch.Tensor]:
-        """Make `group`'s weights hold exactly `plan` (an empty plan restores them; other groups keep theirs)
-        and return those written (whose content changed). With `into` (master -> fp8 parameter) each
-        master's deltas go into its fp8 counterpart as quantize(master pristine + deltas). On any failure
-        every weight is restored before the error propagates."""
+        """Make `group`'s weights hold exactly `plan` (other groups keep theirs); returns those written.
+        `into` maps masters to fp8 parameters. On any failure every weight is restored first."""
         targets = {(into or {}).get(param, param): (param, parts) for param, parts in plan.items()}
         written: set[torch.Tensor] = set()
         finite: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -97,7 +88,6 @@ class WeightFuser:
         return written
 
     def restore_all(self) -> None:
-        """Put every touched weight back to its pristine bytes."""
         for param, record in self.records.items():
             if record.content:
                 self._restore(param)
@@ -109,7 +99,7 @@ class WeightFuser:
                 record.content = None
 
     def pristine(self, param: torch.Tensor) -> torch.Tensor:
-        """`param`'s pristine value: its kept copy while a LoRA is fused into it, else `param` itself."""
+        """`param`'s pristine value: its kept copy while a LoRA is fused into it, else itself."""
         record = self.records.get(param)
         return record.pristine[""] if record is not None and record.content else param.detach()
 
@@ -118,8 +108,8 @@ class WeightFuser:
         if home is not None:
             return inner_tensors(home)
         if not param.is_cuda and not hasattr(param, "__tensor_flatten__") and param.is_contiguous():
-            # The loaded tensor becomes the copy: on a CPU, weights read from a memory-mapped file stay
-            # clean pages, and the fused ones, written every switch, get ordinary memory (~2x faster).
+            # The loaded tensor becomes the copy: memory-mapped pages stay clean, and the weight gets
+            # ordinary memory for its writes (~2x faster).
             pristine = param.detach()
             set_storage(param, torch.empty_like(param, memory_format=torch.contiguous_format))
             return {"": pristine}
@@ -133,7 +123,7 @@ class WeightFuser:
         return tensor.clone()
 
     def _fuse(self, param: torch.Tensor, parts: Sequence[ScaledDelta]) -> torch.Tensor:
-        """Write `param` from its pristine copy plus `parts`; returns whether the sum is finite."""
+        """Write `param` from its pristine copy plus `parts`; returns whether the sum is finite (a flag)."""
         record = self.records[param]
         record.content = DIRTY  # recorded first: an interrupted write is restored
         with torch.no_grad():
@@ -157,30 +147,26 @@ class WeightFuser:
         finite: list[tuple[torch.Tensor, torch.Tensor]],
         targets: Mapping[torch.Tensor, tuple[torch.Tensor, Sequence[ScaledDelta]]],
     ) -> None:
-        """Raise `UnrepresentableWeight` for a fused value that is not finite (every image would be
-        NaN), naming the LoRAs that overflow it alone (else all that touch it): one sync per device."""
-        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for _, flag in finite:
-            by_device[flag.device].append(flag)
-        if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        """Raise `UnrepresentableWeight` for a non-finite fused value (every image would be NaN), naming the
+        LoRAs that overflow it alone (else all): one sync per device."""
+        flags = [flag for _, flag in finite]
+        if all(
+            bool(torch.stack([f for f in flags if f.device == d]).all()) for d in {f.device for f in flags}
+        ):
             return
         param = next(param for param, flag in finite if not bool(flag))
         source, parts = targets[param]
         master = self.pristine(source) if source is not param else self.records[param].pristine[""]
-        out = torch.empty(
-            master.shape, dtype=master.dtype, device=next(iter(inner_tensors(param).values())).device
-        )
+        out = self._scratch(master.shape, master.dtype, next(iter(inner_tensors(param).values())).device)
         alone = {part.order for part in parts if not bool(fused_weight(master, [part], out).isfinite().all())}
         raise UnrepresentableWeight(source, tuple(sorted(alone or {part.order for part in parts})))
 
     def _scratch(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A layer-sized buffer reused across layers and switches (a fresh one would page-fault each time)."""
-        buffer = self._scratch_buffers.get((dtype, device))
-        if buffer is None or buffer.numel() < shape.numel():
-            buffer = self._scratch_buffers[(dtype, device)] = torch.empty(
-                shape.numel(), dtype=dtype, device=device
-            )
-        return buffer[: shape.numel()].view(shape)
+        """A layer-sized buffer reused across switches (a fresh one would page-fault each time)."""
+        key, size = (dtype, device), shape.numel()
+        if key not in self._scratch_buffers or self._scratch_buffers[key].numel() < size:
+            self._scratch_buffers[key] = torch.empty(size, dtype=dtype, device=device)
+        return self._scratch_buffers[key][:size].view(shape)
 
     def _restore(self, param: torch.Tensor) -> None:
         record = self.records[param]

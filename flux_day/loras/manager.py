@@ -1,8 +1,7 @@
 """`LoraManager`: a request's LoRA choices -> fetched, parsed and exactly fused weights.
 
-Everything that can fail (download, parse, fit) happens before any weight is touched: `prepare` does it
-(many requests' threads at once), `activate` fuses (one request at a time). Parsed LoRAs are kept in an
-LRU bounded by their bytes (`FLUX_DAY_PARSED_LORA_BYTES`), so asking again costs only the fuse.
+Everything that can fail happens in `prepare` (many threads at once) before `activate` touches a weight.
+Parsed LoRAs stay in an LRU bounded by `FLUX_DAY_PARSED_LORA_BYTES`, so asking again costs only the fuse.
 """
 
 from __future__ import annotations
@@ -36,9 +35,8 @@ log = logging.getLogger(__name__)
 GO_FAST_LORA_MULTIPLIER = 1.5  # the schema's lora_scale description promises it
 LoraBytes = Callable[[LoraRequest], bytes]  # a LoRA file's bytes, handed over by benchmarks to time parsing
 UNVERSIONED_RECHECK_S = 300  # how long `owner/model` (no version) is trusted to mean the same file
-
-
 LORA_PARTS = ("text_encoder", "transformer")
+SCALE_INPUTS = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
 
 
 class LoraManager:
@@ -48,7 +46,7 @@ class LoraManager:
         self, settings: Settings, fuser: WeightFuser | None = None, lora_bytes: LoraBytes | None = None
     ) -> None:
         self.settings = settings
-        self.lora_bytes = lora_bytes  # given (benchmarks): each LoRA's file bytes, for download or decoding
+        self.lora_bytes = lora_bytes  # benchmarks: each LoRA's file bytes, instead of fetching
         self.fuser = fuser or WeightFuser()
         self.downloads = LoraDownloads(settings)
         self._parsed: OrderedDict[tuple[str, str], tuple[LoraWeights, float]] = OrderedDict()
@@ -70,10 +68,8 @@ class LoraManager:
         prepared: Sequence[LoraWeights | None] | None = None,
         fp8: nn.Module | None = None,
     ) -> set[torch.Tensor]:
-        """Fuse exactly `loras` (scale 0 ones skipped) into `model`'s `parts` of `components` (what LoRA
-        files name), or with `fp8` (its fp8 transformer) into that copy's layers; other
-        models and precisions keep theirs. `go_fast` applies the schema's 1.5x to every scale.
-        `prepared`: what `prepare` read for these `loras`. Returns the weights written."""
+        """Fuse exactly `loras` into `model`'s `parts` (into `fp8`'s layers when given; other models keep
+        theirs), `go_fast` scales times 1.5, `prepared` is what `prepare` read. Returns weights written."""
         index = self._index(model, components)
         multiplier = GO_FAST_LORA_MULTIPLIER if go_fast else 1.0
         if prepared is None:
@@ -105,35 +101,29 @@ class LoraManager:
         return written
 
     def release(self) -> None:
-        """Unfuse everything: every touched weight back to its pristine bytes."""
+        """Every touched weight back to its pristine bytes."""
         self.fuser.restore_all()
 
     def prepare(
         self, model: str, components: dict[str, nn.Module], loras: Sequence[LoraRequest]
     ) -> list[LoraWeights | None]:
-        """Download, check and parse `loras` for `model` without touching any weight (None for a scale
-        0 one, never read); safe in many threads at once."""
+        """Download, check and parse `loras` (None for scale 0) without touching a weight; thread-safe."""
         return [self.weights(lora, model, components) if lora.scale != 0 else None for lora in loras]
 
     def weights(self, lora: LoraRequest, model: str, components: dict[str, nn.Module]) -> LoraWeights:
-        """The parsed LoRA for `model`: from memory when used recently, else from the cache or the web.
-        Its errors are `LoraError`s named for `lora.input_name`, here, once."""
+        """The parsed LoRA for `model`, from memory, the cache or the web; errors named for its input."""
         key = (lora.ref.identity_digest, model)
         with self._guard:
             reading = self._reading.setdefault(key, threading.Lock())
         with reading:
-            remembered = self._remembered(key, lora)
-            return remembered if remembered is not None else self._read(key, lora, model, components)
-
-    def _remembered(self, key: tuple[str, str], lora: LoraRequest) -> LoraWeights | None:
-        """The parsed LoRA kept for `key`, while it may still be trusted to be what `lora` names."""
-        with self._guard:
-            if key in self._parsed:
-                weights, parsed_at = self._parsed[key]
-                if not _unversioned(lora.ref) or time.monotonic() - parsed_at < UNVERSIONED_RECHECK_S:
+            with self._guard:  # kept while it may still be trusted to be what `lora` names
+                weights, parsed_at = self._parsed.get(key, (None, 0.0))
+                if weights is not None and (
+                    not _unversioned(lora.ref) or time.monotonic() - parsed_at < UNVERSIONED_RECHECK_S
+                ):
                     self._parsed.move_to_end(key)
                     return weights
-        return None
+            return self._read(key, lora, model, components)
 
     def _read(
         self, key: tuple[str, str], lora: LoraRequest, model: str, components: dict[str, nn.Module]
@@ -156,8 +146,8 @@ class LoraManager:
         return weights
 
     def _keep(self, key: tuple[str, str], weights: LoraWeights) -> None:
-        """Keep `weights` parsed, the least recently used others leaving while the total passes the
-        budget; one larger than the whole budget serves the request that read it and is not kept."""
+        """Keep `weights` parsed, evicting the least recently used past the budget (one larger than all of
+        it is not kept)."""
         budget = self.settings.parsed_lora_bytes
         with self._guard:
             self._parsed.pop(key, None)
@@ -174,12 +164,11 @@ class LoraManager:
 
     @property
     def parsed_bytes(self) -> int:
-        """Bytes the parsed LoRAs kept for reuse hold."""
         with self._guard:
             return sum(weights.held_bytes for weights, _ in self._parsed.values())
 
     def forget_parsed(self) -> None:
-        """Forget every parsed LoRA: each is read and parsed again on its next use (a cold switch)."""
+        """Forget every parsed LoRA (a cold switch)."""
         with self._guard:
             self._parsed.clear()
 
@@ -191,13 +180,13 @@ class LoraManager:
 
     @contextmanager
     def _lora_file(self, ref: LoraRef) -> Iterator[LoraSource]:
-        """The LoRA file of `ref` (archives unpacked): a data: URI's bytes, or a path, read-held in the
-        disk cache for the block. A cached file the block refuses is discarded, so it is fetched afresh."""
-        if ref.kind == "local":  # only the operator's default LoRA is ever local
-            yield unpacked(_local_lora(Path(ref.location)), self.settings.max_lora_bytes)
-            return
-        if ref.kind == "data":
-            yield unpacked(decode_data_uri(ref, self.settings.max_lora_bytes), self.settings.max_lora_bytes)
+        """The LoRA file of `ref` (archives unpacked), read-held in the disk cache for the block; a cached
+        file the block refuses is discarded, so it is fetched afresh."""
+        limit = self.settings.max_lora_bytes
+        if ref.kind in {"local", "data"}:  # only the operator's default LoRA is ever local
+            yield unpacked(
+                _local_lora(Path(ref.location)) if ref.kind == "local" else decode_data_uri(ref, limit), limit
+            )
             return
         cached: Path | None = None
         try:
@@ -212,7 +201,6 @@ class LoraManager:
 def _plans(
     chosen: Sequence[tuple[LoraRequest, LoraWeights, float]], index: ModuleIndex
 ) -> dict[str, dict[torch.Tensor, list[ScaledDelta]]]:
-    """Each part's {parameter: its scaled deltas}, the parameters straight from `index`."""
     plans: dict[str, dict[torch.Tensor, list[ScaledDelta]]] = {part: defaultdict(list) for part in LORA_PARTS}
     for _, weights, scale in chosen:
         for updates, params in ((weights.deltas, index.weights), (weights.biases, index.biases)):
@@ -228,7 +216,6 @@ def _overflow_error(
     index: ModuleIndex,
     model: str,
 ) -> InputError:
-    """The refusal for LoRAs whose sum overflows a weight, naming the inputs and the scales to lower."""
     names = {id(param): name for name, param in (*index.weights.items(), *index.biases.items())}
     module = names.get(id(error.param), "a weight")
     inputs = [lora for lora, weights, _ in chosen if weights.digest in error.orders]
@@ -242,17 +229,13 @@ def _overflow_error(
     )
 
 
-SCALE_INPUTS = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
-
-
 def _same_names(master: nn.Module, copy: nn.Module) -> Mapping[torch.Tensor, torch.Tensor]:
-    """Each parameter of `master` -> the one of the same name in `copy` (its fp8 copy)."""
     named = dict(copy.named_parameters())
     return {param: named[name] for name, param in master.named_parameters()}
 
 
 def _unversioned(ref: LoraRef) -> bool:
-    """Whether `ref` names whatever a service currently serves (no version or revision given)."""
+    """Whether `ref` names whatever a service currently serves (no version given)."""
     return ref.kind in {"replicate", "huggingface", "civitai"} and not ref.version
 
 

@@ -127,7 +127,7 @@ def deep_setup(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, in
     whole-model variant measured before extrapolating."""
     from flux_day.compile import (
         CompiledTransformers,
-        encode_nothing,
+        encode_prompt,
         repeated_blocks,
         seed_sizes,
         warm_up_sizes,
@@ -137,7 +137,7 @@ def deep_setup(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, in
     engine = engine_on(args.deep)
     pipe, text_tokens = engine.pipelines["dev-full"]["txt2img"], MODELS["dev"].max_sequence_length
     pipe.set_progress_bar_config(disable=True)
-    embeds = encode_nothing(pipe, engine.device, text_tokens)
+    embeds = encode_prompt(pipe, "", engine.device, text_tokens)
     regional = CompiledTransformers("inductor", seed_sizes(), None)
     seconds, counts = {EAGER: 0.0}, {EAGER: 0}
     subset = warm_up_sizes(seed_sizes())[: args.whole_sizes]  # seed token counts only
@@ -170,13 +170,13 @@ def wide_images(args: argparse.Namespace) -> dict[str, list[float]]:
     """Seconds of one image in each variant on the wide tree, interleaved round by round."""
     import torch
 
-    from flux_day.compile import CompiledTransformers, encode_nothing, repeated_blocks
+    from flux_day.compile import CompiledTransformers, encode_prompt, repeated_blocks
     from flux_day.models import MODELS
 
     engine = engine_on(args.wide)
     pipe, text_tokens = engine.pipelines["schnell-full"]["txt2img"], MODELS["schnell"].max_sequence_length
     pipe.set_progress_bar_config(disable=True)
-    embeds = encode_nothing(pipe, engine.device, text_tokens)
+    embeds = encode_prompt(pipe, "", engine.device, text_tokens)
     side = args.wide_side
     with cold_inductor_cache():
         whole = whole_model_pipe(pipe)
@@ -213,7 +213,7 @@ def wide_images(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def image(
-    pipe: Any, embeds: tuple[Any, Any], size: tuple[int, int], steps: int, text_tokens: int
+    pipe: Any, embeds: dict[str, Any], size: tuple[int, int], steps: int, text_tokens: int
 ) -> Callable[[], None]:
     """One image's denoising at `size` (width, height) from the precomputed embeddings, latents out."""
     import torch

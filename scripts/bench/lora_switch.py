@@ -79,7 +79,7 @@ def use_in_memory_loras(engine: Any, state_dicts: dict, reads: dict | None = Non
 def pristine_bytes(engine: Any, group: str) -> int:
     """Bytes of the pristine copies the fuser keeps for `group`'s weights (an offloaded module's home
     copy is not counted: it exists anyway)."""
-    from flux_day.memory_plan import tensor_bytes
+    from flux_day.residency import tensor_bytes
 
     fuser = engine.loras.fuser
     return sum(

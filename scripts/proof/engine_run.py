@@ -111,7 +111,7 @@ class Run:
         """FLUX.1 (or the tiny models) with random weights, made on the device."""
         import torch
 
-        from flux_day.memory_plan import module_bytes
+        from flux_day.residency import module_bytes
         from scripts.random_weights.models import PROFILES, build_models
 
         begun = time.perf_counter()

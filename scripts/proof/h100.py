@@ -129,7 +129,7 @@ def watch_leaving(run: Run) -> dict[str, int]:
 
 def _held_at_home(tensor: Any, home: Any) -> bool:
     """Every inner tensor of `tensor` (fp8 `qdata` and `scale`, or the tensor itself) is `home`'s."""
-    from flux_day.loras.delta_math import inner_tensors
+    from flux_day.residency import inner_tensors
 
     homes = inner_tensors(home)
     return all(part.data_ptr() == homes[key].data_ptr() for key, part in inner_tensors(tensor).items())
@@ -137,7 +137,7 @@ def _held_at_home(tensor: Any, home: Any) -> bool:
 
 def report_sent_home(run: Run, fp8: Any, left: dict[str, int]) -> None:
     """Rows: the fp8 copy's inner tensors are its home copies; on CUDA, the memory it freed leaving."""
-    from flux_day.memory_plan import module_bytes
+    from flux_day.residency import module_bytes
 
     residency = run.engine.residency
     weights = [t for t in fp8.parameters() if residency.home(t) is not None]
