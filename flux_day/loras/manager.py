@@ -29,6 +29,7 @@ from flux_day.loras.fuse import UnrepresentableWeight, WeightFuser
 from flux_day.loras.refs import LoraRef, LoraRequest, decode_data_uri
 from flux_day.loras.safetensors_file import LoraSource
 from flux_day.models import CLIP, transformer_component
+from flux_day.schema import LORA_INPUTS
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ GO_FAST_LORA_MULTIPLIER = 1.5  # the schema's lora_scale description promises it
 LoraBytes = Callable[[LoraRequest], bytes]  # a LoRA file's bytes, handed over by benchmarks to time parsing
 UNVERSIONED_RECHECK_S = 300  # how long `owner/model` (no version) is trusted to mean the same file
 LORA_PARTS = ("text_encoder", "transformer")
-SCALE_INPUTS = {"replicate_weights": "lora_scale", "extra_lora": "extra_lora_scale"}
 
 
 class LoraManager:
@@ -219,7 +219,7 @@ def _overflow_error(
     names = {id(param): name for name, param in (*index.weights.items(), *index.biases.items())}
     module = names.get(id(error.param), "a weight")
     inputs = [lora for lora, weights, _ in chosen if weights.digest in error.orders]
-    scales = ", ".join(SCALE_INPUTS.get(lora.input_name, "lora_scale") for lora in inputs)
+    scales = ", ".join(LORA_INPUTS.get(lora.input_name, "lora_scale") for lora in inputs)
     limit = torch.finfo(error.param.dtype).max
     return InputError(
         f"{', '.join(lora.input_name for lora in inputs)}: fused into FLUX.1 [{model}], this LoRA pushes "
