@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, TypeGuard
 
 import torch
@@ -70,6 +71,15 @@ class Delta:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.up,) if self.down is None else (self.up, self.down)
+
+    @cached_property
+    def bound(self) -> float:
+        """No entry exceeds |scale| · rank · max|up| · max|down| (dense: |scale| · max|up|): lets the fuse
+        skip checking a sum that cannot overflow."""
+        if not all(tensor.numel() for tensor in self.tensors()):
+            return 0.0
+        largest = abs(self.scale) * float(self.up.abs().max())
+        return largest if self.down is None else largest * float(self.down.abs().max()) * self.down.shape[0]
 
 
 @dataclass(frozen=True)

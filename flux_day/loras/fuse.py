@@ -7,6 +7,7 @@ ends bit-identical. An fp8 weight gets `quantize(master pristine + LoRA)`; the m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class Fused:
     pristine: dict[str, torch.Tensor]
     source: torch.Tensor | None = None
     content: Content | None = None  # None: pristine
+    absmax: float | None = None  # the pristine value's largest magnitude, measured once (overflow bound)
 
 
 class WeightFuser:
@@ -79,7 +81,9 @@ class WeightFuser:
                 if param not in self.records:
                     self.records[param] = Fused(group, self._pristine_copy(param), source if into else None)
                 if self.records[param].content != _content(parts):
-                    finite.append((param, self._fuse(param, parts)))
+                    flag = self._fuse(param, parts)
+                    if flag is not None:
+                        finite.append((param, flag))
                     written.add(param)
             self._refuse_unrepresentable(finite, targets)
         except BaseException:
@@ -122,9 +126,18 @@ class WeightFuser:
             self.device_bytes += tensor_bytes(tensor)
         return tensor.clone()
 
-    def _fuse(self, param: torch.Tensor, parts: Sequence[ScaledDelta]) -> torch.Tensor:
-        """Write `param` from its pristine copy plus `parts`; returns whether the sum is finite (a flag)."""
+    def _fuse(self, param: torch.Tensor, parts: Sequence[ScaledDelta]) -> torch.Tensor | None:
+        """Write `param` from its pristine copy plus `parts`; returns whether the sum is finite (a flag),
+        or None when no sum of these magnitudes can overflow."""
         record = self.records[param]
+        base = self.pristine(record.source) if record.source is not None else record.pristine[""]
+        if record.absmax is None:
+            record.absmax = float(base.abs().max()) if base.numel() else 0.0
+        # Checking every entry is a pass over the weight, slower than the fuse on a CPU: only when the
+        # bound from the factors (`Delta.bound`; LyCORIS has none) could reach the dtype's range.
+        bound = record.absmax + sum(
+            abs(part.scale) * getattr(part.delta, "bound", math.inf) for part in parts
+        )
         record.content = DIRTY  # recorded first: an interrupted write is restored
         with torch.no_grad():
             if record.source is None:
@@ -138,7 +151,7 @@ class WeightFuser:
                 fresh = inner_tensors(self.quantize(value)) if subclass else {"": value}
                 for key, tensor in targets.items():
                     tensor.copy_(fresh[key])
-            finite = value.isfinite().all()
+            finite = None if bound < torch.finfo(value.dtype).max / 2 else value.isfinite().all()
         record.content = _content(parts)
         return finite
 
