@@ -157,8 +157,13 @@ class Fetcher:
         self.session.trust_env = False  # no ~/.netrc credentials or proxies picked up behind our back
         urls = {"replicate": settings.replicate_url, "civitai": settings.civitai_url}
         urls["hugging_face"] = settings.hf_endpoint
-        self.services = {endpoint(url): name for name, url in urls.items()}
-        self.trusted = frozenset(self.services)  # the operator's own services may be internal
+        # A token goes to its service's scheme, host and port only: never in clear text to a redirect.
+        self.services = {
+            (urllib.parse.urlsplit(url).scheme, *endpoint(url)): name for name, url in urls.items()
+        }
+        self.trusted = frozenset(
+            endpoint(url) for url in urls.values()
+        )  # the operator's services may be internal
         if not settings.allow_private_urls:
             for scheme in ("http://", "https://"):
                 self.session.mount(scheme, PublicOnlyAdapter(self.trusted))
@@ -171,7 +176,7 @@ class Fetcher:
         for _ in range(MAX_REDIRECTS + 1):
             self._check_destination(url)
             headers = {"User-Agent": "flux-day"}
-            service = self.services.get(endpoint(url))
+            service = self.services.get((urllib.parse.urlsplit(url).scheme, *endpoint(url)))
             if tokens is not None and service is not None and (token := getattr(tokens, service)):
                 headers["Authorization"] = f"Bearer {token}"
             try:
