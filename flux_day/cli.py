@@ -1,32 +1,36 @@
 """Command line: `python -m flux_day generate "prompt" [options]` runs a generation outside Cog.
 
-Every option but the machine's own (`--weights`, `--out`, `--lora`, `--download`) is an input of the
-published schema, built from `flux_day.schema` and checked by `GenerationRequest` before torch is
-imported. Unlike the server, it takes local LoRA files and folders, and any number of LoRAs.
+Options: the published schema's inputs (checked before torch is imported), then the machine's own. Unlike
+the server (which must never read its disk) it takes local LoRA files and folders, and any number of LoRAs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import logging
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from flux_day.cli_loras import request_with_loras
 from flux_day.config import Settings
 from flux_day.errors import FluxDayError, InputError, WeightsError
+from flux_day.loras.refs import LoraRef, LoraRequest
 from flux_day.outputs import save_image
 from flux_day.request import GenerationRequest
-from flux_day.schema import INPUTS, LORA_INPUTS, SchemaInput
+from flux_day.schema import DEFAULTS, INPUTS, LORA_INPUTS, SCHEMA, SchemaInput
 
 log = logging.getLogger("flux_day")
 
 PROG = "python -m flux_day generate"
 LOCAL_LORA_HELP = " Here also a local .safetensors file, or a folder holding one."
+PATH_STARTS = ("/", "./", "../", "~", "file://")
 INTERRUPTED_EXIT = 130  # the shell's own status for a command stopped by Ctrl-C
 
 
@@ -46,10 +50,8 @@ def _schema_help(field: SchemaInput) -> str:
 
 def _value_type(field: SchemaInput) -> Any:
     """The argparse type of a schema input: a failed conversion reads like every other input error."""
-    if field.kind == "file":
-        return Path
     if field.kind not in {"integer", "number"}:
-        return str
+        return Path if field.kind == "file" else str
     convert, kind = (int, "an integer") if field.kind == "integer" else (float, "a number")
 
     def value(text: str) -> int | float:
@@ -89,8 +91,9 @@ def parser() -> argparse.ArgumentParser:
         options: dict[str, Any] = {"action": "store_true"} if field.kind == "boolean" else {}
         if not field.required and field.kind != "boolean":
             options = dict(type=_value_type(field), choices=field.choices or None, metavar=field.name.upper())
-        local_lora = LOCAL_LORA_HELP if field.name in LORA_INPUTS else ""
-        schema.add_argument(flag, help=_schema_help(field) + local_lora, **options)
+        schema.add_argument(
+            flag, help=_schema_help(field) + LOCAL_LORA_HELP * (field.name in LORA_INPUTS), **options
+        )
     own = gen.add_argument_group("this machine")
     own.add_argument("--weights", type=Path, help="weights root (default: FLUX_DAY_WEIGHTS, else ./weights)")
     own.add_argument(
@@ -99,9 +102,7 @@ def parser() -> argparse.ArgumentParser:
         help="download the base weights when the weights root lacks them (about 60 GB from the Hugging "
         "Face Hub; FLUX.1 [dev] is gated: HF_TOKEN must be of an account that accepted its licence)",
     )
-    own.add_argument(
-        "--out", type=Path, default=Path("outputs"), help="folder for the images (default: outputs)"
-    )
+    own.add_argument("--out", type=Path, default="outputs", help="folder for the images (default: outputs)")
     own.add_argument(
         "--lora",
         action="append",
@@ -131,24 +132,53 @@ def ignored_inputs(inputs: dict[str, Any]) -> list[str]:
     return notes
 
 
-def writable_folder(out: Path) -> Path:
-    """`--out`, created and proven writable before any work: a long run never ends in a failed write."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as error:
+def local_path(name: str, text: str) -> Path | None:
+    """The local file or folder `text` names, or None for a reference; an existing path wins over a
+    Replicate name spelt the same."""
+    path = Path(unquote(urlsplit(text).path)) if text.startswith("file://") else Path(text).expanduser()
+    if path.exists():
+        return path.resolve()
+    if text.startswith(PATH_STARTS):
         raise InputError(
-            f"--out: {str(out)!r} cannot be written ({error.strerror or error}); give a folder you can write."
-        ) from None
-    return out
+            f"{name}: {text!r} is no such file or folder; give the path of a .safetensors LoRA or a "
+            "folder holding one."
+        )
+    return None
 
 
-def request_from(args: argparse.Namespace) -> GenerationRequest:
-    """The checked request, with local and any number of LoRAs added (CLI only)."""
-    inputs = {field.name: value for field in INPUTS if (value := getattr(args, field.name)) is not None}
-    for note in ignored_inputs(inputs):
-        log.warning("%s", note)
-    return request_with_loras(inputs, args.lora)
+def lora_option(text: str) -> LoraRequest:
+    """One `--lora REF[:SCALE]`: SCALE follows the last colon when it is a number; 1 when absent."""
+    ref, colon, tail = text.rpartition(":")
+    scale = 1.0
+    if colon and ref:
+        with contextlib.suppress(ValueError):  # otherwise not a scale: a colon of the reference itself
+            scale, text = float(tail), ref
+    low, high = SCHEMA["lora_scale"].bounds  # type: ignore[misc]
+    if not low <= scale <= high:
+        raise InputError(f"--lora: scale {tail} is out of range; use a number from {low:g} to {high:g}.")
+    return lora_request("--lora", text, scale)
+
+
+def lora_request(name: str, text: str, scale: float) -> LoraRequest:
+    """A LoRA given as input `name`: a local path, or any reference a request may give."""
+    if (path := local_path(name, text.strip())) is None:
+        return LoraRequest.parse(name, text, scale)
+    return LoraRequest(name, LoraRef("local", str(path)), scale)
+
+
+def request_with_loras(inputs: dict[str, Any], options: Sequence[str]) -> GenerationRequest:
+    """The checked request with its LoRAs: the schema's two in their order (local paths too, which the
+    schema's checks would refuse), then every `--lora`."""
+    local = {}
+    for name, scale_name in LORA_INPUTS.items():
+        text = inputs.get(name)
+        if text and local_path(name, text.strip()) is not None:
+            scale = SCHEMA[scale_name].check(inputs.get(scale_name, DEFAULTS[scale_name]))
+            local[name] = lora_request(name, text, scale)
+    extra = tuple(lora_option(option) for option in options)
+    request = GenerationRequest.from_inputs(**inputs | dict.fromkeys(local))
+    named = {lora.input_name: lora for lora in (*request.loras, *local.values())}
+    return replace(request, loras=(*(named[name] for name in LORA_INPUTS if name in named), *extra))
 
 
 def ready_settings(args: argparse.Namespace) -> Settings:
@@ -185,8 +215,18 @@ def output_path(out: Path, request: GenerationRequest, seed: int) -> Path:
 
 def generate(args: argparse.Namespace) -> list[Path]:
     """Run one generation; return the written files. All a user can get wrong is checked before torch."""
-    out = writable_folder(args.out)
-    request = request_from(args)
+    out = args.out  # created and proven writable before any work: a long run never ends in a failed write
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise InputError(
+            f"--out: {str(out)!r} cannot be written ({error.strerror or error}); give a folder you can write."
+        ) from None
+    inputs = {field.name: value for field in INPUTS if (value := getattr(args, field.name)) is not None}
+    for note in ignored_inputs(inputs):
+        log.warning("%s", note)
+    request = request_with_loras(inputs, args.lora)
     settings = ready_settings(args)
     from flux_day.engine import Engine
 

@@ -4,7 +4,7 @@ only, a bad one failing setup with one sentence; credentials are read per reques
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +12,7 @@ from flux_day.errors import SettingsError
 from flux_day.models import TRANSFORMERS
 
 _GB = 1000**3
-TRUE = frozenset({"1", "true", "yes", "on"})
-FALSE = frozenset({"", "0", "false", "no", "off"})
-DEFAULT_COMPILE_MODELS = ("dev-fp8", "schnell-fp8")  # go_fast: fp8 pays only together with compilation
+TRUE, FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"", "0", "false", "no", "off"})
 NUMBERS = {  # field: (variable, default, parse, what it must be)
     "lora_cache_bytes": ("FLUX_DAY_LORA_CACHE_BYTES", 20 * _GB, int, "a number of bytes"),
     "max_lora_bytes": ("FLUX_DAY_MAX_LORA_BYTES", 2 * _GB, int, "a number of bytes"),
@@ -27,6 +25,7 @@ SERVICE_URLS = {  # field: (variable, default)
     "civitai_url": ("FLUX_DAY_CIVITAI_URL", "https://civitai.com"),
     "hf_endpoint": ("HF_ENDPOINT", "https://huggingface.co"),
 }
+TOKENS = {"replicate": "REPLICATE_API_TOKEN", "civitai": "CIVITAI_API_TOKEN", "hugging_face": "HF_TOKEN"}
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -36,18 +35,13 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return value in TRUE
 
 
-def _parsed(
-    env: Mapping[str, str], name: str, default: float, parse: Callable[[str], float], what: str
-) -> float:
-    """`env[name]` read by `parse`, `default` when unset or empty; otherwise one sentence saying why not."""
+def _number(env: Mapping[str, str], name: str, default: float, parse: type, what: str) -> float:
     value = (env.get(name) or "").strip()
-    if not value:
-        return default
     try:
-        parsed = parse(value)
+        parsed = parse(value) if value else default
     except ValueError:
-        parsed = None
-    if parsed is None or (isinstance(parsed, int | float) and parsed < 0):
+        parsed = -1
+    if parsed < 0:
         raise SettingsError(f"{name}={value!r} is not {what}; set {what} (or leave it unset).")
     return parsed
 
@@ -64,8 +58,7 @@ class Credentials:
 def credentials(env: Mapping[str, str] | None = None) -> Credentials:
     """The tokens set now (read per request, not kept in `Settings`: never logged, rotatable)."""
     env = os.environ if env is None else env
-    names = {"replicate": "REPLICATE_API_TOKEN", "civitai": "CIVITAI_API_TOKEN", "hugging_face": "HF_TOKEN"}
-    return Credentials(**{field: env.get(name) or None for field, name in names.items()})
+    return Credentials(**{field: env.get(name) or None for field, name in TOKENS.items()})
 
 
 @dataclass(frozen=True)
@@ -99,7 +92,10 @@ class Settings:
         if device not in {"auto", "cuda", "cpu"}:
             raise SettingsError(f"FLUX_DAY_DEVICE={device!r} is not a device; set auto, cuda or cpu.")
         backend = (env.get("FLUX_DAY_COMPILE") or "auto").strip().lower()
-        fp8_cache = (env.get("FLUX_DAY_FP8_CACHE") or "").strip()
+        fp8 = (env.get("FLUX_DAY_FP8_CACHE") or "").strip()
+        urls = {
+            field: (env.get(name) or default).rstrip("/") for field, (name, default) in SERVICE_URLS.items()
+        }
         return cls(
             weights=weights,
             device=device,
@@ -107,27 +103,21 @@ class Settings:
             lora_cache=Path(env.get("FLUX_DAY_LORA_CACHE") or weights / "lora-cache"),
             allow_private_urls=_flag(env, "FLUX_DAY_ALLOW_PRIVATE_URLS"),
             compile="off" if backend in FALSE else "inductor" if backend in TRUE else backend,
-            compile_models=_compile_models(env.get("FLUX_DAY_COMPILE_MODELS")),
+            compile_models=_compile_models(env.get("FLUX_DAY_COMPILE_MODELS") or ""),
             compile_cache=Path(env.get("FLUX_DAY_COMPILE_CACHE") or weights / "compile-cache"),
-            fp8_cache=None
-            if fp8_cache.lower() in FALSE - {""} | {"none"}
-            else Path(fp8_cache or weights / "fp8-cache"),
-            **{field: _parsed(env, *spec) for field, spec in NUMBERS.items()},
-            **{
-                field: (env.get(name) or default).rstrip("/")
-                for field, (name, default) in SERVICE_URLS.items()
-            },
+            fp8_cache=None if fp8.lower() in FALSE - {""} | {"none"} else Path(fp8 or weights / "fp8-cache"),
+            **{field: _number(env, *spec) for field, spec in NUMBERS.items()},
+            **urls,
         )
 
 
-def _compile_models(value: str | None) -> tuple[str, ...]:
-    if value is None or not value.strip():
-        return DEFAULT_COMPILE_MODELS
+def _compile_models(value: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(name.strip().lower() for name in value.split(",") if name.strip()))
-    unknown = [name for name in names if name not in TRANSFORMERS]
-    if unknown:
+    if unknown := [name for name in names if name not in TRANSFORMERS]:
         raise SettingsError(
             f"FLUX_DAY_COMPILE_MODELS={value!r} names {unknown[0]!r}; set a comma-separated list of "
             f"{', '.join(TRANSFORMERS)}."
         )
-    return names
+    return (
+        names if value.strip() else ("dev-fp8", "schnell-fp8")
+    )  # go_fast: fp8 pays only together with compilation

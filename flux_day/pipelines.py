@@ -37,7 +37,7 @@ from flux_day.models import (
     transformer_component,
 )
 from flux_day.residency import module_bytes
-from flux_day.weights.layout import has_base_models
+from flux_day.weights.manifest import has_base_models
 
 log = logging.getLogger(__name__)
 

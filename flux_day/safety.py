@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPImageProcessor
 
 from flux_day.errors import ContentError, WeightsError
-from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
+from flux_day.weights.manifest import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
 
 log = logging.getLogger(__name__)
 

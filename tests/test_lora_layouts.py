@@ -23,7 +23,7 @@ from flux_day.loras import formats
 from flux_day.loras.flux_layout import ModuleIndex
 from flux_day.loras.manager import LoraManager
 from flux_day.loras.refs import LoraRequest
-from flux_day.weights.layout import DEV_FOLDER
+from flux_day.weights.manifest import DEV_FOLDER
 from scripts.random_weights.tree import write_tiny_weights
 from tests.harness import lora_layouts as ll
 from tests.harness.lora_files import data_uri, to_bytes

@@ -20,7 +20,7 @@ from flux_day.engine import Engine
 from flux_day.errors import ContentError, WeightsError
 from flux_day.request import GenerationRequest
 from flux_day.safety import ALL_FLAGGED, SafetyFilter
-from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
+from flux_day.weights.manifest import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
 from scripts.random_weights.tree import write_tiny_weights
 from tests.harness.cog_server import CogServer, server_env
 

@@ -27,14 +27,17 @@ from flux_day.config import Settings
 from flux_day.errors import WeightsError
 from flux_day.pipelines import build_pipelines, load_models
 from flux_day.weights.download import SOURCE_RECORD, STAGING, ensure_weights, missing_folders
-from flux_day.weights.layout import (
+from flux_day.weights.manifest import (
     DEV_FOLDER,
+    MANIFEST,
+    NEVER_FETCHED,
     NSFW_CLASSIFIER_FOLDER,
     SAFETY_CHECKER_FOLDER,
     SCHNELL_FOLDER,
+    Source,
+    folders,
     has_base_models,
 )
-from flux_day.weights.manifest import MANIFEST, NEVER_FETCHED, Source, folders
 from tests.harness.fake_services import HF_LFS_SUFFIXES, FakeHuggingFace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

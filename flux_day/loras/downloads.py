@@ -22,7 +22,7 @@ from flux_day.loras.cache import LoraCache
 from flux_day.loras.fetch import DOWNLOAD_DEADLINE_S, Fetcher
 from flux_day.loras.refs import LoraRef, shown_source
 from flux_day.loras.safetensors_file import check_lora_file
-from flux_day.weights.hub_errors import hub_refusal
+from flux_day.weights.download import hub_refusal
 
 log = logging.getLogger("flux_day.loras.manager")  # one log for reading LoRAs, whichever step
 FILL_WAIT_S = DOWNLOAD_DEADLINE_S + 120  # the longest another process's download of a LoRA can take

@@ -1,47 +1,46 @@
-"""The manifest's base weights fetched from the Hugging Face Hub into the weights layout, verified.
-
-Each folder is staged on the weights root's filesystem (`.flux-day-download/<folder>/`), every file
-pinned to the commit the Hub's listing resolved and checked against that listing's sha256 (LFS) or git
-blob id, then renamed into place whole (`filelocks.publish`: replicas fetch folders side by side).
-A killed download resumes: verified files are kept, a dropped connection continues with a Range.
-"""
+"""The manifest's base weights fetched from the Hugging Face Hub, each file pinned to the commit the Hub's
+listing resolved and checked against its sha256 (LFS) or git blob id. A folder is staged beside the root
+and renamed into place whole (`filelocks.publish`: replicas share the work); a killed download resumes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import re
 import shlex
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import NamedTuple
 
+import httpx2
 from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import errors as hub
 from huggingface_hub.hf_api import RepoSibling
+from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
 from flux_day import filelocks
 from flux_day.config import Settings, credentials
 from flux_day.errors import WeightsError
 from flux_day.models import MODELS
-from flux_day.weights.hub_errors import RUN_AGAIN, hub_errors
-from flux_day.weights.layout import DEV_FOLDER, NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER, SCHNELL_FOLDER
-from flux_day.weights.manifest import MANIFEST, Source, folders
+from flux_day.weights.manifest import APPROXIMATE_GB, DEV_FOLDER, MANIFEST, Source, folders
 
 log = logging.getLogger(__name__)
 
 STAGING = ".flux-day-download"  # under the weights root: same filesystem, so the final rename is atomic
 SOURCE_RECORD = ".flux-day-source.json"  # written into each downloaded folder: repo, commit, checksums
-# Each folder's size on the Hub (dev: transformer 23.8 + T5 9.5 + CLIP and VAE 0.4), for the notice.
-APPROXIMATE_GB = {
-    DEV_FOLDER: 34,
-    SCHNELL_FOLDER: 24,
-    SAFETY_CHECKER_FOLDER: 1.2,
-    NSFW_CLASSIFIER_FOLDER: 0.35,
-}
-_HUB_CACHE = ".cache"  # huggingface_hub's bookkeeping inside a local_dir; not moved into place
+RUN_AGAIN = "run `python scripts/download_weights.py` (or the command line with `--download`) to resume"
+_SIGNED_QUERY = re.compile(r"(https?://[^\s?]+)\?[^\s)]*")
+_KINDS = (  # a gated repo is also a RepositoryNotFoundError: first match wins
+    (hub.GatedRepoError, "gated"),
+    (hub.RepositoryNotFoundError, "no repo"),
+    (hub.RevisionNotFoundError, "no revision"),
+    (hub.RemoteEntryNotFoundError, "no file"),
+    (hub.OfflineModeIsEnabled, "offline"),
+)
 
 
 class Plan(NamedTuple):
@@ -141,8 +140,8 @@ def _download_folder(staging: Path, rows: Sequence[Source], endpoint: str, token
     fetched = sum(
         _download_file(plan, remote, staging, endpoint, token) for plan in plans for remote in plan.files
     )
-    # Drop the client's bookkeeping and files no plan names (an earlier run's, of another commit).
-    shutil.rmtree(staging / _HUB_CACHE, ignore_errors=True)
+    # Drop the client's bookkeeping (.cache) and files no plan names (an earlier run's, of another commit).
+    shutil.rmtree(staging / ".cache", ignore_errors=True)
     for relative in set(_local_files(staging)) - set(origin):
         (staging / relative).unlink()
     for directory in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
@@ -154,8 +153,7 @@ def _download_folder(staging: Path, rows: Sequence[Source], endpoint: str, token
         for plan in plans
     ]
     (staging / SOURCE_RECORD).write_text(json.dumps({"sources": record}, indent=2) + "\n")
-    target = staging.parents[1] / rows[0].folder
-    if target.exists():
+    if (target := staging.parents[1] / rows[0].folder).exists():
         log.warning("weights: %s is incomplete; replacing it with the downloaded copy", target)
     log.info(
         "weights: %s/ complete: %d files, %s (%s downloaded) from %s in %.1fs",
@@ -171,9 +169,8 @@ def _download_folder(staging: Path, rows: Sequence[Source], endpoint: str, token
 def _plan(source: Source, endpoint: str, token: str | bool) -> Plan:
     """Resolve `source` on the Hub: its commit, and the files it fetches with their checksums."""
     with hub_errors(source, endpoint, token):
-        info = HfApi(endpoint=endpoint).model_info(
-            source.repo_id, revision=source.revision, files_metadata=True, token=token
-        )
+        api = HfApi(endpoint=endpoint)
+        info = api.model_info(source.repo_id, revision=source.revision, files_metadata=True, token=token)
     if not info.sha:
         raise WeightsError(f"{endpoint} did not say which commit {source.repo_id}@{source.revision} is.")
     files = tuple(sibling for sibling in info.siblings or () if source.wants(sibling.rfilename))
@@ -188,19 +185,31 @@ def _plan(source: Source, endpoint: str, token: str | bool) -> Plan:
 
 
 def _download_file(plan: Plan, remote: RepoSibling, staging: Path, endpoint: str, token: str | bool) -> int:
-    """Fetch one file into `staging` (kept if there and unchanged), verify it; the bytes downloaded."""
-    local = staging.joinpath(*remote.rfilename.split("/"))
+    """Fetch one file into `staging` (kept if there and unchanged) and check it against the Hub's size and
+    checksum, deleting it if it differs; return the bytes downloaded."""
+    local, repo, name = staging.joinpath(*remote.rfilename.split("/")), plan.source.repo_id, remote.rfilename
     already_there = local.is_file()
-    with hub_errors(plan.source, endpoint, token, remote.rfilename):
-        hf_hub_download(
-            plan.source.repo_id,
-            remote.rfilename,
-            revision=plan.commit,  # every file from the one commit the listing described
-            local_dir=staging,
-            endpoint=endpoint,
-            token=token,
+    with hub_errors(plan.source, endpoint, token, name):  # every file from the commit the listing described
+        hf_hub_download(repo, name, revision=plan.commit, local_dir=staging, endpoint=endpoint, token=token)
+    size, expected = local.stat().st_size, remote.lfs.sha256 if remote.lfs else remote.blob_id
+    problem = f"it has {size} bytes, the Hub says {remote.size}" if remote.size not in (None, size) else ""
+    if not problem and expected:
+        with local.open("rb") as file:  # not LFS: a small file, hashed as git does
+            digest = sha_fileobj(file).hex() if remote.lfs else git_hash(file.read())
+        algorithm = "sha256" if remote.lfs else "git blob id"
+        problem = "" if digest == expected else f"{algorithm} {digest}, the Hub says {expected}"
+    elif remote.size is None:
+        local.unlink()
+        raise WeightsError(
+            f"The Hub reported no size or checksum for {name} in {repo}@{plan.commit}, so it cannot be "
+            "verified; it was not kept."
         )
-    _verify(local, remote, plan)
+    if problem:
+        local.unlink()
+        raise WeightsError(
+            f"{plan.source.folder}/{name} downloaded from {repo}@{plan.commit} failed its checksum "
+            f"({problem}); the file was deleted: {RUN_AGAIN}."
+        )
     return 0 if already_there else remote.size or 0
 
 
@@ -209,33 +218,52 @@ def _checksum(remote: RepoSibling) -> tuple[str, dict[str, object]]:
     return remote.rfilename, {"size": remote.size, **checksum}
 
 
-def _verify(local: Path, remote: RepoSibling, plan: Plan) -> None:
-    """Check `local` against the Hub's size and checksum; delete it and raise `WeightsError` if it differs."""
-    size, expected = local.stat().st_size, remote.lfs.sha256 if remote.lfs else remote.blob_id
-    problem = f"it has {size} bytes, the Hub says {remote.size}" if remote.size not in (None, size) else ""
-    if not problem and expected:
-        with local.open("rb") as file:  # a git blob id is the sha1 of `blob <size>\0` + the bytes
-            blob = lambda: hashlib.sha1(b"blob %d\0" % size)  # noqa: E731
-            digest = hashlib.file_digest(file, "sha256" if remote.lfs else blob).hexdigest()
-        name = "sha256" if remote.lfs else "git blob id"
-        problem = "" if digest == expected else f"{name} {digest}, the Hub says {expected}"
-    elif remote.size is None:
-        local.unlink()
-        raise WeightsError(
-            f"The Hub reported no size or checksum for {remote.rfilename} in "
-            f"{plan.source.repo_id}@{plan.commit}, so it cannot be verified; it was not kept."
-        )
-    if problem:
-        local.unlink()
-        raise WeightsError(
-            f"{plan.source.folder}/{remote.rfilename} downloaded from {plan.source.repo_id}@{plan.commit} "
-            f"failed its checksum ({problem}); the file was deleted: {RUN_AGAIN}."
-        )
-
-
 def _human(size: int) -> str:
     """Bytes in decimal units, as the Hub shows file sizes."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if size >= scale:
             return f"{size / scale:.2f} {unit}"
     return f"{size} B"
+
+
+def hub_refusal(error: BaseException) -> tuple[str, int | None] | None:
+    """(what the Hub refused, its HTTP status): "gated", "no repo", "no revision", "no file", "offline",
+    "token" (HTTP 401/403) or "http"; None when `error` is no answer of the Hub (a network failure)."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    kind = next((kind for error_type, kind in _KINDS if isinstance(error, error_type)), None)
+    if kind is None and isinstance(error, hub.HfHubHTTPError):
+        kind = "token" if status in (401, 403) else "http"
+    return None if kind is None else (kind, status)
+
+
+@contextmanager
+def hub_errors(source: Source, endpoint: str, token: str | bool, path: str | None = None) -> Iterator[None]:
+    """Turn what the Hub client raises into a `WeightsError` that names the repo and the fix."""
+    repo_id, where = source.repo_id, f"{endpoint}/{source.repo_id}"
+    what = f"{path} of {repo_id}" if path else f"the file list of {repo_id}"
+    token_fix = "HF_TOKEN cannot read it" if token else "no HF_TOKEN was set; set one that can read it"
+    try:
+        yield
+    except Exception as error:
+        kind, status = hub_refusal(error) or ("", None)
+        if not kind and not isinstance(error, httpx2.HTTPError | OSError):
+            raise
+        access = f"accept its license at {where} and set HF_TOKEN to a token of that account"
+        if token:
+            access = f"the account of HF_TOKEN has no access: accept its license at {where}"
+        message = {
+            "gated": f"{repo_id} is gated: {access}, then {RUN_AGAIN}.",
+            "no repo": f"{endpoint} answered that {repo_id} does not exist or is private ({token_fix}).",
+            "no revision": f"{repo_id} has no revision {source.revision!r} at {endpoint}; the manifest "
+            "(flux_day/weights/manifest.py) names it.",
+            "no file": f"{what} is listed but cannot be fetched (not found); {RUN_AGAIN}.",
+            "offline": f"HF_HUB_OFFLINE is set, so {what} cannot be downloaded; unset it and {RUN_AGAIN}.",
+            "token": f"{endpoint} refused {what} with HTTP {status} ({token_fix}).",
+            "http": f"{endpoint} answered HTTP {status} for {what}; {RUN_AGAIN}.",
+        }.get(kind)
+        if message is None:  # CDN links are signed: keep the signature out
+            reason = _SIGNED_QUERY.sub(r"\1?…", str(error))
+            message = (
+                f"Downloading {what} from {endpoint} failed ({type(error).__name__}: {reason}); {RUN_AGAIN}."
+            )
+        raise WeightsError(message) from error

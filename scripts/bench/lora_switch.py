@@ -112,7 +112,7 @@ def lora_switch(args: argparse.Namespace) -> None:
 
     from flux_day.config import Settings
     from flux_day.engine import Engine
-    from flux_day.weights.layout import DEV_FOLDER
+    from flux_day.weights.manifest import DEV_FOLDER
 
     logging.getLogger("flux_day").setLevel(logging.WARNING)
     diffusers_logging.set_verbosity_error()

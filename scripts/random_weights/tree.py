@@ -11,7 +11,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from flux_day.models import MODELS
-from flux_day.weights.layout import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
+from flux_day.weights.manifest import NSFW_CLASSIFIER_FOLDER, SAFETY_CHECKER_FOLDER
 from scripts.random_weights.models import PROFILES, text_encoders, transformer, vae
 from scripts.random_weights.safety import safety_models
 from scripts.random_weights.tokenizers import clip_tokenizer, t5_tokenizer
