@@ -45,7 +45,8 @@ def _schema_help(field: SchemaInput) -> str:
         takes = {"file": "an image file", "integer": "an integer", "boolean": "a flag"}.get(field.kind, "")
     default = "" if field.default is None else f"default: {field.default}"
     shown = "; ".join(part for part in (takes, default) if part)
-    return f"{field.description.rstrip('.')}. ({shown})" if shown else field.description
+    described = f"{field.description.rstrip('.')}. ({shown})" if shown else field.description
+    return described + LOCAL_LORA_HELP * (field.name in LORA_INPUTS)
 
 
 def _value_type(field: SchemaInput) -> Any:
@@ -91,9 +92,7 @@ def parser() -> argparse.ArgumentParser:
         options: dict[str, Any] = {"action": "store_true"} if field.kind == "boolean" else {}
         if not field.required and field.kind != "boolean":
             options = dict(type=_value_type(field), choices=field.choices or None, metavar=field.name.upper())
-        schema.add_argument(
-            flag, help=_schema_help(field) + LOCAL_LORA_HELP * (field.name in LORA_INPUTS), **options
-        )
+        schema.add_argument(flag, help=_schema_help(field), **options)
     own = gen.add_argument_group("this machine")
     own.add_argument("--weights", type=Path, help="weights root (default: FLUX_DAY_WEIGHTS, else ./weights)")
     own.add_argument(
@@ -118,10 +117,9 @@ def ignored_inputs(inputs: dict[str, Any]) -> list[str]:
     """A note for each input given that this request will not use, so nothing is ignored in silence."""
     notes = []
     sides = [name for name in ("width", "height") if name in inputs]
-    if "image" in inputs:
-        given = [name for name in ("aspect_ratio", *sides, "megapixels") if name in inputs]
-        if given:
-            notes.append(f"{', '.join(given)}: ignored with --image; the image's own size is used.")
+    given = [name for name in ("aspect_ratio", *sides, "megapixels") if name in inputs]
+    if "image" in inputs and given:
+        notes.append(f"{', '.join(given)}: ignored with --image; the image's own size is used.")
     elif sides and inputs.get("aspect_ratio") != "custom":
         them = "them" if len(sides) > 1 else "it"
         notes.append(f"{' and '.join(sides)}: ignored unless --aspect-ratio custom; add that to use {them}.")
@@ -205,11 +203,9 @@ def output_path(out: Path, request: GenerationRequest, seed: int) -> Path:
     stem = f"{request.model}-{request.mode}{fast}-{seed}"
     for attempt in range(1, 10_000):
         path = out / f"{stem}{'' if attempt == 1 else f'-{attempt}'}.{request.output_format}"
-        try:
+        with contextlib.suppress(FileExistsError):
             path.open("xb").close()  # claimed: a run beside this one picks another name
             return path
-        except FileExistsError:
-            continue
     raise InputError(f"--out: {str(out)!r} already holds 10000 images named {stem}; give another folder.")
 
 

@@ -35,7 +35,6 @@ from flux_day.weights.manifest import (
     SAFETY_CHECKER_FOLDER,
     SCHNELL_FOLDER,
     Source,
-    folders,
     has_base_models,
 )
 from tests.harness.fake_services import HF_LFS_SUFFIXES, FakeHuggingFace
@@ -43,6 +42,7 @@ from tests.harness.fake_services import HF_LFS_SUFFIXES, FakeHuggingFace
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_fake_secret_token_1234"
 DEV = next(row for row in MANIFEST if row.folder == DEV_FOLDER)
+FOLDERS = [row.folder for row in MANIFEST]
 VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
 TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
 
@@ -73,9 +73,8 @@ def serve(hub: FakeHuggingFace, source_root: Path, token: str | None = None) -> 
     return what each folder should end up holding."""
     expected: dict[str, dict[str, bytes]] = {}
     repos: dict[tuple[str, str], dict[str, bytes]] = {}
-    for folder, rows in folders().items():
-        (row,) = rows
-        files = tree(source_root / folder)
+    for row in MANIFEST:
+        folder, files = row.folder, tree(source_root / row.folder)
         assert all(row.wants(path) for path in files), f"the manifest would not fetch all of {folder}/"
         expected[folder] = files
         decoys = {path: f"decoy {folder}/{path}".encode() for path in DECOYS[folder]}
@@ -97,7 +96,7 @@ def downloaded(root: Path) -> dict[str, dict[str, bytes]]:
     """Each layout folder's files as downloaded, without the source record."""
     return {
         folder: {path: data for path, data in tree(root / folder).items() if path != SOURCE_RECORD}
-        for folder in folders()
+        for folder in FOLDERS
     }
 
 
@@ -119,7 +118,7 @@ def hub() -> Iterator[FakeHuggingFace]:
 
 
 def test_the_manifest_covers_the_layout_with_safetensors_only(tiny_weights: Path) -> None:
-    assert set(folders()) == {DEV_FOLDER, SCHNELL_FOLDER, SAFETY_CHECKER_FOLDER, NSFW_CLASSIFIER_FOLDER}
+    assert FOLDERS == [DEV_FOLDER, SCHNELL_FOLDER, SAFETY_CHECKER_FOLDER, NSFW_CLASSIFIER_FOLDER]
     pickles = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "weights.pkl", "x.pickle")
     assert len(pickles) == len(NEVER_FETCHED)
     for row in MANIFEST:
@@ -153,7 +152,7 @@ def test_a_download_into_an_empty_root_is_the_tree_the_predictor_loads(
     # said before any download: the folder, the size, dev's licence and HF_TOKEN
     assert f"missing under {root}" in notice and "GB to download" in notice, notice
     assert "gated" in notice and "HF_TOKEN" in notice
-    assert len(lines) == len(folders()), lines  # one line per folder, with sizes and time
+    assert len(lines) == len(FOLDERS), lines  # one line per folder, with sizes and time
     assert any(f"{DEV_FOLDER}/ complete" in line and "KB" in line and "s" in line for line in lines)
 
     models = load_models(root, torch.float32)
@@ -195,7 +194,7 @@ def test_a_file_that_fails_its_checksum_is_refused_and_nothing_looks_complete(
     message = str(refusal.value)
     assert f"{DEV_FOLDER}/{corrupted}" in message and DEV.repo_id in message
     assert not (root / DEV_FOLDER).exists() and not has_base_models(root)
-    assert missing_folders(root) == list(folders())
+    assert missing_folders(root) == FOLDERS
     everything = [p.read_bytes() for p in root.rglob("*") if p.is_file()]
     assert bad not in everything  # the corrupted bytes were deleted, not kept anywhere
 
@@ -305,7 +304,7 @@ def test_an_unreachable_hub_is_named_in_the_error(tmp_path: Path) -> None:
     assert str(failure.value).startswith(
         f"Downloading the file list of {DEV.repo_id} from {endpoint} failed (ConnectError"
     )
-    assert missing_folders(root) == list(folders())
+    assert missing_folders(root) == FOLDERS
 
 
 def test_the_script_downloads_even_when_offline_is_set_and_exits_2_with_the_reason(
@@ -353,8 +352,8 @@ def test_two_processes_on_one_root_share_the_folders_out_and_fetch_each_file_onc
     assert list((root / STAGING).iterdir()) == []
     assert all(hits == 1 for hits in hub.cdn.hits.values()), hub.cdn.hits
     written = [log.read_text() for log in logs]
-    assert [written[0].count(f"{folder}/ complete") for folder in folders()] == [1, 0, 0, 0]
-    assert [written[1].count(f"{folder}/ complete") for folder in folders()] == [0, 1, 1, 1]
+    assert [written[0].count(f"{folder}/ complete") for folder in FOLDERS] == [1, 0, 0, 0]
+    assert [written[1].count(f"{folder}/ complete") for folder in FOLDERS] == [0, 1, 1, 1]
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:

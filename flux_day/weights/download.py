@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import NamedTuple
 
 import httpx2
 from huggingface_hub import HfApi, hf_hub_download
@@ -26,7 +25,7 @@ from flux_day import filelocks
 from flux_day.config import Settings, credentials
 from flux_day.errors import WeightsError
 from flux_day.models import MODELS
-from flux_day.weights.manifest import APPROXIMATE_GB, DEV_FOLDER, MANIFEST, Source, folders
+from flux_day.weights.manifest import DEV_FOLDER, DOWNLOAD_GB, MANIFEST, Source
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +40,6 @@ _KINDS = (  # a gated repo is also a RepositoryNotFoundError: first match wins
     (hub.RemoteEntryNotFoundError, "no file"),
     (hub.OfflineModeIsEnabled, "offline"),
 )
-
-
-class Plan(NamedTuple):
-    """A manifest row resolved against the Hub: the commit and the listed files to fetch from it."""
-
-    source: Source
-    commit: str
-    files: tuple[RepoSibling, ...]
 
 
 def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) -> None:
@@ -67,7 +58,7 @@ def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) ->
         )
     log.warning("weights: %s Downloading them now.", download_notice(root, missing))
     token = credentials().hugging_face or False  # False: never a login stored on disk
-    rows = folders(tuple(manifest))
+    rows = {row.folder: row for row in manifest}
     try:
         (root / STAGING).mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -98,17 +89,16 @@ def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) ->
 def missing_folders(root: Path, manifest: Sequence[Source] = MANIFEST) -> list[str]:
     """The manifest's folders under `root` that are absent or lack one of their `required` files."""
     missing = []
-    for folder, rows in folders(tuple(manifest)).items():
-        present = _local_files(root / folder)
-        required = [pattern for row in rows for pattern in row.required]
-        if not present or not all(any(fnmatchcase(p, pattern) for p in present) for pattern in required):
-            missing.append(folder)
+    for row in manifest:
+        present = _local_files(root / row.folder)
+        if not present or not all(any(fnmatchcase(p, pattern) for p in present) for pattern in row.required):
+            missing.append(row.folder)
     return missing
 
 
 def download_notice(root: Path, missing: Sequence[str]) -> str:
     """What a download of `missing` means, said before it starts: the folder, the size, the licence."""
-    size = sum(APPROXIMATE_GB.get(folder, 0) for folder in missing)
+    size = sum(DOWNLOAD_GB.get(folder, 0) for folder in missing)
     gated = (
         f" FLUX.1 [dev] is gated: accept its licence at https://huggingface.co/{MODELS['dev'].repo_id} "
         "and set HF_TOKEN to a token of that account."
@@ -125,72 +115,57 @@ def _local_files(folder: Path) -> list[str]:
     return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
 
 
-def _download_folder(staging: Path, rows: Sequence[Source], endpoint: str, token: str | bool) -> None:
-    """Fill `staging` with the verified files of `rows` and their record (the caller moves it into place)."""
+def _download_folder(staging: Path, source: Source, endpoint: str, token: str | bool) -> None:
+    """Fill `staging` with the verified files of `source` at the one commit the Hub's listing resolves, and
+    their record; the caller moves it into place."""
     started = time.monotonic()
-    plans = [_plan(row, endpoint, token) for row in rows]
-    origin: dict[str, str] = {}
-    for plan in plans:
-        for remote in plan.files:
-            if origin.setdefault(remote.rfilename, plan.source.repo_id) != plan.source.repo_id:
-                raise WeightsError(
-                    f"{plan.source.folder}/{remote.rfilename} would come from both "
-                    f"{origin[remote.rfilename]} and {plan.source.repo_id}; the manifest must name one."
-                )
-    fetched = sum(
-        _download_file(plan, remote, staging, endpoint, token) for plan in plans for remote in plan.files
-    )
-    # Drop the client's bookkeeping (.cache) and files no plan names (an earlier run's, of another commit).
-    shutil.rmtree(staging / ".cache", ignore_errors=True)
-    for relative in set(_local_files(staging)) - set(origin):
-        (staging / relative).unlink()
-    for directory in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
-        if not any(directory.iterdir()):
-            directory.rmdir()
-    record = [
-        {"repo_id": plan.source.repo_id, "revision": plan.source.revision, "commit": plan.commit}
-        | {"files": dict(map(_checksum, plan.files))}
-        for plan in plans
-    ]
-    (staging / SOURCE_RECORD).write_text(json.dumps({"sources": record}, indent=2) + "\n")
-    if (target := staging.parents[1] / rows[0].folder).exists():
-        log.warning("weights: %s is incomplete; replacing it with the downloaded copy", target)
-    log.info(
-        "weights: %s/ complete: %d files, %s (%s downloaded) from %s in %.1fs",
-        rows[0].folder,
-        len(origin),
-        _human(sum(remote.size or 0 for plan in plans for remote in plan.files)),
-        _human(fetched),
-        ", ".join(f"{plan.source.repo_id}@{plan.commit[:12]}" for plan in plans),
-        time.monotonic() - started,
-    )
-
-
-def _plan(source: Source, endpoint: str, token: str | bool) -> Plan:
-    """Resolve `source` on the Hub: its commit, and the files it fetches with their checksums."""
     with hub_errors(source, endpoint, token):
         api = HfApi(endpoint=endpoint)
         info = api.model_info(source.repo_id, revision=source.revision, files_metadata=True, token=token)
-    if not info.sha:
+    if not (commit := info.sha):
         raise WeightsError(f"{endpoint} did not say which commit {source.repo_id}@{source.revision} is.")
     files = tuple(sibling for sibling in info.siblings or () if source.wants(sibling.rfilename))
     for pattern in source.required:
         if not any(fnmatchcase(remote.rfilename, pattern) for remote in files):
             raise WeightsError(
-                f"{source.repo_id}@{source.revision} (commit {info.sha}) has no file matching {pattern!r} "
+                f"{source.repo_id}@{source.revision} (commit {commit}) has no file matching {pattern!r} "
                 f"among the files {source.folder}/ takes from it ({', '.join(source.allow)}); the "
                 "manifest (flux_day/weights/manifest.py) no longer matches the repo."
             )
-    return Plan(source, info.sha, files)
+    fetched = sum(_download_file(source, commit, remote, staging, endpoint, token) for remote in files)
+    # Drop the client's bookkeeping (.cache) and files not listed (an earlier run's, of another commit).
+    shutil.rmtree(staging / ".cache", ignore_errors=True)
+    for relative in set(_local_files(staging)) - {remote.rfilename for remote in files}:
+        (staging / relative).unlink()
+    for directory in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
+        if not any(directory.iterdir()):
+            directory.rmdir()
+    checksums = dict(map(_checksum, files))
+    record = {"repo_id": source.repo_id, "revision": source.revision, "commit": commit, "files": checksums}
+    (staging / SOURCE_RECORD).write_text(json.dumps({"sources": [record]}, indent=2) + "\n")
+    if (target := staging.parents[1] / source.folder).exists():
+        log.warning("weights: %s is incomplete; replacing it with the downloaded copy", target)
+    log.info(
+        "weights: %s/ complete: %d files, %s (%s downloaded) from %s@%s in %.1fs",
+        source.folder,
+        len(files),
+        _human(sum(remote.size or 0 for remote in files)),
+        _human(fetched),
+        source.repo_id,
+        commit[:12],
+        time.monotonic() - started,
+    )
 
 
-def _download_file(plan: Plan, remote: RepoSibling, staging: Path, endpoint: str, token: str | bool) -> int:
+def _download_file(
+    source: Source, commit: str, remote: RepoSibling, staging: Path, endpoint: str, token: str | bool
+) -> int:
     """Fetch one file into `staging` (kept if there and unchanged) and check it against the Hub's size and
     checksum, deleting it if it differs; return the bytes downloaded."""
-    local, repo, name = staging.joinpath(*remote.rfilename.split("/")), plan.source.repo_id, remote.rfilename
+    local, repo, name = staging.joinpath(*remote.rfilename.split("/")), source.repo_id, remote.rfilename
     already_there = local.is_file()
-    with hub_errors(plan.source, endpoint, token, name):  # every file from the commit the listing described
-        hf_hub_download(repo, name, revision=plan.commit, local_dir=staging, endpoint=endpoint, token=token)
+    with hub_errors(source, endpoint, token, name):
+        hf_hub_download(repo, name, revision=commit, local_dir=staging, endpoint=endpoint, token=token)
     size, expected = local.stat().st_size, remote.lfs.sha256 if remote.lfs else remote.blob_id
     problem = f"it has {size} bytes, the Hub says {remote.size}" if remote.size not in (None, size) else ""
     if not problem and expected:
@@ -201,13 +176,13 @@ def _download_file(plan: Plan, remote: RepoSibling, staging: Path, endpoint: str
     elif remote.size is None:
         local.unlink()
         raise WeightsError(
-            f"The Hub reported no size or checksum for {name} in {repo}@{plan.commit}, so it cannot be "
+            f"The Hub reported no size or checksum for {name} in {repo}@{commit}, so it cannot be "
             "verified; it was not kept."
         )
     if problem:
         local.unlink()
         raise WeightsError(
-            f"{plan.source.folder}/{name} downloaded from {repo}@{plan.commit} failed its checksum "
+            f"{source.folder}/{name} downloaded from {repo}@{commit} failed its checksum "
             f"({problem}); the file was deleted: {RUN_AGAIN}."
         )
     return 0 if already_there else remote.size or 0

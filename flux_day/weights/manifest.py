@@ -13,12 +13,7 @@ from flux_day.models import MODELS, SHARED_COMPONENTS, ModelSpec, shared_spec
 DEV_FOLDER, SCHNELL_FOLDER = MODELS["dev"].folder, MODELS["schnell"].folder
 SAFETY_CHECKER_FOLDER, NSFW_CLASSIFIER_FOLDER = "safety-checker", "nsfw-classifier"
 # Each folder's size on the Hub (dev: transformer 23.8 + T5 9.5 + CLIP and VAE 0.4), for the notice.
-APPROXIMATE_GB = {
-    DEV_FOLDER: 34,
-    SCHNELL_FOLDER: 24,
-    SAFETY_CHECKER_FOLDER: 1.2,
-    NSFW_CLASSIFIER_FOLDER: 0.35,
-}
+DOWNLOAD_GB = {DEV_FOLDER: 34, SCHNELL_FOLDER: 24, SAFETY_CHECKER_FOLDER: 1.2, NSFW_CLASSIFIER_FOLDER: 0.35}
 NEVER_FETCHED: Final = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")  # loading them runs code
 
 
@@ -31,8 +26,8 @@ def has_base_models(root: Path) -> bool:
 
 @dataclass(frozen=True)
 class Source:
-    """Files of one Hub repo at one revision for one layout folder (a folder may take several rows).
-    `allow`: shell-style patterns in which `*` also crosses `/`."""
+    """The files of one layout folder: from one Hub repo at one revision, those `allow` matches (shell-style
+    patterns in which `*` also crosses `/`)."""
 
     folder: str  # relative to the weights root
     repo_id: str
@@ -76,9 +71,3 @@ MANIFEST: Final[tuple[Source, ...]] = (
     # Falconsai's ViT classifier, at the commit other projects pin (the repo also holds pickles).
     Source(NSFW_CLASSIFIER_FOLDER, "Falconsai/nsfw_image_detection", _FALCON, _MODEL, _MODEL),
 )
-
-
-def folders(manifest: tuple[Source, ...] = MANIFEST) -> dict[str, tuple[Source, ...]]:
-    """The manifest's rows grouped by folder, in table order."""
-    names = dict.fromkeys(source.folder for source in manifest)
-    return {folder: tuple(source for source in manifest if source.folder == folder) for folder in names}
