@@ -30,6 +30,14 @@ log = logging.getLogger("flux_day")
 
 PROG = "python -m flux_day generate"
 LOCAL_LORA_HELP = " Here also a local .safetensors file, or a folder holding one."
+DOWNLOAD_HELP = (
+    "download the base weights when the weights root lacks them (about 60 GB from the Hugging Face Hub; "
+    "FLUX.1 [dev] is gated: HF_TOKEN must be of an account that accepted its licence)"
+)
+LORA_HELP = (
+    "one more LoRA, in any form --replicate-weights takes, at SCALE (default 1, from -1 to 3); give it as "
+    "often as you like"
+)
 PATH_STARTS = ("/", "./", "../", "~", "file://")
 INTERRUPTED_EXIT = 130  # the shell's own status for a command stopped by Ctrl-C
 
@@ -95,21 +103,9 @@ def parser() -> argparse.ArgumentParser:
         schema.add_argument(flag, help=_schema_help(field), **options)
     own = gen.add_argument_group("this machine")
     own.add_argument("--weights", type=Path, help="weights root (default: FLUX_DAY_WEIGHTS, else ./weights)")
-    own.add_argument(
-        "--download",
-        action="store_true",
-        help="download the base weights when the weights root lacks them (about 60 GB from the Hugging "
-        "Face Hub; FLUX.1 [dev] is gated: HF_TOKEN must be of an account that accepted its licence)",
-    )
+    own.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     own.add_argument("--out", type=Path, default="outputs", help="folder for the images (default: outputs)")
-    own.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="REF[:SCALE]",
-        help="one more LoRA, in any form --replicate-weights takes, at SCALE (default 1, from -1 to 3); "
-        "give it as often as you like",
-    )
+    own.add_argument("--lora", action="append", default=[], metavar="REF[:SCALE]", help=LORA_HELP)
     return gen
 
 
@@ -184,12 +180,12 @@ def ready_settings(args: argparse.Namespace) -> Settings:
     from flux_day.weights.download import download_notice, missing_folders
 
     # --weights stands for FLUX_DAY_WEIGHTS, so what defaults under it (the LoRA cache) follows it.
-    overrides = {"FLUX_DAY_WEIGHTS": str(args.weights)} if args.weights is not None else {}
-    settings = Settings.from_env({**os.environ, **overrides})
-    missing = missing_folders(Path(settings.weights))
+    given = {"FLUX_DAY_WEIGHTS": str(args.weights)} if args.weights is not None else {}
+    settings = Settings.from_env(os.environ | given)
+    missing = missing_folders(settings.weights)
     if missing and not args.download:
         raise WeightsError(
-            f"{download_notice(Path(settings.weights), missing)} To fetch them, add --download to this "
+            f"{download_notice(settings.weights, missing)} To fetch them, add --download to this "
             f"command or run `python scripts/download_weights.py --weights {settings.weights}`; "
             f"`python scripts/make_tiny_weights.py {settings.weights}` writes random test weights instead."
         )

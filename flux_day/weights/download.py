@@ -45,9 +45,8 @@ _KINDS = (  # a gated repo is also a RepositoryNotFoundError: first match wins
 def ensure_weights(settings: Settings, manifest: Sequence[Source] = MANIFEST) -> None:
     """Make every folder of `manifest` complete under `settings.weights` (no request when none is
     missing), or raise `WeightsError`: offline with a folder missing, a failed download or checksum."""
-    root = Path(settings.weights)
-    missing = missing_folders(root, manifest)
-    if not missing:
+    root = settings.weights
+    if not (missing := missing_folders(root, manifest)):
         return
     if settings.offline:
         quoted, names = shlex.quote(str(root)), ", ".join(f"{folder}/" for folder in missing)
